@@ -1,0 +1,52 @@
+//! Core types of the integration-event bus.
+//!
+//! A service publishes **integration events** (facts other services react to) and handles the events of others.
+//! This crate holds what every part of the framework shares, and nothing tied to a transport or a database:
+//!
+//! - [`IntegrationEvent`]: implemented by user event types (a serde payload, a validated type name, a version,
+//!   an optional partition key);
+//! - [`Envelope`]: an event with its metadata (id, type, version, time, correlation and causation ids,
+//!   partition key, source service, trace context, JSON payload), size limit enforced when built;
+//! - [`EventBus`]: publish envelopes and learn through a [`Confirmation`] when the bus took responsibility for
+//!   them; subscribe a consumer group with typed handlers ([`Subscription`]);
+//! - [`Handler`] / [`EnvelopeHandler`]: plain async fns or types, failing with a transient or permanent
+//!   [`HandlerError`]; [`HandlerLayer`] for cross-cutting behaviour;
+//! - [`RetryPolicy`] and [`DeadLetter`]s;
+//! - [`BusError`], every error with a message naming what was wrong.
+//!
+//! Transports live in their own crates: `bus-inproc` (tokio, in-process) and `bus-rabbitmq` (lapin). The
+//! transactional outbox and the inbox live in `outbox`.
+//!
+//! # Guarantees, stated plainly
+//! Delivery is **at least once** per consumer group: handlers may see an event more than once and must be
+//! idempotent, or use the inbox, which makes database effects exactly-once. Events with the same partition key
+//! are handled **in publish order** within a group; without a key, no order is promised. A publish is safe only
+//! once its [`Confirmation`] resolved `Ok`.
+
+#![warn(missing_docs)]
+
+mod bus;
+mod confirmation;
+mod dead_letter;
+mod envelope;
+mod error;
+mod event;
+mod handler;
+mod name;
+mod retry;
+mod subscription;
+
+pub use bus::EventBus;
+pub use confirmation::Confirmation;
+pub use dead_letter::{DeadLetter, DeadLetterQueue};
+pub use envelope::{
+    DEFAULT_MAX_PAYLOAD_BYTES, Envelope, EnvelopeBuilder, MAX_METADATA_LEN, MAX_TRACE_LEN, TraceContext,
+};
+pub use error::{BoxError, BusError};
+pub use event::IntegrationEvent;
+pub use handler::{
+    DeliveryContext, EnvelopeHandler, FailureKind, Handler, HandlerError, HandlerLayer, TimeoutLayer, TypedHandler,
+};
+pub use name::{EventTypeName, GroupName, MAX_NAME_LEN};
+pub use retry::RetryPolicy;
+pub use subscription::{Subscription, SubscriptionHandle, SubscriptionSpec};

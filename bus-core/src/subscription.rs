@@ -1,0 +1,166 @@
+//! [`Subscription`]: a consumer group and the handlers it runs, handed to [`EventBus::subscribe`](crate::EventBus::subscribe).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+
+use crate::error::BusError;
+use crate::event::IntegrationEvent;
+use crate::handler::{EnvelopeHandler, Handler, HandlerLayer, TypedHandler};
+use crate::name::{EventTypeName, GroupName};
+use crate::retry::RetryPolicy;
+
+/// A consumer group (a service) and its handlers, one per event type.
+///
+/// Every subscription of one group is an *instance* of that service: instances compete for the group's events
+/// (each event is handled by one instance), and every group gets every event it handles (fan-out).
+/// Names are validated when the subscription is handed to the bus, which refuses it with the first error.
+///
+/// ```
+/// use bus_core::{DeliveryContext, HandlerError, IntegrationEvent, Subscription};
+/// # #[derive(serde::Serialize, serde::Deserialize)] struct ProductCreated { name: String }
+/// # impl IntegrationEvent for ProductCreated { const TYPE_NAME: &'static str = "ProductCreated"; }
+///
+/// async fn on_product_created(event: ProductCreated, _ctx: DeliveryContext) -> Result<(), HandlerError> {
+///     println!("new product {}", event.name);
+///     Ok(())
+/// }
+///
+/// let subscription = Subscription::new("ordering").on::<ProductCreated, _>(on_product_created).concurrency(8);
+/// ```
+#[must_use = "hand the subscription to EventBus::subscribe"]
+pub struct Subscription {
+    group: String,
+    handlers: Vec<(String, Arc<dyn EnvelopeHandler>)>,
+    layers: Vec<Arc<dyn HandlerLayer>>,
+    retry: Option<RetryPolicy>,
+    concurrency: Option<usize>,
+}
+
+impl fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscription")
+            .field("group", &self.group)
+            .field("event_types", &self.handlers.iter().map(|(t, _)| t).collect::<Vec<_>>())
+            .field("retry", &self.retry)
+            .field("concurrency", &self.concurrency)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Subscription {
+    /// A subscription for consumer group `group` (the service name, e.g. `catalog`).
+    pub fn new(group: impl Into<String>) -> Self {
+        Self { group: group.into(), handlers: Vec::new(), layers: Vec::new(), retry: None, concurrency: None }
+    }
+
+    /// Handles events of type `E` with `handler` (an async fn or a [`Handler<E>`]).
+    pub fn on<E: IntegrationEvent, H: Handler<E>>(mut self, handler: H) -> Self {
+        self.handlers.push((E::TYPE_NAME.to_owned(), Arc::new(TypedHandler::<E, H>::new(handler))));
+        self
+    }
+
+    /// Handles events of type `event_type` with an untyped handler that receives the raw envelope.
+    pub fn on_envelope(mut self, event_type: impl Into<String>, handler: Arc<dyn EnvelopeHandler>) -> Self {
+        self.handlers.push((event_type.into(), handler));
+        self
+    }
+
+    /// Wraps every handler in `layer` (the first layer added is the outermost).
+    pub fn layer(mut self, layer: impl HandlerLayer) -> Self {
+        self.layers.push(Arc::new(layer));
+        self
+    }
+
+    /// Overrides the bus's retry policy for this group.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = Some(policy);
+        self
+    }
+
+    /// Overrides the bus's handler concurrency for this instance (how many events it handles at once).
+    pub fn concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = Some(concurrency);
+        self
+    }
+
+    /// Validates names and settings and returns the parts (buses call this).
+    ///
+    /// # Errors
+    /// [`BusError::InvalidName`] for a bad group or event type name; [`BusError::InvalidConfig`] for no handler,
+    /// two handlers of one type, a zero concurrency or an invalid retry policy.
+    pub fn into_spec(self) -> Result<SubscriptionSpec, BusError> {
+        let group = GroupName::new(&self.group)?;
+        if self.handlers.is_empty() {
+            return Err(BusError::invalid_config("subscription", format!("group {group} has no handler")));
+        }
+        let mut handlers = BTreeMap::new();
+        for (event_type, handler) in self.handlers {
+            let event_type = EventTypeName::new(event_type)?;
+            let handler = self.layers.iter().rev().fold(handler, |inner, layer| layer.layer(inner));
+            if handlers.insert(event_type.clone(), handler).is_some() {
+                return Err(BusError::invalid_config(
+                    "subscription",
+                    format!("group {group} has two handlers for {event_type}"),
+                ));
+            }
+        }
+        if self.concurrency == Some(0) {
+            return Err(BusError::invalid_config("concurrency", "must be at least 1"));
+        }
+        if let Some(retry) = &self.retry {
+            retry.validate()?;
+        }
+        Ok(SubscriptionSpec { group, handlers, retry: self.retry, concurrency: self.concurrency })
+    }
+}
+
+/// A validated [`Subscription`].
+pub struct SubscriptionSpec {
+    /// The consumer group.
+    pub group: GroupName,
+    /// One handler per event type, layers applied.
+    pub handlers: BTreeMap<EventTypeName, Arc<dyn EnvelopeHandler>>,
+    /// The group's retry policy, if it overrides the bus's.
+    pub retry: Option<RetryPolicy>,
+    /// The instance's concurrency, if it overrides the bus's.
+    pub concurrency: Option<usize>,
+}
+
+/// A running subscription (one instance of a consumer group).
+///
+/// [`stop`](Self::stop) stops taking new events, lets the events in hand finish and resolves when they have;
+/// events not yet taken stay with the group for its other instances (or a later one). Dropping the handle
+/// leaves the subscription running until the bus shuts down.
+#[must_use = "dropping the handle leaves the subscription running; keep it to stop it"]
+pub struct SubscriptionHandle {
+    group: GroupName,
+    stop: Option<BoxFuture<'static, ()>>,
+}
+
+impl SubscriptionHandle {
+    /// Builds a handle whose [`stop`](Self::stop) runs `stop` (buses call this).
+    pub fn new(group: GroupName, stop: BoxFuture<'static, ()>) -> Self {
+        Self { group, stop: Some(stop) }
+    }
+
+    /// The consumer group.
+    pub fn group(&self) -> &GroupName {
+        &self.group
+    }
+
+    /// Stops this instance gracefully: no new events, in-flight ones finish.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop.await;
+        }
+    }
+}
+
+impl fmt::Debug for SubscriptionHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SubscriptionHandle").field("group", &self.group).finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,294 @@
+//! [`InProcBus`]: the [`EventBus`] implementation.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bus_core::{
+    BusError, Confirmation, DeadLetter, DeadLetterQueue, Envelope, EventBus, EventTypeName, GroupName, Subscription,
+    SubscriptionHandle,
+};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{ConfirmOn, InProcConfig};
+use crate::group::Group;
+use crate::job::{Ack, Outstanding};
+use crate::stats::{InProcStats, Stats};
+use crate::worker::Worker;
+
+/// The in-process event bus. Cheap to clone: clones share one bus.
+///
+/// See the [crate docs](crate) for its semantics. Call [`shutdown`](Self::shutdown) before dropping it.
+#[derive(Clone)]
+pub struct InProcBus {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: InProcConfig,
+    groups: Mutex<HashMap<GroupName, Arc<Group>>>,
+    routes: RwLock<HashMap<EventTypeName, Arc<[Arc<Group>]>>>,
+    outstanding: Arc<Outstanding>,
+    stats: Arc<Stats>,
+    closed: AtomicBool,
+    stop: CancellationToken,
+    workers: TaskTracker,
+    timers: TaskTracker,
+}
+
+/// What [`InProcBus::shutdown`] achieved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Every accepted event was handled or dead-lettered before the grace period ended.
+    pub drained: bool,
+    /// Jobs still held when the grace period ended; their confirmations resolved to an error (with
+    /// [`ConfirmOn::Handled`] the publisher still has them).
+    pub abandoned: usize,
+}
+
+impl std::fmt::Debug for InProcBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InProcBus").field("config", &self.inner.config).field("stats", &self.stats()).finish()
+    }
+}
+
+impl Default for InProcBus {
+    fn default() -> Self {
+        Self::build(InProcConfig::default())
+    }
+}
+
+impl InProcBus {
+    /// A bus with the default [`InProcConfig`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A bus with `config`.
+    ///
+    /// # Errors
+    /// [`BusError::InvalidConfig`] naming the invalid setting.
+    pub fn with_config(config: InProcConfig) -> Result<Self, BusError> {
+        config.validate()?;
+        Ok(Self::build(config))
+    }
+
+    fn build(config: InProcConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                groups: Mutex::new(HashMap::new()),
+                routes: RwLock::new(HashMap::new()),
+                outstanding: Arc::default(),
+                stats: Arc::default(),
+                closed: AtomicBool::new(false),
+                stop: CancellationToken::new(),
+                workers: TaskTracker::new(),
+                timers: TaskTracker::new(),
+            }),
+        }
+    }
+
+    /// The bus's settings.
+    pub fn config(&self) -> &InProcConfig {
+        &self.inner.config
+    }
+
+    /// Resolves when every event accepted so far has been handled or dead-lettered by every group it went to
+    /// (retries included). Tests use it instead of sleeping. A group with events but no running instance never
+    /// settles.
+    pub async fn settled(&self) {
+        self.inner.outstanding.zero().await;
+    }
+
+    /// The bus's counters.
+    pub fn stats(&self) -> InProcStats {
+        self.inner.stats.snapshot(self.inner.outstanding.get())
+    }
+
+    /// How many events `group` holds now (queued, waiting for their key, in retry delay or in handling);
+    /// never more than [`InProcConfig::queue_capacity`]. `None` for an unknown group.
+    pub fn queue_depth(&self, group: &GroupName) -> Option<usize> {
+        self.group(group).map(|g| g.depth())
+    }
+
+    fn group(&self, name: &GroupName) -> Option<Arc<Group>> {
+        self.inner.groups.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+    }
+
+    /// Stops the bus gracefully: new publishes and subscriptions are refused at once, publishers waiting for
+    /// room get [`BusError::Closed`], then accepted events are handled (retries included) for up to `grace`;
+    /// then workers stop after the event in hand. Events still held after `grace` are dropped and their
+    /// confirmations fail, so with [`ConfirmOn::Handled`] nothing is lost: the publisher (the outbox) keeps
+    /// them.
+    pub async fn shutdown(&self, grace: Duration) -> ShutdownReport {
+        self.inner.closed.store(true, Ordering::Release);
+        let groups: Vec<Arc<Group>> =
+            self.inner.groups.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        for group in &groups {
+            group.close();
+        }
+        let drained = tokio::time::timeout(grace, self.settled()).await.is_ok();
+        self.inner.stop.cancel();
+        self.inner.workers.close();
+        self.inner.timers.close();
+        self.inner.workers.wait().await;
+        self.inner.timers.wait().await;
+        let abandoned = groups.iter().map(|g| g.abandon_all()).sum();
+        if abandoned > 0 {
+            tracing::warn!(abandoned, "in-process bus stopped with events not handled; their publishers keep them");
+        }
+        ShutdownReport { drained, abandoned }
+    }
+
+    fn check_open(&self) -> Result<(), BusError> {
+        if self.inner.closed.load(Ordering::Acquire) { Err(BusError::Closed) } else { Ok(()) }
+    }
+
+    async fn publish_one(&self, envelope: Envelope) -> Result<Confirmation, BusError> {
+        self.check_open()?;
+        let size = envelope.payload().len();
+        if size > self.inner.config.max_payload_bytes {
+            return Err(BusError::PayloadTooLarge {
+                event_type: envelope.event_type().to_string(),
+                size,
+                limit: self.inner.config.max_payload_bytes,
+            });
+        }
+        let groups = self
+            .inner
+            .routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(envelope.event_type())
+            .cloned()
+            .ok_or_else(|| BusError::Unroutable { event_type: envelope.event_type().to_string() })?;
+        let (ack, confirmation) = match self.inner.config.confirm_on {
+            ConfirmOn::Handled => {
+                let (answer, confirmation) = Confirmation::channel();
+                (Some(Arc::new(Ack::new(groups.len(), answer))), confirmation)
+            }
+            ConfirmOn::Enqueued => (None, Confirmation::confirmed()),
+        };
+        let envelope = Arc::new(envelope);
+        for group in groups.iter() {
+            group.admit(envelope.clone(), ack.clone(), &self.inner.outstanding).await?;
+        }
+        self.inner.stats.published();
+        Ok(confirmation)
+    }
+}
+
+#[async_trait]
+impl EventBus for InProcBus {
+    async fn publish(&self, envelope: Envelope) -> Result<Confirmation, BusError> {
+        self.publish_one(envelope).await
+    }
+
+    async fn publish_batch(&self, envelopes: Vec<Envelope>) -> Vec<Confirmation> {
+        let mut confirmations = Vec::with_capacity(envelopes.len());
+        for envelope in envelopes {
+            confirmations.push(self.publish_one(envelope).await.unwrap_or_else(Confirmation::failed));
+        }
+        confirmations
+    }
+
+    async fn subscribe(&self, subscription: Subscription) -> Result<SubscriptionHandle, BusError> {
+        let spec = subscription.into_spec()?;
+        self.check_open()?;
+        let event_types: BTreeSet<EventTypeName> = spec.handlers.keys().cloned().collect();
+        let group = {
+            let mut groups = self.inner.groups.lock().unwrap_or_else(|p| p.into_inner());
+            match groups.get(&spec.group) {
+                Some(group) => {
+                    if group.event_types != event_types {
+                        return Err(BusError::invalid_config(
+                            "subscription",
+                            format!(
+                                "instances of group {} must handle the same event types: it handles {:?}, the new \
+                                 instance {:?}",
+                                spec.group, group.event_types, event_types
+                            ),
+                        ));
+                    }
+                    if spec.retry.as_ref().is_some_and(|r| *r != group.retry) {
+                        return Err(BusError::invalid_config(
+                            "subscription.retry",
+                            format!("instances of group {} must share one retry policy", spec.group),
+                        ));
+                    }
+                    group.clone()
+                }
+                None => {
+                    let retry = spec.retry.clone().unwrap_or_else(|| self.inner.config.retry.clone());
+                    let group = Arc::new(Group::new(
+                        spec.group.clone(),
+                        event_types.clone(),
+                        retry,
+                        self.inner.config.queue_capacity,
+                    ));
+                    groups.insert(spec.group.clone(), group.clone());
+                    let mut routes = self.inner.routes.write().unwrap_or_else(|p| p.into_inner());
+                    for event_type in &event_types {
+                        let mut targets: Vec<Arc<Group>> =
+                            routes.get(event_type).map(|r| r.to_vec()).unwrap_or_default();
+                        targets.push(group.clone());
+                        routes.insert(event_type.clone(), targets.into());
+                    }
+                    group
+                }
+            }
+        };
+        let handlers = Arc::new(spec.handlers);
+        let stop = self.inner.stop.child_token();
+        let instance = TaskTracker::new();
+        for _ in 0..spec.concurrency.unwrap_or(self.inner.config.concurrency) {
+            let worker = Worker {
+                group: group.clone(),
+                handlers: handlers.clone(),
+                stats: self.inner.stats.clone(),
+                stop: stop.clone(),
+                bus_stop: self.inner.stop.clone(),
+                timers: self.inner.timers.clone(),
+            };
+            self.inner.workers.spawn(instance.track_future(worker.run()));
+        }
+        instance.close();
+        Ok(SubscriptionHandle::new(
+            spec.group,
+            Box::pin(async move {
+                stop.cancel();
+                instance.wait().await;
+            }),
+        ))
+    }
+}
+
+#[async_trait]
+impl DeadLetterQueue for InProcBus {
+    async fn dead_letters(&self, group: &GroupName) -> Result<Vec<DeadLetter>, BusError> {
+        Ok(self.group(group).map(|g| g.dead_letters()).unwrap_or_default())
+    }
+
+    async fn redrive(&self, group: &GroupName, id: Option<uuid::Uuid>) -> Result<usize, BusError> {
+        self.check_open()?;
+        let Some(group) = self.group(group) else { return Ok(0) };
+        let mut letters = group.take_dead_letters(id).into_iter();
+        let mut redriven = 0;
+        while let Some(letter) = letters.next() {
+            tracing::info!(group = %group.name, event_id = %letter.envelope.id(), "redriving dead letter");
+            let envelope = Arc::new(letter.envelope.clone());
+            if let Err(error) = group.admit(envelope, None, &self.inner.outstanding).await {
+                // The bus closed while redriving: the rest stay dead letters, nothing is lost.
+                tracing::warn!(group = %group.name, redriven, %error, "redrive interrupted");
+                group.restore_dead_letters(std::iter::once(letter).chain(letters));
+                return Err(error);
+            }
+            redriven += 1;
+        }
+        Ok(redriven)
+    }
+}

@@ -1,0 +1,63 @@
+//! [`InProcConfig`]: settings of the in-process bus, validated when the bus is built.
+
+use bus_core::{BusError, DEFAULT_MAX_PAYLOAD_BYTES, RetryPolicy};
+
+/// When a publish's [`Confirmation`](bus_core::Confirmation) resolves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ConfirmOn {
+    /// When every subscribed group has handled the event or dead-lettered it. An in-process bus loses its
+    /// queues with the process, so this is what lets an outbox relay keep a row pending until the event is
+    /// really done: a crash before that republishes it, and the inbox drops the duplicate. The default.
+    #[default]
+    Handled,
+    /// As soon as the event is queued for every subscribed group (faster; events queued in memory are lost if
+    /// the process dies).
+    Enqueued,
+}
+
+/// Settings of an [`InProcBus`](crate::InProcBus).
+#[derive(Clone, Debug)]
+pub struct InProcConfig {
+    /// Most events a consumer group holds at once (queued, waiting for their key, in retry delay or in
+    /// handling). A publisher waits while a group is full: memory stays bounded. Default 10,000.
+    pub queue_capacity: usize,
+    /// Events one subscription instance handles at once, unless its subscription says otherwise. Default 8.
+    pub concurrency: usize,
+    /// Retry policy of groups whose subscription sets none.
+    pub retry: RetryPolicy,
+    /// When confirmations resolve.
+    pub confirm_on: ConfirmOn,
+    /// Largest payload accepted by `publish`, in bytes. Default 256 KiB.
+    pub max_payload_bytes: usize,
+}
+
+impl Default for InProcConfig {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 10_000,
+            concurrency: 8,
+            retry: RetryPolicy::default(),
+            confirm_on: ConfirmOn::default(),
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+        }
+    }
+}
+
+impl InProcConfig {
+    /// Checks every setting.
+    ///
+    /// # Errors
+    /// [`BusError::InvalidConfig`] naming the setting.
+    pub fn validate(&self) -> Result<(), BusError> {
+        if self.queue_capacity == 0 || self.queue_capacity > 10_000_000 {
+            return Err(BusError::invalid_config("queue_capacity", "must be between 1 and 10,000,000"));
+        }
+        if self.concurrency == 0 || self.concurrency > 10_000 {
+            return Err(BusError::invalid_config("concurrency", "must be between 1 and 10,000"));
+        }
+        if self.max_payload_bytes == 0 {
+            return Err(BusError::invalid_config("max_payload_bytes", "must be at least 1"));
+        }
+        self.retry.validate()
+    }
+}

@@ -1,0 +1,167 @@
+//! A consumer group: its bounded queue, per-key ordering and dead letters.
+//!
+//! Ordering works with key ownership: the first job of a partition key goes to the ready queue and makes the key
+//! *busy*; later jobs of that key wait in the key's own line until the busy one is finished (handled or
+//! dead-lettered, its retries included), then the next one goes. Jobs without a key go straight to the ready
+//! queue. So one slow or failing key holds back only itself, and any number of workers run different keys.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bus_core::{BusError, DeadLetter, EventTypeName, GroupName, HandlerError, RetryPolicy};
+
+use crate::job::{Ack, Job, Outstanding};
+
+pub(crate) struct Group {
+    pub(crate) name: GroupName,
+    pub(crate) event_types: BTreeSet<EventTypeName>,
+    pub(crate) retry: RetryPolicy,
+    capacity: Arc<tokio::sync::Semaphore>,
+    queue_capacity: usize,
+    ready_tx: async_channel::Sender<Job>,
+    pub(crate) ready_rx: async_channel::Receiver<Job>,
+    /// Busy partition keys, each with the jobs waiting for it in order.
+    keys: Mutex<HashMap<String, VecDeque<Job>>>,
+    dead_letters: Mutex<Vec<DeadLetter>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // No code path panics while holding these locks; if one ever did, the data is still consistent.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Group {
+    pub(crate) fn new(
+        name: GroupName,
+        event_types: BTreeSet<EventTypeName>,
+        retry: RetryPolicy,
+        queue_capacity: usize,
+    ) -> Self {
+        let (ready_tx, ready_rx) = async_channel::unbounded();
+        Self {
+            name,
+            event_types,
+            retry,
+            capacity: Arc::new(tokio::sync::Semaphore::new(queue_capacity)),
+            queue_capacity,
+            ready_tx,
+            ready_rx,
+            keys: Mutex::new(HashMap::new()),
+            dead_letters: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Waits for a free place in the queue (back-pressure) and admits a job for `envelope`.
+    pub(crate) async fn admit(
+        &self,
+        envelope: Arc<bus_core::Envelope>,
+        ack: Option<Arc<Ack>>,
+        outstanding: &Arc<Outstanding>,
+    ) -> Result<(), BusError> {
+        self.capacity.acquire().await.map_err(|_| BusError::Closed)?.forget();
+        let job = Job::new(envelope, ack, self.capacity.clone(), outstanding.clone());
+        self.enqueue(job);
+        Ok(())
+    }
+
+    /// Puts a fresh job in line: ready at once, or behind the busy job of its key.
+    fn enqueue(&self, job: Job) {
+        if let Some(key) = job.envelope.partition_key() {
+            let mut keys = lock(&self.keys);
+            if let Some(line) = keys.get_mut(key) {
+                line.push_back(job);
+                return;
+            }
+            keys.insert(key.to_owned(), VecDeque::new());
+        }
+        self.make_ready(job);
+    }
+
+    /// Hands a job to the workers (its key, if any, is already owned by it).
+    pub(crate) fn make_ready(&self, job: Job) {
+        // The receiver lives as long as the group, so the unbounded channel never refuses; if it ever did, the
+        // dropped job fails its confirmation instead of passing for handled.
+        if self.ready_tx.try_send(job).is_err() {
+            tracing::error!(group = %self.name, "in-process queue closed; event returned to its publisher");
+        }
+    }
+
+    /// The job is done for good: confirm it and let the next job of its key go.
+    pub(crate) fn complete(&self, job: Job) {
+        let envelope = job.envelope.clone();
+        job.finish();
+        if let Some(key) = envelope.partition_key() {
+            let mut keys = lock(&self.keys);
+            let next = match keys.get_mut(key) {
+                Some(line) => line.pop_front(),
+                None => None,
+            };
+            match next {
+                Some(next) => self.make_ready(next),
+                None => {
+                    keys.remove(key);
+                }
+            }
+        }
+    }
+
+    /// Keeps the job as a dead letter, then completes it.
+    pub(crate) fn dead_letter(&self, job: Job, error: &HandlerError) {
+        tracing::warn!(
+            group = %self.name,
+            event_id = %job.envelope.id(),
+            event_type = %job.envelope.event_type(),
+            attempts = job.attempt,
+            error = %error,
+            "event dead-lettered"
+        );
+        lock(&self.dead_letters).push(DeadLetter {
+            envelope: (*job.envelope).clone(),
+            group: self.name.clone(),
+            last_error: error.to_string(),
+            kind: error.kind(),
+            attempts: job.attempt,
+            failed_at: chrono::Utc::now(),
+        });
+        self.complete(job);
+    }
+
+    pub(crate) fn dead_letters(&self) -> Vec<DeadLetter> {
+        lock(&self.dead_letters).clone()
+    }
+
+    /// Removes the dead letters matching `id` (all if `None`).
+    pub(crate) fn take_dead_letters(&self, id: Option<uuid::Uuid>) -> Vec<DeadLetter> {
+        let mut dead = lock(&self.dead_letters);
+        let (taken, kept) =
+            std::mem::take(&mut *dead).into_iter().partition(|d| id.is_none_or(|id| d.envelope.id() == id));
+        *dead = kept;
+        taken
+    }
+
+    /// Puts dead letters back (a redrive that could not finish).
+    pub(crate) fn restore_dead_letters(&self, letters: impl IntoIterator<Item = DeadLetter>) {
+        lock(&self.dead_letters).extend(letters);
+    }
+
+    /// Events the group holds now (queued, waiting for their key, in retry delay, in handling).
+    pub(crate) fn depth(&self) -> usize {
+        self.queue_capacity.saturating_sub(self.capacity.available_permits())
+    }
+
+    /// Refuses new events (publishers waiting for room get [`BusError::Closed`]).
+    pub(crate) fn close(&self) {
+        self.capacity.close();
+    }
+
+    /// Drops every job still held, so their confirmations fail instead of hanging (after the workers stopped).
+    pub(crate) fn abandon_all(&self) -> usize {
+        let mut abandoned = 0;
+        while let Ok(job) = self.ready_rx.try_recv() {
+            drop(job);
+            abandoned += 1;
+        }
+        let lines = std::mem::take(&mut *lock(&self.keys));
+        abandoned + lines.into_values().map(|line| line.len()).sum::<usize>()
+    }
+}

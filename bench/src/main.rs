@@ -1,1 +1,51 @@
-fn main() {}
+//! The benchmark harness (DESIGN.md): runs each scenario and, in the same run, its raw baseline, and prints one
+//! JSON object per figure on stdout. Progress and tables go to stderr. It never fails on a time.
+//!
+//! `cargo run --release -p bench -- all` (or a figure's name; `--quick` for a short run).
+
+/// The allocator we recommend for services (see `figures::inproc_dispatch`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+mod figures;
+mod payload;
+mod report;
+
+use clap::Parser;
+
+/// Scenarios this harness knows, in the order `all` runs them.
+const SCENARIOS: &[&str] = &["inproc_dispatch"];
+
+#[derive(Parser, Debug)]
+#[command(about = "Measures the framework against raw baselines; one JSON line per figure on stdout.")]
+struct Args {
+    /// `all`, or one scenario: inproc_dispatch.
+    scenario: String,
+    /// A short run (fewer events), for a quick look.
+    #[arg(long)]
+    quick: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let selected: Vec<&str> = match args.scenario.as_str() {
+        "all" => SCENARIOS.to_vec(),
+        name if SCENARIOS.contains(&name) => vec![name],
+        name => {
+            eprintln!("unknown scenario {name:?}; known: all, {}", SCENARIOS.join(", "));
+            std::process::exit(2);
+        }
+    };
+    report::print_machine();
+    for scenario in selected {
+        let figures = match scenario {
+            "inproc_dispatch" => figures::inproc_dispatch::run(args.quick).await?,
+            _ => unreachable!("every name in SCENARIOS has a branch"),
+        };
+        for figure in figures {
+            figure.emit()?;
+        }
+    }
+    Ok(())
+}

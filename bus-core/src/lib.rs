@@ -37,7 +37,7 @@ mod retry;
 mod subscription;
 
 pub use bus::EventBus;
-pub use confirmation::Confirmation;
+pub use confirmation::{Confirmation, Countdown};
 pub use dead_letter::{DeadLetter, DeadLetterQueue};
 pub use envelope::{
     DEFAULT_MAX_PAYLOAD_BYTES, Envelope, EnvelopeBuilder, MAX_METADATA_LEN, MAX_TRACE_LEN, TraceContext,

@@ -144,8 +144,7 @@ mod tests {
 
     #[test]
     fn invalid_fields_are_named() {
-        let mut p = RetryPolicy::default();
-        p.max_attempts = 0;
+        let p = RetryPolicy { max_attempts: 0, ..RetryPolicy::default() };
         assert!(p.validate().unwrap_err().to_string().contains("retry.max_attempts"));
         let p = RetryPolicy::default().with_jitter(2.0);
         assert!(p.validate().unwrap_err().to_string().contains("retry.jitter"));

@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{ConfirmOn, InProcConfig};
 use crate::group::Group;
-use crate::job::{Ack, Outstanding};
+use crate::job::Outstanding;
 use crate::stats::{InProcStats, Stats};
 use crate::worker::Worker;
 
@@ -168,8 +168,8 @@ impl InProcBus {
             .ok_or_else(|| BusError::Unroutable { event_type: envelope.event_type().to_string() })?;
         let (ack, confirmation) = match self.inner.config.confirm_on {
             ConfirmOn::Handled => {
-                let (answer, confirmation) = Confirmation::channel();
-                (Some(Arc::new(Ack::new(groups.len(), answer))), confirmation)
+                let (countdown, confirmation) = Confirmation::countdown(groups.len());
+                (Some(countdown), confirmation)
             }
             ConfirmOn::Enqueued => (None, Confirmation::confirmed()),
         };

@@ -8,9 +8,9 @@
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use bus_core::{BusError, DeadLetter, EventTypeName, GroupName, HandlerError, RetryPolicy};
+use bus_core::{BusError, Countdown, DeadLetter, EventTypeName, GroupName, HandlerError, RetryPolicy};
 
-use crate::job::{Ack, Job, Outstanding};
+use crate::job::{Job, Outstanding};
 
 pub(crate) struct Group {
     pub(crate) name: GroupName,
@@ -55,7 +55,7 @@ impl Group {
     pub(crate) async fn admit(
         &self,
         envelope: Arc<bus_core::Envelope>,
-        ack: Option<Arc<Ack>>,
+        ack: Option<Countdown>,
         outstanding: &Arc<Outstanding>,
     ) -> Result<(), BusError> {
         self.capacity.acquire().await.map_err(|_| BusError::Closed)?.forget();

@@ -260,7 +260,7 @@ async fn ten_thousand_events_over_a_hundred_keys_keep_per_key_order_in_parallel(
     publishing.await.unwrap();
     bus.settled().await;
 
-    let order = order.lock().unwrap();
+    let order = std::mem::take(&mut *order.lock().unwrap());
     assert_eq!(order.len(), 100);
     let mut reordered = 0;
     for (key, seqs) in order.iter() {
@@ -303,7 +303,7 @@ async fn a_retried_event_holds_back_later_events_of_its_key_only() {
         confirmation.await.unwrap();
     }
     bus.settled().await;
-    let order = order.lock().unwrap();
+    let order = std::mem::take(&mut *order.lock().unwrap());
     let slow: Vec<u32> = order.iter().filter(|(k, _)| k == "slow").map(|(_, s)| *s).collect();
     assert_eq!(slow, (0..10).collect::<Vec<_>>(), "the retry of 3 kept 4..9 waiting");
     let fast_done = order.iter().position(|(k, s)| k == "fast" && *s == 9).unwrap();
@@ -488,8 +488,7 @@ async fn invalid_names_sizes_settings_and_routes_are_refused_with_clear_errors()
 
     let err = InProcBus::with_config(InProcConfig { queue_capacity: 0, ..InProcConfig::default() }).unwrap_err();
     assert!(err.to_string().contains("queue_capacity"), "{err}");
-    let mut retry = RetryPolicy::default();
-    retry.multiplier = 0.5;
+    let retry = RetryPolicy { multiplier: 0.5, ..RetryPolicy::default() };
     let err = InProcBus::with_config(InProcConfig { retry, ..InProcConfig::default() }).unwrap_err();
     assert!(err.to_string().contains("retry.multiplier"), "{err}");
     bus.shutdown(GRACE).await;

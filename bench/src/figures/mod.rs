@@ -1,0 +1,3 @@
+//! One module per scenario; each returns the figures it measured.
+
+pub mod inproc_dispatch;

@@ -1,0 +1,126 @@
+//! [`Backend`]: the databases the outbox runs on (PostgreSQL and SQLite), each with its own SQL.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bus_core::Envelope;
+use chrono::{DateTime, Utc};
+use sqlx::Pool;
+use uuid::Uuid;
+
+use crate::error::OutboxError;
+use crate::row::{FailedEvent, OutboxRow, OutboxStatus};
+use crate::sql::{Dialect, Sql};
+
+mod postgres;
+mod sqlite;
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for sqlx::Postgres {}
+    impl Sealed for sqlx::Sqlite {}
+}
+
+/// A database the outbox supports: [`sqlx::Postgres`] or [`sqlx::Sqlite`]. Sealed; its methods are the outbox's
+/// storage operations and are not meant to be called directly.
+#[async_trait]
+pub trait Backend: sqlx::Database + sealed::Sealed {
+    #[doc(hidden)]
+    fn dialect() -> Dialect;
+
+    #[doc(hidden)]
+    async fn migrate(pool: &Pool<Self>, sql: &Sql) -> Result<(), OutboxError>;
+
+    #[doc(hidden)]
+    async fn insert_outbox(conn: &mut Self::Connection, sql: &Sql, envelopes: &[Envelope]) -> Result<(), OutboxError>;
+
+    /// Inserts the inbox row; `true` if it is new (the handler must run), `false` for a duplicate.
+    #[doc(hidden)]
+    async fn insert_inbox(
+        conn: &mut Self::Connection,
+        sql: &Sql,
+        event_id: Uuid,
+        handler: &str,
+    ) -> Result<bool, OutboxError>;
+
+    #[doc(hidden)]
+    async fn claim(
+        pool: &Pool<Self>,
+        sql: &Sql,
+        relay: Uuid,
+        batch: usize,
+        lease: Duration,
+    ) -> Result<Vec<OutboxRow>, OutboxError>;
+
+    #[doc(hidden)]
+    async fn mark_published(pool: &Pool<Self>, sql: &Sql, seqs: &[i64]) -> Result<(), OutboxError>;
+
+    /// Records a failed publish: back to pending with `retry_in`, or `failed` when `give_up`.
+    #[doc(hidden)]
+    async fn record_failure(
+        pool: &Pool<Self>,
+        sql: &Sql,
+        seq: i64,
+        error: &str,
+        give_up: bool,
+        retry_in: Duration,
+    ) -> Result<(), OutboxError>;
+
+    #[doc(hidden)]
+    async fn status(pool: &Pool<Self>, sql: &Sql) -> Result<OutboxStatus, OutboxError>;
+
+    #[doc(hidden)]
+    async fn failed(pool: &Pool<Self>, sql: &Sql, limit: i64) -> Result<Vec<FailedEvent>, OutboxError>;
+
+    #[doc(hidden)]
+    async fn requeue_failed(pool: &Pool<Self>, sql: &Sql, id: Option<Uuid>) -> Result<u64, OutboxError>;
+
+    #[doc(hidden)]
+    async fn delete_published(
+        pool: &Pool<Self>,
+        sql: &Sql,
+        older_than: Duration,
+        limit: i64,
+    ) -> Result<u64, OutboxError>;
+
+    #[doc(hidden)]
+    async fn delete_inbox(pool: &Pool<Self>, sql: &Sql, older_than: Duration, limit: i64) -> Result<u64, OutboxError>;
+
+    /// Published rows with `from < seq <= to` (and of type `event_type` if given), oldest first, for replay.
+    #[doc(hidden)]
+    async fn published_range(
+        pool: &Pool<Self>,
+        sql: &Sql,
+        from: i64,
+        to: i64,
+        event_type: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<OutboxRow>, OutboxError>;
+
+    /// Wakes relays in other processes (PostgreSQL `NOTIFY`; nothing on SQLite).
+    #[doc(hidden)]
+    async fn notify(pool: &Pool<Self>, sql: &Sql) -> Result<(), OutboxError>;
+
+    /// Runs until `stop`: wakes `wake` on every notification on the outbox channel (PostgreSQL `LISTEN`,
+    /// reconnecting as needed, with a wake after each reconnect since notifications may have been lost). Returns
+    /// at once on SQLite, where producers and relays share a process.
+    #[doc(hidden)]
+    async fn listen(
+        pool: &Pool<Self>,
+        sql: &Sql,
+        wake: std::sync::Arc<tokio::sync::Notify>,
+        stop: tokio_util::sync::CancellationToken,
+    );
+}
+
+pub(crate) fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+pub(crate) fn from_ms(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}

@@ -1,0 +1,258 @@
+//! PostgreSQL: `FOR UPDATE SKIP LOCKED` claims, server-side clock, `LISTEN/NOTIFY` wake-ups.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bus_core::Envelope;
+use sqlx::postgres::{PgConnection, PgListener, PgRow};
+use sqlx::{Executor, PgPool, Postgres, Row};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::{Backend, millis};
+use crate::error::OutboxError;
+use crate::row::{FailedEvent, OutboxRow, OutboxStatus};
+use crate::sql::{Dialect, MIGRATIONS, Sql};
+
+fn row(r: &PgRow) -> Result<OutboxRow, sqlx::Error> {
+    Ok(OutboxRow {
+        seq: r.try_get("seq")?,
+        event_id: r.try_get("event_id")?,
+        event_type: r.try_get("event_type")?,
+        version: r.try_get("version")?,
+        occurred_at: r.try_get("occurred_at")?,
+        correlation_id: r.try_get("correlation_id")?,
+        causation_id: r.try_get("causation_id")?,
+        partition_key: r.try_get("partition_key")?,
+        source: r.try_get("source")?,
+        traceparent: r.try_get("traceparent")?,
+        tracestate: r.try_get("tracestate")?,
+        payload: r.try_get("payload")?,
+        attempts: r.try_get("attempts")?,
+    })
+}
+
+#[async_trait]
+impl Backend for Postgres {
+    fn dialect() -> Dialect {
+        Dialect::Postgres
+    }
+
+    async fn migrate(pool: &PgPool, sql: &Sql) -> Result<(), OutboxError> {
+        let create_schema = sql.schema.as_ref().map(|schema| format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""));
+        let create_table = format!(
+            "CREATE TABLE IF NOT EXISTS {} (version BIGINT PRIMARY KEY, description TEXT NOT NULL, \
+             applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+            sql.migrations
+        );
+        let select_applied = format!("SELECT version FROM {}", sql.migrations);
+        let record = format!("INSERT INTO {} (version, description) VALUES ($1, $2)", sql.migrations);
+        let mut tx = pool.begin().await?;
+        // Serialize concurrent migrators (several instances starting at once).
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))").bind(&sql.migrations).execute(&mut *tx).await?;
+        if let Some(create_schema) = &create_schema {
+            tx.execute(create_schema.as_str()).await?;
+        }
+        tx.execute(create_table.as_str()).await?;
+        let applied: Vec<i64> = sqlx::query_scalar(&select_applied).fetch_all(&mut *tx).await?;
+        for migration in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
+            let ddl = (migration.sql)(sql, Dialect::Postgres);
+            let fail = |source| OutboxError::Migration {
+                version: migration.version,
+                description: migration.description,
+                source,
+            };
+            tx.execute(ddl.as_str()).await.map_err(fail)?;
+            sqlx::query(&record)
+                .bind(migration.version)
+                .bind(migration.description)
+                .execute(&mut *tx)
+                .await
+                .map_err(fail)?;
+            tracing::info!(
+                version = migration.version,
+                description = migration.description,
+                "outbox migration applied"
+            );
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn insert_outbox(conn: &mut PgConnection, sql: &Sql, envelopes: &[Envelope]) -> Result<(), OutboxError> {
+        for e in envelopes {
+            sqlx::query(&sql.insert_outbox)
+                .bind(e.id())
+                .bind(e.event_type().as_str())
+                .bind(i32::try_from(e.version()).unwrap_or(i32::MAX))
+                .bind(e.occurred_at())
+                .bind(e.correlation_id())
+                .bind(e.causation_id())
+                .bind(e.partition_key())
+                .bind(e.source())
+                .bind(e.trace().traceparent.as_deref())
+                .bind(e.trace().tracestate.as_deref())
+                .bind(e.payload().as_ref())
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn insert_inbox(
+        conn: &mut PgConnection,
+        sql: &Sql,
+        event_id: Uuid,
+        handler: &str,
+    ) -> Result<bool, OutboxError> {
+        let done = sqlx::query(&sql.insert_inbox).bind(event_id).bind(handler).execute(&mut *conn).await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn claim(
+        pool: &PgPool,
+        sql: &Sql,
+        relay: Uuid,
+        batch: usize,
+        lease: Duration,
+    ) -> Result<Vec<OutboxRow>, OutboxError> {
+        let rows = sqlx::query(&sql.claim)
+            .bind(i64::try_from(batch).unwrap_or(i64::MAX))
+            .bind(relay)
+            .bind(millis(lease) as f64)
+            .fetch_all(pool)
+            .await?;
+        let mut rows = rows.iter().map(row).collect::<Result<Vec<_>, _>>()?;
+        rows.sort_unstable_by_key(|r| r.seq);
+        Ok(rows)
+    }
+
+    async fn mark_published(pool: &PgPool, sql: &Sql, seqs: &[i64]) -> Result<(), OutboxError> {
+        sqlx::query(&sql.mark_published).bind(seqs).execute(pool).await?;
+        Ok(())
+    }
+
+    async fn record_failure(
+        pool: &PgPool,
+        sql: &Sql,
+        seq: i64,
+        error: &str,
+        give_up: bool,
+        retry_in: Duration,
+    ) -> Result<(), OutboxError> {
+        sqlx::query(&sql.record_failure)
+            .bind(seq)
+            .bind(error)
+            .bind(give_up)
+            .bind(millis(retry_in) as f64)
+            .execute(pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn status(pool: &PgPool, sql: &Sql) -> Result<OutboxStatus, OutboxError> {
+        let r = sqlx::query(&sql.status).fetch_one(pool).await?;
+        Ok(OutboxStatus {
+            pending: r.try_get(0)?,
+            in_flight: r.try_get(1)?,
+            failed: r.try_get(2)?,
+            published: r.try_get(3)?,
+            oldest_pending_ms: r.try_get(4)?,
+        })
+    }
+
+    async fn failed(pool: &PgPool, sql: &Sql, limit: i64) -> Result<Vec<FailedEvent>, OutboxError> {
+        let rows = sqlx::query(&sql.failed).bind(limit).fetch_all(pool).await?;
+        rows.iter()
+            .map(|r| {
+                let o = row(r)?;
+                Ok(FailedEvent {
+                    seq: o.seq,
+                    event_id: o.event_id,
+                    event_type: o.event_type,
+                    attempts: o.attempts,
+                    last_error: r.try_get("last_error")?,
+                    occurred_at: o.occurred_at,
+                })
+            })
+            .collect()
+    }
+
+    async fn requeue_failed(pool: &PgPool, sql: &Sql, id: Option<Uuid>) -> Result<u64, OutboxError> {
+        Ok(sqlx::query(&sql.requeue_failed).bind(id).execute(pool).await?.rows_affected())
+    }
+
+    async fn delete_published(pool: &PgPool, sql: &Sql, older_than: Duration, limit: i64) -> Result<u64, OutboxError> {
+        let done = sqlx::query(&sql.delete_published).bind(millis(older_than) as f64).bind(limit).execute(pool).await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn delete_inbox(pool: &PgPool, sql: &Sql, older_than: Duration, limit: i64) -> Result<u64, OutboxError> {
+        let done = sqlx::query(&sql.delete_inbox).bind(millis(older_than) as f64).bind(limit).execute(pool).await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn published_range(
+        pool: &PgPool,
+        sql: &Sql,
+        from: i64,
+        to: i64,
+        event_type: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<OutboxRow>, OutboxError> {
+        let rows =
+            sqlx::query(&sql.select_range).bind(from).bind(to).bind(event_type).bind(limit).fetch_all(pool).await?;
+        Ok(rows.iter().map(row).collect::<Result<Vec<_>, _>>()?)
+    }
+
+    async fn notify(pool: &PgPool, sql: &Sql) -> Result<(), OutboxError> {
+        sqlx::query("SELECT pg_notify($1, '')").bind(&sql.channel).execute(pool).await?;
+        Ok(())
+    }
+
+    async fn listen(pool: &PgPool, sql: &Sql, wake: Arc<Notify>, stop: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        while !stop.is_cancelled() {
+            let listener = async {
+                let mut listener = PgListener::connect_with(pool).await?;
+                listener.listen(&sql.channel).await?;
+                Ok::<_, sqlx::Error>(listener)
+            };
+            let mut listener = match listener.await {
+                Ok(listener) => listener,
+                Err(error) => {
+                    tracing::warn!(%error, ?backoff, "outbox LISTEN failed; relying on polling until it reconnects");
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+            };
+            tracing::debug!(channel = %sql.channel, "outbox LISTEN connected");
+            backoff = Duration::from_millis(100);
+            // Notifications sent while we were not listening are lost: look once.
+            wake.notify_one();
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    received = listener.try_recv() => match received {
+                        Ok(Some(_)) => wake.notify_one(),
+                        Ok(None) => {
+                            tracing::warn!("outbox LISTEN connection lost; reconnecting");
+                            wake.notify_one();
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "outbox LISTEN failed; reconnecting");
+                            wake.notify_one();
+                            break;
+                        }
+                    },
+                }
+            }
+        }
+    }
+}

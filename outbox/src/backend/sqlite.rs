@@ -1,0 +1,249 @@
+//! SQLite: one writer at a time, so a claim is one `UPDATE … RETURNING` statement (atomic on its own); times are
+//! Unix milliseconds from the application's clock; the relay shares the producers' process, so no NOTIFY.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bus_core::Envelope;
+use sqlx::sqlite::{SqliteConnection, SqliteRow};
+use sqlx::{Executor, Row, Sqlite, SqlitePool};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::{Backend, from_ms, millis, now_ms};
+use crate::error::OutboxError;
+use crate::row::{FailedEvent, OutboxRow, OutboxStatus};
+use crate::sql::{Dialect, MIGRATIONS, Sql};
+
+fn parse_uuid(seq: i64, value: &str) -> Result<Uuid, OutboxError> {
+    Uuid::parse_str(value).map_err(|e| OutboxError::CorruptRow { seq, reason: format!("bad uuid {value:?}: {e}") })
+}
+
+fn row(r: &SqliteRow) -> Result<OutboxRow, OutboxError> {
+    let seq: i64 = r.try_get("seq")?;
+    let event_id: String = r.try_get("event_id")?;
+    let causation_id: Option<String> = r.try_get("causation_id")?;
+    Ok(OutboxRow {
+        seq,
+        event_id: parse_uuid(seq, &event_id)?,
+        event_type: r.try_get("event_type")?,
+        version: r.try_get("version")?,
+        occurred_at: from_ms(r.try_get("occurred_at")?),
+        correlation_id: r.try_get("correlation_id")?,
+        causation_id: causation_id.map(|c| parse_uuid(seq, &c)).transpose()?,
+        partition_key: r.try_get("partition_key")?,
+        source: r.try_get("source")?,
+        traceparent: r.try_get("traceparent")?,
+        tracestate: r.try_get("tracestate")?,
+        payload: r.try_get("payload")?,
+        attempts: r.try_get("attempts")?,
+    })
+}
+
+#[async_trait]
+impl Backend for Sqlite {
+    fn dialect() -> Dialect {
+        Dialect::Sqlite
+    }
+
+    async fn migrate(pool: &SqlitePool, sql: &Sql) -> Result<(), OutboxError> {
+        let create_table = format!(
+            "CREATE TABLE IF NOT EXISTS {} (version INTEGER PRIMARY KEY, description TEXT NOT NULL, \
+             applied_at INTEGER NOT NULL)",
+            sql.migrations
+        );
+        let select_applied = format!("SELECT version FROM {}", sql.migrations);
+        let record = format!("INSERT INTO {} (version, description, applied_at) VALUES (?1, ?2, ?3)", sql.migrations);
+        let mut conn = pool.acquire().await?;
+        // BEGIN IMMEDIATE takes the write lock first, so concurrent migrators run one after the other.
+        conn.execute("BEGIN IMMEDIATE").await?;
+        let result = migrate_locked(&mut conn, sql, &create_table, &select_applied, &record).await;
+        match result {
+            Ok(()) => {
+                conn.execute("COMMIT").await?;
+                Ok(())
+            }
+            Err(error) => {
+                let _ = conn.execute("ROLLBACK").await;
+                Err(error)
+            }
+        }
+    }
+
+    async fn insert_outbox(conn: &mut SqliteConnection, sql: &Sql, envelopes: &[Envelope]) -> Result<(), OutboxError> {
+        let now = now_ms();
+        for e in envelopes {
+            sqlx::query(&sql.insert_outbox)
+                .bind(e.id().to_string())
+                .bind(e.event_type().as_str())
+                .bind(i64::from(e.version()))
+                .bind(e.occurred_at().timestamp_millis())
+                .bind(e.correlation_id())
+                .bind(e.causation_id().map(|c| c.to_string()))
+                .bind(e.partition_key())
+                .bind(e.source())
+                .bind(e.trace().traceparent.as_deref())
+                .bind(e.trace().tracestate.as_deref())
+                .bind(e.payload().as_ref())
+                .bind(now)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn insert_inbox(
+        conn: &mut SqliteConnection,
+        sql: &Sql,
+        event_id: Uuid,
+        handler: &str,
+    ) -> Result<bool, OutboxError> {
+        let done = sqlx::query(&sql.insert_inbox)
+            .bind(event_id.to_string())
+            .bind(handler)
+            .bind(now_ms())
+            .execute(&mut *conn)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn claim(
+        pool: &SqlitePool,
+        sql: &Sql,
+        relay: Uuid,
+        batch: usize,
+        lease: Duration,
+    ) -> Result<Vec<OutboxRow>, OutboxError> {
+        let rows = sqlx::query(&sql.claim)
+            .bind(i64::try_from(batch).unwrap_or(i64::MAX))
+            .bind(relay.to_string())
+            .bind(millis(lease))
+            .bind(now_ms())
+            .fetch_all(pool)
+            .await?;
+        let mut rows = rows.iter().map(row).collect::<Result<Vec<_>, _>>()?;
+        rows.sort_unstable_by_key(|r| r.seq);
+        Ok(rows)
+    }
+
+    async fn mark_published(pool: &SqlitePool, sql: &Sql, seqs: &[i64]) -> Result<(), OutboxError> {
+        let list = format!("[{}]", seqs.iter().map(i64::to_string).collect::<Vec<_>>().join(","));
+        sqlx::query(&sql.mark_published).bind(list).bind(now_ms()).execute(pool).await?;
+        Ok(())
+    }
+
+    async fn record_failure(
+        pool: &SqlitePool,
+        sql: &Sql,
+        seq: i64,
+        error: &str,
+        give_up: bool,
+        retry_in: Duration,
+    ) -> Result<(), OutboxError> {
+        sqlx::query(&sql.record_failure)
+            .bind(seq)
+            .bind(error)
+            .bind(give_up)
+            .bind(millis(retry_in))
+            .bind(now_ms())
+            .execute(pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn status(pool: &SqlitePool, sql: &Sql) -> Result<OutboxStatus, OutboxError> {
+        let r = sqlx::query(&sql.status).bind(now_ms()).fetch_one(pool).await?;
+        Ok(OutboxStatus {
+            pending: r.try_get(0)?,
+            in_flight: r.try_get(1)?,
+            failed: r.try_get(2)?,
+            published: r.try_get(3)?,
+            oldest_pending_ms: r.try_get(4)?,
+        })
+    }
+
+    async fn failed(pool: &SqlitePool, sql: &Sql, limit: i64) -> Result<Vec<FailedEvent>, OutboxError> {
+        let rows = sqlx::query(&sql.failed).bind(limit).fetch_all(pool).await?;
+        rows.iter()
+            .map(|r| {
+                let o = row(r)?;
+                Ok(FailedEvent {
+                    seq: o.seq,
+                    event_id: o.event_id,
+                    event_type: o.event_type,
+                    attempts: o.attempts,
+                    last_error: r.try_get("last_error")?,
+                    occurred_at: o.occurred_at,
+                })
+            })
+            .collect()
+    }
+
+    async fn requeue_failed(pool: &SqlitePool, sql: &Sql, id: Option<Uuid>) -> Result<u64, OutboxError> {
+        let done =
+            sqlx::query(&sql.requeue_failed).bind(id.map(|i| i.to_string())).bind(now_ms()).execute(pool).await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn delete_published(
+        pool: &SqlitePool,
+        sql: &Sql,
+        older_than: Duration,
+        limit: i64,
+    ) -> Result<u64, OutboxError> {
+        let before = now_ms().saturating_sub(millis(older_than));
+        Ok(sqlx::query(&sql.delete_published).bind(before).bind(limit).execute(pool).await?.rows_affected())
+    }
+
+    async fn delete_inbox(pool: &SqlitePool, sql: &Sql, older_than: Duration, limit: i64) -> Result<u64, OutboxError> {
+        let before = now_ms().saturating_sub(millis(older_than));
+        Ok(sqlx::query(&sql.delete_inbox).bind(before).bind(limit).execute(pool).await?.rows_affected())
+    }
+
+    async fn published_range(
+        pool: &SqlitePool,
+        sql: &Sql,
+        from: i64,
+        to: i64,
+        event_type: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<OutboxRow>, OutboxError> {
+        let rows =
+            sqlx::query(&sql.select_range).bind(from).bind(to).bind(event_type).bind(limit).fetch_all(pool).await?;
+        rows.iter().map(row).collect()
+    }
+
+    async fn notify(_pool: &SqlitePool, _sql: &Sql) -> Result<(), OutboxError> {
+        Ok(())
+    }
+
+    async fn listen(_pool: &SqlitePool, _sql: &Sql, _wake: Arc<Notify>, _stop: CancellationToken) {}
+}
+
+async fn migrate_locked(
+    conn: &mut SqliteConnection,
+    sql: &Sql,
+    create_table: &str,
+    select_applied: &str,
+    record: &str,
+) -> Result<(), OutboxError> {
+    conn.execute(create_table).await?;
+    let applied: Vec<i64> = sqlx::query_scalar(select_applied).fetch_all(&mut *conn).await?;
+    for migration in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
+        let fail =
+            |source| OutboxError::Migration { version: migration.version, description: migration.description, source };
+        let ddl = (migration.sql)(sql, Dialect::Sqlite);
+        conn.execute(ddl.as_str()).await.map_err(fail)?;
+        sqlx::query(record)
+            .bind(migration.version)
+            .bind(migration.description)
+            .bind(now_ms())
+            .execute(&mut *conn)
+            .await
+            .map_err(fail)?;
+        tracing::info!(version = migration.version, description = migration.description, "outbox migration applied");
+    }
+    Ok(())
+}

@@ -1,0 +1,242 @@
+//! [`Outbox`]: enqueue events in the caller's transaction; inspect and repair what the relay left.
+
+use std::fmt;
+use std::sync::Arc;
+
+use bus_core::{Envelope, EnvelopeBuilder, EventBus, IntegrationEvent};
+use sqlx::{Pool, Transaction};
+use uuid::Uuid;
+
+use crate::backend::Backend;
+use crate::config::{OutboxConfig, RelayConfig};
+use crate::error::OutboxError;
+use crate::relay::Relay;
+use crate::row::{FailedEvent, OutboxRow, OutboxStatus};
+use crate::sql::{Dialect, Sql};
+use crate::wakeup::Wakeup;
+
+/// The transactional outbox of one service on one database. Cheap to clone.
+///
+/// Events are written with [`enqueue`](Self::enqueue) through the caller's own connection or transaction, so
+/// they commit or roll back with the business change: a rolled-back transaction never publishes anything.
+/// After the commit, call [`committed`](Self::committed) to wake the relay at once (or use
+/// [`begin`](Self::begin), whose [`OutboxTransaction::commit`] does it); without it the relay still finds the
+/// events at its next poll.
+pub struct Outbox<DB: Backend> {
+    inner: Arc<Inner<DB>>,
+}
+
+struct Inner<DB: Backend> {
+    pool: Pool<DB>,
+    config: OutboxConfig,
+    sql: Arc<Sql>,
+    wakeup: Wakeup,
+}
+
+impl<DB: Backend> Clone for Outbox<DB> {
+    fn clone(&self) -> Self {
+        Self { inner: self.inner.clone() }
+    }
+}
+
+impl<DB: Backend> fmt::Debug for Outbox<DB> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Outbox").field("config", &self.inner.config).field("table", &self.inner.sql.outbox).finish()
+    }
+}
+
+impl<DB: Backend> Outbox<DB> {
+    /// An outbox on `pool`. Call [`migrate`](Self::migrate) once at start-up before using it.
+    ///
+    /// # Errors
+    /// [`OutboxError::InvalidConfig`] naming the setting (bad schema or prefix, a schema on SQLite, ...).
+    pub fn new(pool: Pool<DB>, config: OutboxConfig) -> Result<Self, OutboxError> {
+        config.validate()?;
+        let dialect = DB::dialect();
+        if dialect == Dialect::Sqlite && config.schema.is_some() {
+            return Err(OutboxError::config("outbox.schema", "SQLite has no schemas; use table_prefix"));
+        }
+        let sql = Arc::new(Sql::new(&config, dialect));
+        let wakeup = Wakeup::new(config.notify_other_processes && dialect == Dialect::Postgres);
+        Ok(Self { inner: Arc::new(Inner { pool, config, sql, wakeup }) })
+    }
+
+    /// Creates or upgrades our tables (outbox, inbox) in their own migrations table, so they never clash with
+    /// the application's migrator. Safe to run from several instances at once.
+    pub async fn migrate(&self) -> Result<(), OutboxError> {
+        DB::migrate(&self.inner.pool, &self.inner.sql).await
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &Pool<DB> {
+        &self.inner.pool
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &OutboxConfig {
+        &self.inner.config
+    }
+
+    pub(crate) fn sql(&self) -> &Sql {
+        &self.inner.sql
+    }
+
+    pub(crate) fn sql_arc(&self) -> Arc<Sql> {
+        self.inner.sql.clone()
+    }
+
+    /// Writes `event` to the outbox through `conn` (pass `&mut *tx` for a transaction). Returns the event id.
+    ///
+    /// # Errors
+    /// [`bus_core::BusError::PayloadTooLarge`] (naming the type and size) or another envelope error, before
+    /// anything is written; a database error.
+    pub async fn enqueue<E: IntegrationEvent>(
+        &self,
+        conn: &mut DB::Connection,
+        event: &E,
+    ) -> Result<Uuid, OutboxError> {
+        self.enqueue_with(conn, Envelope::for_event(event)?).await
+    }
+
+    /// Writes an event built by `builder` (to set the correlation id, causation, trace context, ...). The
+    /// source and the payload limit come from the outbox's settings.
+    pub async fn enqueue_with(&self, conn: &mut DB::Connection, builder: EnvelopeBuilder) -> Result<Uuid, OutboxError> {
+        let envelope = builder
+            .source(self.inner.config.service.clone())
+            .max_payload_bytes(self.inner.config.max_payload_bytes)
+            .build()?;
+        let id = envelope.id();
+        DB::insert_outbox(conn, &self.inner.sql, std::slice::from_ref(&envelope)).await?;
+        Ok(id)
+    }
+
+    /// Writes ready-made envelopes, in order. Each is checked against the payload limit first.
+    pub async fn enqueue_envelopes(
+        &self,
+        conn: &mut DB::Connection,
+        envelopes: &[Envelope],
+    ) -> Result<(), OutboxError> {
+        let limit = self.inner.config.max_payload_bytes;
+        if let Some(big) = envelopes.iter().find(|e| e.payload().len() > limit) {
+            return Err(bus_core::BusError::PayloadTooLarge {
+                event_type: big.event_type().to_string(),
+                size: big.payload().len(),
+                limit,
+            }
+            .into());
+        }
+        DB::insert_outbox(conn, &self.inner.sql, envelopes).await
+    }
+
+    /// Tells the relays that events were committed: the ones in this process wake at once, others through a
+    /// coalesced NOTIFY sent outside any transaction (PostgreSQL). Cheap; call it after every commit that
+    /// enqueued something.
+    pub fn committed(&self) {
+        self.inner.wakeup.committed(&self.inner.pool, &self.inner.sql);
+    }
+
+    pub(crate) fn register_relay(&self) -> Arc<tokio::sync::Notify> {
+        self.inner.wakeup.register()
+    }
+
+    /// Begins a transaction that enqueues through [`OutboxTransaction::enqueue`] and wakes the relay when it
+    /// commits.
+    pub async fn begin(&self) -> Result<OutboxTransaction<DB>, OutboxError> {
+        Ok(OutboxTransaction { tx: self.inner.pool.begin().await?, outbox: self.clone(), enqueued: 0 })
+    }
+
+    /// A relay that publishes this outbox's events to `bus`. Start it with [`Relay::spawn`].
+    ///
+    /// # Errors
+    /// [`OutboxError::InvalidConfig`] naming the invalid relay setting.
+    pub fn relay(&self, bus: Arc<dyn EventBus>, config: RelayConfig) -> Result<Relay<DB>, OutboxError> {
+        Relay::new(self.clone(), bus, config)
+    }
+
+    /// Counts of pending, in-flight, failed and retained rows, and the oldest pending age.
+    pub async fn status(&self) -> Result<OutboxStatus, OutboxError> {
+        DB::status(&self.inner.pool, &self.inner.sql).await
+    }
+
+    /// Events the relay gave up on, oldest first (at most `limit`).
+    pub async fn failed(&self, limit: i64) -> Result<Vec<FailedEvent>, OutboxError> {
+        DB::failed(&self.inner.pool, &self.inner.sql, limit).await
+    }
+
+    /// Puts failed events (one by id, or all) back to pending with fresh attempts, and wakes the relay.
+    /// Returns how many were re-queued.
+    pub async fn retry_failed(&self, id: Option<Uuid>) -> Result<u64, OutboxError> {
+        let count = DB::requeue_failed(&self.inner.pool, &self.inner.sql, id).await?;
+        if count > 0 {
+            self.committed();
+        }
+        Ok(count)
+    }
+
+    /// Published, retained events with `from_seq < seq <= to_seq` (of `event_type` if given), oldest first, at
+    /// most `limit`, with their sequence numbers: the raw material of a replay.
+    pub async fn published_events(
+        &self,
+        from_seq: i64,
+        to_seq: i64,
+        event_type: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<(i64, Envelope)>, OutboxError> {
+        let rows = DB::published_range(&self.inner.pool, &self.inner.sql, from_seq, to_seq, event_type, limit).await?;
+        rows.iter().map(|r: &OutboxRow| Ok((r.seq, r.to_envelope()?))).collect()
+    }
+}
+
+/// A transaction that enqueues events and wakes the relay when it commits.
+///
+/// It dereferences to the database connection, so business statements run on it as on any sqlx transaction:
+/// `sqlx::query(..).execute(&mut *tx)`. Dropped without [`commit`](Self::commit), it rolls back, events
+/// included.
+pub struct OutboxTransaction<DB: Backend> {
+    tx: Transaction<'static, DB>,
+    outbox: Outbox<DB>,
+    enqueued: usize,
+}
+
+impl<DB: Backend> OutboxTransaction<DB> {
+    /// Enqueues `event` in this transaction; returns its id.
+    pub async fn enqueue<E: IntegrationEvent>(&mut self, event: &E) -> Result<Uuid, OutboxError> {
+        let id = self.outbox.enqueue(&mut self.tx, event).await?;
+        self.enqueued += 1;
+        Ok(id)
+    }
+
+    /// Enqueues an event built by `builder` in this transaction.
+    pub async fn enqueue_with(&mut self, builder: EnvelopeBuilder) -> Result<Uuid, OutboxError> {
+        let id = self.outbox.enqueue_with(&mut self.tx, builder).await?;
+        self.enqueued += 1;
+        Ok(id)
+    }
+
+    /// Commits, then wakes the relay if events were enqueued.
+    pub async fn commit(self) -> Result<(), OutboxError> {
+        self.tx.commit().await?;
+        if self.enqueued > 0 {
+            self.outbox.committed();
+        }
+        Ok(())
+    }
+
+    /// Rolls back: nothing enqueued here is ever published.
+    pub async fn rollback(self) -> Result<(), OutboxError> {
+        Ok(self.tx.rollback().await?)
+    }
+}
+
+impl<DB: Backend> std::ops::Deref for OutboxTransaction<DB> {
+    type Target = DB::Connection;
+    fn deref(&self) -> &DB::Connection {
+        &self.tx
+    }
+}
+
+impl<DB: Backend> std::ops::DerefMut for OutboxTransaction<DB> {
+    fn deref_mut(&mut self) -> &mut DB::Connection {
+        &mut self.tx
+    }
+}

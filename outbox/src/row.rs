@@ -1,0 +1,83 @@
+//! Outbox rows as read back from the database, and their conversion to envelopes.
+
+use bus_core::{Envelope, EventTypeName, TraceContext};
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::error::OutboxError;
+
+/// One outbox row, whatever the backend.
+#[derive(Clone, Debug)]
+#[doc(hidden)]
+pub struct OutboxRow {
+    pub seq: i64,
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub version: i32,
+    pub occurred_at: DateTime<Utc>,
+    pub correlation_id: String,
+    pub causation_id: Option<Uuid>,
+    pub partition_key: Option<String>,
+    pub source: Option<String>,
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+    pub payload: Vec<u8>,
+    pub attempts: i32,
+}
+
+impl OutboxRow {
+    /// Rebuilds the envelope exactly as it was enqueued (the payload limit was checked then).
+    pub(crate) fn to_envelope(&self) -> Result<Envelope, OutboxError> {
+        let corrupt = |e: bus_core::BusError| OutboxError::CorruptRow { seq: self.seq, reason: e.to_string() };
+        let event_type = EventTypeName::new(&self.event_type).map_err(corrupt)?;
+        let version = u32::try_from(self.version).map_err(|_| OutboxError::CorruptRow {
+            seq: self.seq,
+            reason: format!("negative version {}", self.version),
+        })?;
+        let mut builder = Envelope::builder(event_type, self.payload.clone())
+            .id(self.event_id)
+            .version(version)
+            .occurred_at(self.occurred_at)
+            .correlation_id(self.correlation_id.clone())
+            .causation_id(self.causation_id)
+            .partition_key(self.partition_key.clone())
+            .trace(TraceContext { traceparent: self.traceparent.clone(), tracestate: self.tracestate.clone() })
+            .max_payload_bytes(usize::MAX);
+        if let Some(source) = &self.source {
+            builder = builder.source(source.clone());
+        }
+        builder.build().map_err(corrupt)
+    }
+}
+
+/// An event the relay gave up on: kept with its last error until it is re-queued.
+#[derive(Clone, Debug)]
+pub struct FailedEvent {
+    /// The outbox sequence number.
+    pub seq: i64,
+    /// The event id.
+    pub event_id: Uuid,
+    /// The event type name.
+    pub event_type: String,
+    /// Publish attempts made.
+    pub attempts: i32,
+    /// The last publish error.
+    pub last_error: Option<String>,
+    /// When the event occurred.
+    pub occurred_at: DateTime<Utc>,
+}
+
+/// Counts of the outbox's rows, for metrics and `busctl outbox status`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OutboxStatus {
+    /// Rows waiting to be published (in flight included).
+    pub pending: i64,
+    /// Pending rows claimed by a relay right now.
+    pub in_flight: i64,
+    /// Rows the relay gave up on (listed by `failed`, re-queued by `retry_failed`).
+    pub failed: i64,
+    /// Published rows still retained for replay.
+    pub published: i64,
+    /// Age of the oldest pending row, in milliseconds (`None` when nothing is pending).
+    pub oldest_pending_ms: Option<i64>,
+}

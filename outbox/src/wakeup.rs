@@ -1,0 +1,87 @@
+//! Waking relays after a commit: directly for relays in this process, by a coalesced `NOTIFY` for the others.
+//!
+//! The NOTIFY is never sent inside the business transaction: PostgreSQL holds a global lock from NOTIFY to the
+//! end of the commit, which serializes committing transactions (−45 % commits/s at 8 writers, measured). It is
+//! sent after the commit by one background task; signals that arrive while one is in flight are folded into
+//! the next, so a burst of commits costs a handful of NOTIFYs.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use sqlx::Pool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::Backend;
+use crate::sql::Sql;
+
+pub(crate) struct Wakeup {
+    relays: Mutex<Vec<Weak<Notify>>>,
+    remote: Option<Remote>,
+}
+
+struct Remote {
+    dirty: Arc<AtomicBool>,
+    signal: Arc<Notify>,
+    started: OnceLock<()>,
+    stop: CancellationToken,
+}
+
+impl Drop for Remote {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Wakeup {
+    pub(crate) fn new(notify_other_processes: bool) -> Self {
+        Self {
+            relays: Mutex::new(Vec::new()),
+            remote: notify_other_processes.then(|| Remote {
+                dirty: Arc::default(),
+                signal: Arc::default(),
+                started: OnceLock::new(),
+                stop: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// Registers a relay of this process; it is woken after every commit.
+    pub(crate) fn register(&self) -> Arc<Notify> {
+        let wake = Arc::new(Notify::new());
+        let mut relays = self.relays.lock().unwrap_or_else(|p| p.into_inner());
+        relays.retain(|w| w.strong_count() > 0);
+        relays.push(Arc::downgrade(&wake));
+        wake
+    }
+
+    /// Wakes every relay: in this process at once, in others through a coalesced NOTIFY.
+    pub(crate) fn committed<DB: Backend>(&self, pool: &Pool<DB>, sql: &Arc<Sql>) {
+        for relay in self.relays.lock().unwrap_or_else(|p| p.into_inner()).iter().filter_map(Weak::upgrade) {
+            relay.notify_one();
+        }
+        let Some(remote) = &self.remote else { return };
+        remote.dirty.store(true, Ordering::Release);
+        remote.started.get_or_init(|| {
+            let (pool, sql, dirty, signal, stop) =
+                (pool.clone(), sql.clone(), remote.dirty.clone(), remote.signal.clone(), remote.stop.clone());
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    loop {
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            () = signal.notified() => {}
+                        }
+                        while dirty.swap(false, Ordering::AcqRel) {
+                            if let Err(error) = DB::notify(&pool, &sql).await {
+                                // Relays poll as a fallback: a lost NOTIFY only delays.
+                                tracing::debug!(%error, "outbox NOTIFY failed");
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        remote.signal.notify_one();
+    }
+}

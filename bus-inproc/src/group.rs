@@ -69,9 +69,11 @@ impl Group {
         if let Some(key) = job.envelope.partition_key() {
             let mut keys = lock(&self.keys);
             if let Some(line) = keys.get_mut(key) {
+                tracing::trace!(key, id = %job.envelope.id(), waiting = line.len() + 1, "parked behind its key");
                 line.push_back(job);
                 return;
             }
+            tracing::trace!(key, id = %job.envelope.id(), "key free: ready");
             keys.insert(key.to_owned(), VecDeque::new());
         }
         self.make_ready(job);
@@ -96,6 +98,7 @@ impl Group {
                 Some(line) => line.pop_front(),
                 None => None,
             };
+            tracing::trace!(key, done = %envelope.id(), next = ?next.as_ref().map(|j| j.envelope.id()), "key handoff");
             match next {
                 Some(next) => self.make_ready(next),
                 None => {

@@ -52,6 +52,16 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
         lease: Duration,
     ) -> Result<Vec<OutboxRow>, OutboxError>;
 
+    /// Extends this relay's lease on `seqs`; returns how many rows it still held.
+    #[doc(hidden)]
+    async fn renew_lease(
+        pool: &Pool<Self>,
+        sql: &Sql,
+        relay: Uuid,
+        seqs: &[i64],
+        lease: Duration,
+    ) -> Result<u64, OutboxError>;
+
     #[doc(hidden)]
     async fn mark_published(pool: &Pool<Self>, sql: &Sql, seqs: &[i64]) -> Result<(), OutboxError>;
 
@@ -102,23 +112,26 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     async fn notify(pool: &Pool<Self>, sql: &Sql) -> Result<(), OutboxError>;
 
     /// Runs until `stop`: wakes `wake` on every notification on the outbox channel (PostgreSQL `LISTEN`,
-    /// reconnecting as needed, with a wake after each reconnect since notifications may have been lost). Returns
-    /// at once on SQLite, where producers and relays share a process.
+    /// reconnecting as needed, with a wake after each reconnect since notifications may have been lost), and
+    /// keeps `listening` true while connected. Returns at once on SQLite, where producers and relays share a
+    /// process (and `listening` is set true: there is nothing to wait for).
     #[doc(hidden)]
     async fn listen(
         pool: &Pool<Self>,
         sql: &Sql,
         wake: std::sync::Arc<tokio::sync::Notify>,
+        listening: tokio::sync::watch::Sender<bool>,
         stop: tokio_util::sync::CancellationToken,
     );
 }
 
-pub(crate) fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+/// A JSON array of sequence numbers, for SQLite's `json_each`.
+pub(crate) fn json_list(seqs: &[i64]) -> String {
+    format!("[{}]", seqs.iter().map(i64::to_string).collect::<Vec<_>>().join(","))
 }
 
-pub(crate) fn now_ms() -> i64 {
-    Utc::now().timestamp_millis()
+pub(crate) fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 pub(crate) fn from_ms(ms: i64) -> DateTime<Utc> {

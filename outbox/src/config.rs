@@ -85,8 +85,12 @@ impl OutboxConfig {
 pub struct RelayConfig {
     /// Rows claimed and published per batch (all their confirmations in flight at once). Default 500.
     pub batch_size: usize,
-    /// How long a claim is exclusive; a relay that died releases its rows when this expires. Default 30 s.
+    /// How long a claim is exclusive unless renewed; a live relay renews it every third of this while its batch
+    /// is in flight, a relay that died releases its rows when it expires. Default 30 s.
     pub lease: Duration,
+    /// How long the relay waits for the bus to confirm a batch; an unconfirmed event is then counted as a
+    /// failed attempt and published again later. Default 60 s.
+    pub confirm_timeout: Duration,
     /// Catch-up poll when no wake-up comes (NOTIFY can be lost while a listener reconnects). Default 1 s.
     pub poll_interval: Duration,
     /// Publish attempts before a row becomes `failed` (kept, listed, re-queueable) and backoff between them.
@@ -104,6 +108,7 @@ impl Default for RelayConfig {
         Self {
             batch_size: 500,
             lease: Duration::from_secs(30),
+            confirm_timeout: Duration::from_secs(60),
             poll_interval: Duration::from_secs(1),
             retry: RetryPolicy {
                 max_attempts: 10,
@@ -126,6 +131,9 @@ impl RelayConfig {
         }
         if self.lease < Duration::from_millis(100) {
             return Err(OutboxError::config("relay.lease", "must be at least 100 ms"));
+        }
+        if self.confirm_timeout.is_zero() {
+            return Err(OutboxError::config("relay.confirm_timeout", "must be more than zero"));
         }
         if self.poll_interval.is_zero() {
             return Err(OutboxError::config("relay.poll_interval", "must be more than zero"));

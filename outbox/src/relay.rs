@@ -93,6 +93,7 @@ impl<DB: Backend> Relay<DB> {
     pub async fn run_once(&self) -> Result<usize, OutboxError> {
         let started = Instant::now();
         let (pool, sql) = (self.outbox.pool(), self.outbox.sql());
+        let claimed_at = Instant::now();
         let rows = DB::claim(pool, sql, self.id, self.config.batch_size, self.config.lease).await?;
         if rows.is_empty() {
             return Ok(0);
@@ -112,15 +113,38 @@ impl<DB: Backend> Relay<DB> {
                 }
             }
         }
-        // A confirmation that never comes must not pin the rows forever: give up on it when the lease ends.
-        let deadline = tokio::time::Instant::now() + self.config.lease;
-        let confirmations = self.bus.publish_batch(envelopes).await;
-        let results = join_all(confirmations.into_iter().map(|c| async move {
-            tokio::time::timeout_at(deadline, c)
-                .await
-                .unwrap_or_else(|_| Err(BusError::ConfirmationLost("no confirmation before the lease expired".into())))
-        }))
-        .await;
+        // Publish with every confirmation in flight; a confirmation that never comes counts as a failed attempt
+        // after `confirm_timeout`. Meanwhile keep the lease alive, so that no other relay takes over a batch that
+        // is merely slow (which would publish it twice).
+        let deadline = tokio::time::Instant::now() + self.config.confirm_timeout;
+        let claimed: Vec<i64> = sent.iter().map(|r| r.seq).collect();
+        let bus = &self.bus;
+        let publishing = async move {
+            let confirmations = bus.publish_batch(envelopes).await;
+            join_all(confirmations.into_iter().map(|c| async move {
+                tokio::time::timeout_at(deadline, c).await.unwrap_or_else(|_| {
+                    Err(BusError::ConfirmationLost("no confirmation within confirm_timeout".into()))
+                })
+            }))
+            .await
+        };
+        tokio::pin!(publishing);
+        let mut renew =
+            tokio::time::interval_at(tokio::time::Instant::now() + self.config.lease / 3, self.config.lease / 3);
+        let mut lease_until = claimed_at + self.config.lease;
+        let results = loop {
+            tokio::select! {
+                results = &mut publishing => break results,
+                _ = renew.tick() => match DB::renew_lease(pool, sql, self.id, &claimed, self.config.lease).await {
+                    Ok(held) if held < claimed.len() as u64 => tracing::warn!(
+                        relay = %self.id, held, claimed = claimed.len(),
+                        "lease lost on part of a batch (expired before renewal): those events may be published twice"
+                    ),
+                    Ok(_) => lease_until = Instant::now() + self.config.lease,
+                    Err(error) => tracing::warn!(relay = %self.id, %error, "lease renewal failed"),
+                },
+            }
+        };
         let mut published = Vec::with_capacity(sent.len());
         let mut failures = Vec::new();
         for (row, result) in sent.into_iter().zip(results) {
@@ -131,6 +155,14 @@ impl<DB: Backend> Relay<DB> {
         }
         if !published.is_empty() {
             DB::mark_published(pool, sql, &published).await?;
+            if Instant::now() > lease_until {
+                tracing::warn!(
+                    relay = %self.id,
+                    events = published.len(),
+                    "batch outlived its lease (the database was slow to answer): another relay may have published \
+                     these events too; consumers' inboxes drop such duplicates. Consider a longer relay.lease"
+                );
+            }
             self.stats.published.fetch_add(published.len() as u64, Ordering::Relaxed);
         }
         for (row, error) in failures {
@@ -171,10 +203,14 @@ impl<DB: Backend> Relay<DB> {
 
     /// Runs until `stop` is cancelled, then returns after finishing the batch in hand.
     pub async fn run(self, stop: CancellationToken) {
+        self.run_reporting(stop, tokio::sync::watch::channel(false).0).await;
+    }
+
+    async fn run_reporting(self, stop: CancellationToken, listening: tokio::sync::watch::Sender<bool>) {
         let listener = {
             let (pool, sql, wake, stop) =
                 (self.outbox.pool().clone(), self.outbox.sql_arc(), self.wake.clone(), stop.child_token());
-            tokio::spawn(async move { DB::listen(&pool, &sql, wake, stop).await })
+            tokio::spawn(async move { DB::listen(&pool, &sql, wake, listening, stop).await })
         };
         tracing::info!(relay = %self.id, table = %self.outbox.sql().outbox, "relay started");
         let mut error_backoff = Duration::from_millis(100);
@@ -216,8 +252,9 @@ impl<DB: Backend> Relay<DB> {
     pub fn spawn(self) -> RelayHandle {
         let stop = CancellationToken::new();
         let stats = self.stats.clone();
-        let join = tokio::spawn(self.run(stop.clone()));
-        RelayHandle { stop, join, stats }
+        let (listening_tx, listening) = tokio::sync::watch::channel(false);
+        let join = tokio::spawn(self.run_reporting(stop.clone(), listening_tx));
+        RelayHandle { stop, join, stats, listening }
     }
 }
 
@@ -237,9 +274,17 @@ pub struct RelayHandle {
     stop: CancellationToken,
     join: JoinHandle<()>,
     stats: Arc<Counters>,
+    listening: tokio::sync::watch::Receiver<bool>,
 }
 
 impl RelayHandle {
+    /// Resolves once the relay listens for wake-ups from other processes (PostgreSQL `LISTEN` connected; at
+    /// once on SQLite). Until then it finds new events by polling only.
+    pub async fn listening(&self) {
+        let mut listening = self.listening.clone();
+        let _ = listening.wait_for(|l| *l).await;
+    }
+
     /// The relay's counters.
     pub fn stats(&self) -> RelayStats {
         snapshot(&self.stats)

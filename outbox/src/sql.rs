@@ -18,6 +18,10 @@ pub enum Dialect {
     Sqlite,
 }
 
+/// SQLite's clock in Unix milliseconds, read when the statement runs (after it got the write lock), never a
+/// value bound earlier: a statement that waited for the lock would otherwise work with a stale time.
+pub(crate) const NOW: &str = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
+
 /// Column list shared by every statement that reads rows back.
 const COLUMNS: &str = "seq, event_id, event_type, version, occurred_at, correlation_id, causation_id, partition_key, \
                        source, traceparent, tracestate, payload, attempts";
@@ -37,6 +41,7 @@ pub struct Sql {
     pub insert_inbox: String,
     pub claim: String,
     pub mark_published: String,
+    pub renew_lease: String,
     pub record_failure: String,
     pub status: String,
     pub failed: String,
@@ -92,6 +97,10 @@ impl Sql {
                     "UPDATE {t} SET status = {PUBLISHED}, published_at = now(), locked_by = NULL, locked_until = NULL \
                      WHERE seq = ANY($1)"
                 ),
+                renew_lease: format!(
+                    "UPDATE {t} SET locked_until = now() + $3 * interval '1 millisecond' \
+                     WHERE seq = ANY($1) AND locked_by = $2 AND status = {PENDING}"
+                ),
                 record_failure: format!(
                     "UPDATE {t} SET attempts = attempts + 1, last_error = $2, locked_by = NULL, locked_until = NULL, \
                      status = CASE WHEN $3 THEN {FAILED} ELSE {PENDING} END, \
@@ -133,16 +142,16 @@ impl Sql {
                 insert_outbox: format!(
                     "INSERT INTO {t} (event_id, event_type, version, occurred_at, correlation_id, causation_id, \
                      partition_key, source, traceparent, tracestate, payload, next_attempt_at, created_at) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)"
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, {NOW}, {NOW})"
                 ),
                 insert_inbox: format!(
-                    "INSERT INTO {inbox} (event_id, handler, handled_at) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING"
+                    "INSERT INTO {inbox} (event_id, handler, handled_at) VALUES (?1, ?2, {NOW}) ON CONFLICT DO NOTHING"
                 ),
                 claim: format!(
                     "WITH picked AS ( \
                        SELECT seq, partition_key FROM {t} \
-                       WHERE status = {PENDING} AND next_attempt_at <= ?4 \
-                         AND (locked_until IS NULL OR locked_until < ?4) \
+                       WHERE status = {PENDING} AND next_attempt_at <= {NOW} \
+                         AND (locked_until IS NULL OR locked_until < {NOW}) \
                        ORDER BY seq LIMIT ?1 \
                      ), eligible AS ( \
                        SELECT o.seq FROM picked o \
@@ -151,37 +160,42 @@ impl Sql {
                          WHERE p.status = {PENDING} AND p.partition_key = o.partition_key AND p.seq < o.seq \
                            AND p.seq NOT IN (SELECT seq FROM picked)) \
                      ) \
-                     UPDATE {t} SET locked_by = ?2, locked_until = ?4 + ?3 \
+                     UPDATE {t} SET locked_by = ?2, locked_until = {NOW} + ?3 \
                      WHERE seq IN (SELECT seq FROM eligible) \
                      RETURNING {COLUMNS}"
                 ),
                 mark_published: format!(
-                    "UPDATE {t} SET status = {PUBLISHED}, published_at = ?2, locked_by = NULL, locked_until = NULL \
+                    "UPDATE {t} SET status = {PUBLISHED}, published_at = {NOW}, locked_by = NULL, locked_until = NULL \
                      WHERE seq IN (SELECT value FROM json_each(?1))"
+                ),
+                renew_lease: format!(
+                    "UPDATE {t} SET locked_until = {NOW} + ?3 \
+                     WHERE seq IN (SELECT value FROM json_each(?1)) AND locked_by = ?2 AND status = {PENDING}"
                 ),
                 record_failure: format!(
                     "UPDATE {t} SET attempts = attempts + 1, last_error = ?2, locked_by = NULL, locked_until = NULL, \
-                     status = CASE WHEN ?3 THEN {FAILED} ELSE {PENDING} END, next_attempt_at = ?5 + ?4 WHERE seq = ?1"
+                     status = CASE WHEN ?3 THEN {FAILED} ELSE {PENDING} END, next_attempt_at = {NOW} + ?4 \
+                     WHERE seq = ?1"
                 ),
                 status: format!(
                     "SELECT coalesce(sum(status = {PENDING}), 0), \
-                       coalesce(sum(status = {PENDING} AND locked_until > ?1), 0), \
+                       coalesce(sum(status = {PENDING} AND locked_until > {NOW}), 0), \
                        coalesce(sum(status = {FAILED}), 0), \
                        coalesce(sum(status = {PUBLISHED}), 0), \
-                       ?1 - min(CASE WHEN status = {PENDING} THEN created_at END) \
+                       {NOW} - min(CASE WHEN status = {PENDING} THEN created_at END) \
                      FROM {t}"
                 ),
                 failed: format!("SELECT {COLUMNS}, last_error FROM {t} WHERE status = {FAILED} ORDER BY seq LIMIT ?1"),
                 requeue_failed: format!(
-                    "UPDATE {t} SET status = {PENDING}, attempts = 0, next_attempt_at = ?2, last_error = NULL \
+                    "UPDATE {t} SET status = {PENDING}, attempts = 0, next_attempt_at = {NOW}, last_error = NULL \
                      WHERE status = {FAILED} AND (?1 IS NULL OR event_id = ?1)"
                 ),
                 delete_published: format!(
                     "DELETE FROM {t} WHERE seq IN (SELECT seq FROM {t} WHERE status = {PUBLISHED} \
-                     AND published_at < ?1 ORDER BY seq LIMIT ?2)"
+                     AND published_at < {NOW} - ?1 ORDER BY seq LIMIT ?2)"
                 ),
                 delete_inbox: format!(
-                    "DELETE FROM {inbox} WHERE rowid IN (SELECT rowid FROM {inbox} WHERE handled_at < ?1 LIMIT ?2)"
+                    "DELETE FROM {inbox} WHERE rowid IN (SELECT rowid FROM {inbox} WHERE handled_at < {NOW} - ?1 LIMIT ?2)"
                 ),
                 select_range: format!(
                     "SELECT {COLUMNS} FROM {t} WHERE seq > ?1 AND seq <= ?2 AND status = {PUBLISHED} \

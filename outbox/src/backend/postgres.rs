@@ -129,6 +129,18 @@ impl Backend for Postgres {
         Ok(rows)
     }
 
+    async fn renew_lease(
+        pool: &PgPool,
+        sql: &Sql,
+        relay: Uuid,
+        seqs: &[i64],
+        lease: Duration,
+    ) -> Result<u64, OutboxError> {
+        let done =
+            sqlx::query(&sql.renew_lease).bind(seqs).bind(relay).bind(millis(lease) as f64).execute(pool).await?;
+        Ok(done.rows_affected())
+    }
+
     async fn mark_published(pool: &PgPool, sql: &Sql, seqs: &[i64]) -> Result<(), OutboxError> {
         sqlx::query(&sql.mark_published).bind(seqs).execute(pool).await?;
         Ok(())
@@ -212,7 +224,13 @@ impl Backend for Postgres {
         Ok(())
     }
 
-    async fn listen(pool: &PgPool, sql: &Sql, wake: Arc<Notify>, stop: CancellationToken) {
+    async fn listen(
+        pool: &PgPool,
+        sql: &Sql,
+        wake: Arc<Notify>,
+        listening: tokio::sync::watch::Sender<bool>,
+        stop: CancellationToken,
+    ) {
         let mut backoff = Duration::from_millis(100);
         while !stop.is_cancelled() {
             let listener = async {
@@ -233,6 +251,7 @@ impl Backend for Postgres {
                 }
             };
             tracing::debug!(channel = %sql.channel, "outbox LISTEN connected");
+            listening.send_replace(true);
             backoff = Duration::from_millis(100);
             // Notifications sent while we were not listening are lost: look once.
             wake.notify_one();
@@ -247,6 +266,7 @@ impl Backend for Postgres {
                         }
                         Err(error) => {
                             tracing::warn!(%error, "outbox LISTEN failed; reconnecting");
+                            listening.send_replace(false);
                             wake.notify_one();
                             break;
                         }

@@ -1,5 +1,5 @@
 //! SQLite: one writer at a time, so a claim is one `UPDATE … RETURNING` statement (atomic on its own); times are
-//! Unix milliseconds from the application's clock; the relay shares the producers' process, so no NOTIFY.
+//! Unix milliseconds from SQLite's clock, read when each statement runs; the relay shares the producers' process, so no NOTIFY.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,10 +12,10 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{Backend, from_ms, millis, now_ms};
+use super::{Backend, from_ms, json_list, millis};
 use crate::error::OutboxError;
 use crate::row::{FailedEvent, OutboxRow, OutboxStatus};
-use crate::sql::{Dialect, MIGRATIONS, Sql};
+use crate::sql::{Dialect, MIGRATIONS, NOW, Sql};
 
 fn parse_uuid(seq: i64, value: &str) -> Result<Uuid, OutboxError> {
     Uuid::parse_str(value).map_err(|e| OutboxError::CorruptRow { seq, reason: format!("bad uuid {value:?}: {e}") })
@@ -55,7 +55,8 @@ impl Backend for Sqlite {
             sql.migrations
         );
         let select_applied = format!("SELECT version FROM {}", sql.migrations);
-        let record = format!("INSERT INTO {} (version, description, applied_at) VALUES (?1, ?2, ?3)", sql.migrations);
+        let record =
+            format!("INSERT INTO {} (version, description, applied_at) VALUES (?1, ?2, {NOW})", sql.migrations);
         let mut conn = pool.acquire().await?;
         // BEGIN IMMEDIATE takes the write lock first, so concurrent migrators run one after the other.
         conn.execute("BEGIN IMMEDIATE").await?;
@@ -73,7 +74,6 @@ impl Backend for Sqlite {
     }
 
     async fn insert_outbox(conn: &mut SqliteConnection, sql: &Sql, envelopes: &[Envelope]) -> Result<(), OutboxError> {
-        let now = now_ms();
         for e in envelopes {
             sqlx::query(&sql.insert_outbox)
                 .bind(e.id().to_string())
@@ -87,7 +87,6 @@ impl Backend for Sqlite {
                 .bind(e.trace().traceparent.as_deref())
                 .bind(e.trace().tracestate.as_deref())
                 .bind(e.payload().as_ref())
-                .bind(now)
                 .execute(&mut *conn)
                 .await?;
         }
@@ -100,12 +99,7 @@ impl Backend for Sqlite {
         event_id: Uuid,
         handler: &str,
     ) -> Result<bool, OutboxError> {
-        let done = sqlx::query(&sql.insert_inbox)
-            .bind(event_id.to_string())
-            .bind(handler)
-            .bind(now_ms())
-            .execute(&mut *conn)
-            .await?;
+        let done = sqlx::query(&sql.insert_inbox).bind(event_id.to_string()).bind(handler).execute(&mut *conn).await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -120,7 +114,6 @@ impl Backend for Sqlite {
             .bind(i64::try_from(batch).unwrap_or(i64::MAX))
             .bind(relay.to_string())
             .bind(millis(lease))
-            .bind(now_ms())
             .fetch_all(pool)
             .await?;
         let mut rows = rows.iter().map(row).collect::<Result<Vec<_>, _>>()?;
@@ -128,9 +121,24 @@ impl Backend for Sqlite {
         Ok(rows)
     }
 
+    async fn renew_lease(
+        pool: &SqlitePool,
+        sql: &Sql,
+        relay: Uuid,
+        seqs: &[i64],
+        lease: Duration,
+    ) -> Result<u64, OutboxError> {
+        let done = sqlx::query(&sql.renew_lease)
+            .bind(json_list(seqs))
+            .bind(relay.to_string())
+            .bind(millis(lease))
+            .execute(pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn mark_published(pool: &SqlitePool, sql: &Sql, seqs: &[i64]) -> Result<(), OutboxError> {
-        let list = format!("[{}]", seqs.iter().map(i64::to_string).collect::<Vec<_>>().join(","));
-        sqlx::query(&sql.mark_published).bind(list).bind(now_ms()).execute(pool).await?;
+        sqlx::query(&sql.mark_published).bind(json_list(seqs)).execute(pool).await?;
         Ok(())
     }
 
@@ -147,14 +155,13 @@ impl Backend for Sqlite {
             .bind(error)
             .bind(give_up)
             .bind(millis(retry_in))
-            .bind(now_ms())
             .execute(pool)
             .await?;
         Ok(())
     }
 
     async fn status(pool: &SqlitePool, sql: &Sql) -> Result<OutboxStatus, OutboxError> {
-        let r = sqlx::query(&sql.status).bind(now_ms()).fetch_one(pool).await?;
+        let r = sqlx::query(&sql.status).fetch_one(pool).await?;
         Ok(OutboxStatus {
             pending: r.try_get(0)?,
             in_flight: r.try_get(1)?,
@@ -182,8 +189,7 @@ impl Backend for Sqlite {
     }
 
     async fn requeue_failed(pool: &SqlitePool, sql: &Sql, id: Option<Uuid>) -> Result<u64, OutboxError> {
-        let done =
-            sqlx::query(&sql.requeue_failed).bind(id.map(|i| i.to_string())).bind(now_ms()).execute(pool).await?;
+        let done = sqlx::query(&sql.requeue_failed).bind(id.map(|i| i.to_string())).execute(pool).await?;
         Ok(done.rows_affected())
     }
 
@@ -193,13 +199,12 @@ impl Backend for Sqlite {
         older_than: Duration,
         limit: i64,
     ) -> Result<u64, OutboxError> {
-        let before = now_ms().saturating_sub(millis(older_than));
-        Ok(sqlx::query(&sql.delete_published).bind(before).bind(limit).execute(pool).await?.rows_affected())
+        let done = sqlx::query(&sql.delete_published).bind(millis(older_than)).bind(limit).execute(pool).await?;
+        Ok(done.rows_affected())
     }
 
     async fn delete_inbox(pool: &SqlitePool, sql: &Sql, older_than: Duration, limit: i64) -> Result<u64, OutboxError> {
-        let before = now_ms().saturating_sub(millis(older_than));
-        Ok(sqlx::query(&sql.delete_inbox).bind(before).bind(limit).execute(pool).await?.rows_affected())
+        Ok(sqlx::query(&sql.delete_inbox).bind(millis(older_than)).bind(limit).execute(pool).await?.rows_affected())
     }
 
     async fn published_range(
@@ -219,7 +224,15 @@ impl Backend for Sqlite {
         Ok(())
     }
 
-    async fn listen(_pool: &SqlitePool, _sql: &Sql, _wake: Arc<Notify>, _stop: CancellationToken) {}
+    async fn listen(
+        _pool: &SqlitePool,
+        _sql: &Sql,
+        _wake: Arc<Notify>,
+        listening: tokio::sync::watch::Sender<bool>,
+        _stop: CancellationToken,
+    ) {
+        listening.send_replace(true);
+    }
 }
 
 async fn migrate_locked(
@@ -239,7 +252,6 @@ async fn migrate_locked(
         sqlx::query(record)
             .bind(migration.version)
             .bind(migration.description)
-            .bind(now_ms())
             .execute(&mut *conn)
             .await
             .map_err(fail)?;

@@ -1,0 +1,208 @@
+//! The test harness: real services, isolated per test, and helpers that wait for conditions instead of sleeping.
+//!
+//! PostgreSQL comes from `TEST_DATABASE_URL`, else the local default `postgres://postgres@127.0.0.1:5432/postgres`;
+//! if neither answers, the test fails with a message saying how to provide one (it never skips, under `CI=true`
+//! or not). Each PostgreSQL test gets its own schema (our tables and its business tables live there), dropped at
+//! the end; each SQLite test its own database file in a temporary directory.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bus_core::IntegrationEvent;
+use outbox::{Backend, OutboxConfig};
+use serde::{Deserialize, Serialize};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Pool, Postgres, Sqlite};
+
+/// The local default used when `TEST_DATABASE_URL` is not set.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// Sends the framework's logs to the test output, filtered by `RUST_LOG` (default: warnings). Idempotent.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+}
+
+/// The PostgreSQL URL the tests use.
+pub fn database_url() -> String {
+    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned())
+}
+
+/// A test event with a partition key and a sequence number within it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Numbered {
+    /// The partition key.
+    pub key: String,
+    /// The position within the key.
+    pub seq: u32,
+}
+
+impl IntegrationEvent for Numbered {
+    const TYPE_NAME: &'static str = "Numbered";
+    fn partition_key(&self) -> Option<String> {
+        Some(self.key.clone())
+    }
+}
+
+/// A database for one test, with an `effects` table that handlers write to (one row per handled event).
+pub struct Fixture<DB: Backend> {
+    /// The pool.
+    pub pool: Pool<DB>,
+    /// The schema (PostgreSQL).
+    pub schema: Option<String>,
+    /// The quoted, qualified name of the effects table.
+    pub effects: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl<DB: Backend> Fixture<DB> {
+    /// An outbox configuration for `service` in this fixture's schema.
+    pub fn outbox_config(&self, service: &str) -> OutboxConfig {
+        let config = OutboxConfig::new(service);
+        match &self.schema {
+            Some(schema) => config.schema(schema.clone()),
+            None => config,
+        }
+    }
+}
+
+/// What the tests need of each database beyond the outbox itself.
+#[async_trait]
+pub trait TestDb: Backend + Sized {
+    /// A fresh, isolated database.
+    async fn fixture() -> Fixture<Self>;
+    /// Records that `event_id` was handled (in the handler's transaction).
+    async fn record_effect(conn: &mut Self::Connection, effects: &str, event_id: &str) -> Result<(), sqlx::Error>;
+    /// Every recorded effect, one row per handling that committed.
+    async fn effects(pool: &Pool<Self>, effects: &str) -> Vec<String>;
+    /// A pool on the same database with its own connections (as another process would have).
+    async fn second_pool(fixture: &Fixture<Self>) -> Pool<Self>;
+}
+
+#[async_trait]
+impl TestDb for Postgres {
+    async fn fixture() -> Fixture<Self> {
+        init_tracing();
+        let url = database_url();
+        let pool = connect_pg(&url).await;
+        let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let effects = format!("\"{schema}\".effects");
+        sqlx::query(&format!("CREATE SCHEMA \"{schema}\"")).execute(&pool).await.expect("create test schema");
+        sqlx::query(&format!("CREATE TABLE {effects} (seq BIGSERIAL PRIMARY KEY, event_id TEXT NOT NULL)"))
+            .execute(&pool)
+            .await
+            .expect("create effects table");
+        Fixture { pool, schema: Some(schema), effects, _dir: None }
+    }
+
+    async fn record_effect(conn: &mut sqlx::PgConnection, effects: &str, event_id: &str) -> Result<(), sqlx::Error> {
+        sqlx::query(&format!("INSERT INTO {effects} (event_id) VALUES ($1)")).bind(event_id).execute(conn).await?;
+        Ok(())
+    }
+
+    async fn effects(pool: &Pool<Self>, effects: &str) -> Vec<String> {
+        sqlx::query_scalar(&format!("SELECT event_id FROM {effects} ORDER BY seq"))
+            .fetch_all(pool)
+            .await
+            .expect("read effects")
+    }
+
+    async fn second_pool(_fixture: &Fixture<Self>) -> Pool<Self> {
+        connect_pg(&database_url()).await
+    }
+}
+
+async fn connect_pg(url: &str) -> Pool<Postgres> {
+    let options: PgConnectOptions = url.parse().unwrap_or_else(|e| panic!("TEST_DATABASE_URL is not a valid URL: {e}"));
+    PgPoolOptions::new()
+        .max_connections(10)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot reach PostgreSQL ({e}). Set TEST_DATABASE_URL=postgres://user@host:port/db, or start the \
+                 local server: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
+            )
+        })
+}
+
+#[async_trait]
+impl TestDb for Sqlite {
+    async fn fixture() -> Fixture<Self> {
+        init_tracing();
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let pool = sqlite_pool(&dir.path().join("test.db")).await;
+        sqlx::query("CREATE TABLE effects (seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL)")
+            .execute(&pool)
+            .await
+            .expect("create effects table");
+        Fixture { pool, schema: None, effects: "effects".into(), _dir: Some(dir) }
+    }
+
+    async fn record_effect(
+        conn: &mut sqlx::SqliteConnection,
+        effects: &str,
+        event_id: &str,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(&format!("INSERT INTO {effects} (event_id) VALUES (?1)")).bind(event_id).execute(conn).await?;
+        Ok(())
+    }
+
+    async fn effects(pool: &Pool<Self>, effects: &str) -> Vec<String> {
+        sqlx::query_scalar(&format!("SELECT event_id FROM {effects} ORDER BY seq"))
+            .fetch_all(pool)
+            .await
+            .expect("read effects")
+    }
+
+    async fn second_pool(fixture: &Fixture<Self>) -> Pool<Self> {
+        let dir = fixture._dir.as_ref().expect("sqlite fixture has a directory");
+        sqlite_pool(&dir.path().join("test.db")).await
+    }
+}
+
+/// A SQLite pool as we recommend it: WAL, `synchronous = NORMAL`, a busy timeout for concurrent writers.
+pub async fn sqlite_pool(path: &std::path::Path) -> Pool<Sqlite> {
+    let options = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(Duration::from_secs(10));
+    SqlitePoolOptions::new().max_connections(8).connect_with(options).await.expect("open SQLite database")
+}
+
+impl<DB: Backend> Drop for Fixture<DB> {
+    fn drop(&mut self) {
+        // Best effort: drop the test schema on a fresh connection (the test's runtime may be gone).
+        if let Some(schema) = self.schema.take() {
+            let url = database_url();
+            let _ = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+                runtime.block_on(async move {
+                    let pool = PgPoolOptions::new().max_connections(1).connect(&url).await.ok()?;
+                    sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE")).execute(&pool).await.ok()
+                })
+            })
+            .join();
+        }
+    }
+}
+
+/// Polls `condition` until it holds, failing the test with `what` after `timeout`. For conditions that have no
+/// notification (rows in a database); polling a fact is not sleeping on a guess.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -1,0 +1,492 @@
+//! The outbox, the relay and the inbox against real PostgreSQL and SQLite. Each scenario runs on both.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bus_core::{
+    BusError, Confirmation, DeliveryContext, Envelope, EventBus, HandlerError, RetryPolicy, Subscription,
+    SubscriptionHandle,
+};
+use bus_inproc::{InProcBus, InProcConfig};
+use integration_tests::{Fixture, Numbered, TestDb, wait_until};
+use outbox::{Inbox, InboxConfig, InboxContext, Outbox, OutboxError, RelayConfig, SubscriptionInboxExt};
+
+const SETTLE: Duration = Duration::from_secs(60);
+
+macro_rules! on_both_databases {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$name::<sqlx::Postgres>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name::<sqlx::Sqlite>().await
+            }
+        }
+    )*};
+}
+
+on_both_databases!(
+    rolled_back_events_are_never_published,
+    relay_killed_between_confirm_and_mark_redelivers_and_the_inbox_keeps_the_effect_single,
+    relay_killed_before_publishing_releases_its_rows_when_the_lease_expires,
+    two_relays_publish_ten_thousand_events_once_each_in_key_order,
+    concurrent_duplicate_deliveries_run_the_handler_once,
+    unpublishable_events_become_failed_after_their_attempts_and_can_be_retried,
+    retention_cleanup_deletes_old_published_and_inbox_rows_only,
+    oversized_events_and_bad_settings_are_refused,
+);
+
+fn fast_relay() -> RelayConfig {
+    RelayConfig {
+        batch_size: 100,
+        lease: Duration::from_millis(500),
+        poll_interval: Duration::from_millis(50),
+        retry: RetryPolicy::exponential(3, Duration::from_millis(20)).with_jitter(0.0),
+        ..RelayConfig::default()
+    }
+}
+
+async fn outbox<DB: TestDb>(fixture: &Fixture<DB>) -> Outbox<DB> {
+    let outbox = Outbox::new(fixture.pool.clone(), fixture.outbox_config("producer")).expect("valid outbox config");
+    outbox.migrate().await.expect("migrate");
+    outbox
+}
+
+/// Waits until the outbox has nothing pending and the bus has handled everything it took.
+async fn settle<DB: TestDb>(outbox: &Outbox<DB>, bus: &InProcBus) {
+    wait_until("outbox drained and bus settled", SETTLE, || async {
+        bus.settled().await;
+        outbox.status().await.expect("status").pending == 0 && bus.stats().outstanding == 0
+    })
+    .await;
+}
+
+async fn enqueue_committed<DB: TestDb>(
+    outbox: &Outbox<DB>,
+    events: impl IntoIterator<Item = Numbered>,
+) -> Vec<uuid::Uuid> {
+    let mut tx = outbox.begin().await.expect("begin");
+    let mut ids = Vec::new();
+    for event in events {
+        ids.push(tx.enqueue(&event).await.expect("enqueue"));
+    }
+    tx.commit().await.expect("commit");
+    ids
+}
+
+/// A consumer whose handler writes one effect row per event through the inbox, and counts its own runs.
+struct Consumer {
+    runs: Arc<AtomicUsize>,
+    seen: Arc<Mutex<Vec<Numbered>>>,
+    _handle: SubscriptionHandle,
+}
+
+async fn inbox_consumer<DB: TestDb>(
+    fixture: &Fixture<DB>,
+    outbox: &Outbox<DB>,
+    bus: &InProcBus,
+) -> (Consumer, Inbox<DB>) {
+    let inbox = Inbox::new(outbox.clone(), InboxConfig::default(), &bus.config().retry).expect("inbox");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (r, s, effects) = (runs.clone(), seen.clone(), fixture.effects.clone());
+    let handler = move |event: Numbered, ctx: InboxContext<DB>| {
+        let (runs, seen, effects) = (r.clone(), s.clone(), effects.clone());
+        async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            let mut tx = ctx.tx().await?;
+            DB::record_effect(&mut tx, &effects, &ctx.delivery().event_id().to_string())
+                .await
+                .map_err(HandlerError::transient)?;
+            seen.lock().unwrap().push(event);
+            Ok(())
+        }
+    };
+    let handle = bus
+        .subscribe(Subscription::new("consumer").on_inbox::<Numbered, DB, _>(&inbox, handler))
+        .await
+        .expect("subscribe");
+    (Consumer { runs, seen, _handle: handle }, inbox)
+}
+
+fn numbered(key: &str, range: std::ops::Range<u32>) -> Vec<Numbered> {
+    range.map(|seq| Numbered { key: key.into(), seq }).collect()
+}
+
+async fn rolled_back_events_are_never_published<DB: TestDb>() {
+    let fixture = DB::fixture().await;
+    let outbox = outbox(&fixture).await;
+    let bus = InProcBus::new();
+    let (consumer, _inbox) = inbox_consumer(&fixture, &outbox, &bus).await;
+    let relay = outbox.relay(Arc::new(bus.clone()), fast_relay()).unwrap().spawn();
+
+    let mut tx = outbox.begin().await.unwrap();
+    tx.enqueue(&Numbered { key: "k".into(), seq: 0 }).await.unwrap();
+    tx.rollback().await.unwrap();
+    {
+        let mut dropped = outbox.begin().await.unwrap();
+        dropped.enqueue(&Numbered { key: "k".into(), seq: 1 }).await.unwrap();
+        // dropped without commit
+    }
+    let committed = enqueue_committed(&outbox, numbered("k", 2..3)).await;
+    settle(&outbox, &bus).await;
+
+    assert_eq!(consumer.seen.lock().unwrap().clone(), numbered("k", 2..3), "only the committed event arrives");
+    assert_eq!(DB::effects(&fixture.pool, &fixture.effects).await, vec![committed[0].to_string()]);
+    let status = outbox.status().await.unwrap();
+    assert_eq!((status.pending, status.published, status.failed), (0, 1, 0));
+    relay.shutdown().await;
+    bus.shutdown(Duration::from_secs(5)).await;
+}
+
+/// Passes publishes to the real bus, but once `withhold` is set, never answers their confirmations: the relay
+/// is left waiting between the broker's confirm and its mark, where the test kills it.
+struct WithholdingBus {
+    inner: InProcBus,
+    withhold: Arc<AtomicBool>,
+    confirmed_by_inner: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl EventBus for WithholdingBus {
+    async fn publish(&self, envelope: Envelope) -> Result<Confirmation, BusError> {
+        let inner = self.inner.publish(envelope).await?;
+        let (withhold, confirmed) = (self.withhold.clone(), self.confirmed_by_inner.clone());
+        Ok(Confirmation::from_future(async move {
+            inner.await?;
+            confirmed.fetch_add(1, Ordering::SeqCst);
+            if withhold.load(Ordering::SeqCst) {
+                futures::future::pending::<()>().await;
+            }
+            Ok(())
+        }))
+    }
+
+    async fn subscribe(&self, subscription: Subscription) -> Result<SubscriptionHandle, BusError> {
+        self.inner.subscribe(subscription).await
+    }
+}
+
+async fn relay_killed_between_confirm_and_mark_redelivers_and_the_inbox_keeps_the_effect_single<DB: TestDb>() {
+    let fixture = DB::fixture().await;
+    let outbox = outbox(&fixture).await;
+    let bus = InProcBus::new();
+    let (consumer, inbox) = inbox_consumer(&fixture, &outbox, &bus).await;
+    let withholding = WithholdingBus {
+        inner: bus.clone(),
+        withhold: Arc::new(AtomicBool::new(true)),
+        confirmed_by_inner: Arc::default(),
+    };
+    let confirmed = withholding.confirmed_by_inner.clone();
+    // One batch holds all 200 events; the doomed relay keeps its lease alive while it waits for confirmations.
+    let one_batch = RelayConfig { batch_size: 500, ..fast_relay() };
+    let doomed = outbox.relay(Arc::new(withholding), one_batch).unwrap().spawn();
+
+    let ids = enqueue_committed(&outbox, numbered("k", 0..200)).await;
+    wait_until("the bus confirmed all 200 events", SETTLE, || async { confirmed.load(Ordering::SeqCst) == 200 }).await;
+    bus.settled().await;
+    doomed.kill().await; // between the confirm and the mark
+
+    let status = outbox.status().await.unwrap();
+    assert_eq!((status.pending, status.published), (200, 0), "the killed relay marked nothing");
+    let survivor = outbox.relay(Arc::new(bus.clone()), fast_relay()).unwrap().spawn();
+    settle(&outbox, &bus).await;
+
+    let effects = DB::effects(&fixture.pool, &fixture.effects).await;
+    let expected: Vec<String> = ids.iter().map(ToString::to_string).collect();
+    assert_eq!(effects, expected, "each event's effect exactly once, in order");
+    assert_eq!(bus.stats().published, 400, "every event was delivered twice");
+    let stats = inbox.stats();
+    assert_eq!((stats.handled, stats.duplicates), (200, 200), "the inbox dropped the 200 redeliveries");
+    assert_eq!(consumer.runs.load(Ordering::SeqCst), 200, "the handler body ran once per event");
+    assert_eq!(outbox.status().await.unwrap().published, 200);
+    survivor.shutdown().await;
+    bus.shutdown(Duration::from_secs(5)).await;
+}
+
+/// A bus whose publish never returns: the relay hangs after claiming, before anything reaches a consumer.
+struct HangingBus;
+
+#[async_trait]
+impl EventBus for HangingBus {
+    async fn publish(&self, _envelope: Envelope) -> Result<Confirmation, BusError> {
+        futures::future::pending().await
+    }
+    async fn subscribe(&self, _subscription: Subscription) -> Result<SubscriptionHandle, BusError> {
+        Err(BusError::Closed)
+    }
+}
+
+async fn relay_killed_before_publishing_releases_its_rows_when_the_lease_expires<DB: TestDb>() {
+    let fixture = DB::fixture().await;
+    let outbox = outbox(&fixture).await;
+    let bus = InProcBus::new();
+    let (consumer, inbox) = inbox_consumer(&fixture, &outbox, &bus).await;
+    let stuck = outbox.relay(Arc::new(HangingBus), fast_relay()).unwrap().spawn();
+    enqueue_committed(&outbox, numbered("k", 0..50)).await;
+    wait_until("the stuck relay claimed the rows", SETTLE, || async { outbox.status().await.unwrap().in_flight == 50 })
+        .await;
+    stuck.kill().await;
+    let claimed_at = Instant::now();
+
+    let survivor = outbox.relay(Arc::new(bus.clone()), fast_relay()).unwrap().spawn();
+    settle(&outbox, &bus).await;
+    assert!(claimed_at.elapsed() >= Duration::from_millis(300), "the rows waited for the lease to expire");
+    assert_eq!(consumer.seen.lock().unwrap().clone(), numbered("k", 0..50), "all delivered, in order");
+    assert_eq!((inbox.stats().handled, inbox.stats().duplicates), (50, 0));
+    assert_eq!(bus.stats().published, 50, "nothing was published twice");
+    survivor.shutdown().await;
+    bus.shutdown(Duration::from_secs(5)).await;
+}
+
+async fn two_relays_publish_ten_thousand_events_once_each_in_key_order<DB: TestDb>() {
+    const KEYS: u32 = 100;
+    const PER_KEY: u32 = 100;
+    let fixture = DB::fixture().await;
+    let outbox_a = outbox(&fixture).await;
+    // The second relay works as another process would: its own pool and outbox instance.
+    let outbox_b = Outbox::new(DB::second_pool(&fixture).await, fixture.outbox_config("producer")).unwrap();
+    let bus = InProcBus::with_config(InProcConfig { queue_capacity: 1_000, ..InProcConfig::default() }).unwrap();
+    let order: Arc<Mutex<HashMap<String, Vec<u32>>>> = Arc::default();
+    let ids: Arc<Mutex<Vec<uuid::Uuid>>> = Arc::default();
+    let (o, i) = (order.clone(), ids.clone());
+    let _consumer = bus
+        .subscribe(Subscription::new("consumer").concurrency(8).on::<Numbered, _>(
+            move |e: Numbered, ctx: DeliveryContext| {
+                let (order, ids) = (o.clone(), i.clone());
+                async move {
+                    ids.lock().unwrap().push(ctx.event_id());
+                    order.lock().unwrap().entry(e.key).or_default().push(e.seq);
+                    Ok(())
+                }
+            },
+        ))
+        .await
+        .unwrap();
+    // A lease longer than any statement can wait for a lock: "normal operation". (With 500 ms, a SQLite write
+    // that waits a second for the lock under the parallel test load lets a lease expire, which the relay reports
+    // as a possible duplicate.)
+    let config = RelayConfig { batch_size: 64, lease: Duration::from_secs(10), ..fast_relay() };
+    let relay_a = outbox_a.relay(Arc::new(bus.clone()), config.clone()).unwrap().spawn();
+    let relay_b = outbox_b.relay(Arc::new(bus.clone()), config).unwrap().spawn();
+
+    // Produce while both relays run: 100 transactions of 100 events, keys interleaved.
+    for round in 0..PER_KEY {
+        let events: Vec<Numbered> = (0..KEYS).map(|k| Numbered { key: format!("key-{k}"), seq: round }).collect();
+        enqueue_committed(&outbox_a, events).await;
+    }
+    settle(&outbox_a, &bus).await;
+
+    let ids = std::mem::take(&mut *ids.lock().unwrap());
+    let unique: HashSet<_> = ids.iter().collect();
+    assert_eq!(ids.len(), (KEYS * PER_KEY) as usize, "each event delivered once: no duplicate, none lost");
+    assert_eq!(unique.len(), ids.len());
+    let order = std::mem::take(&mut *order.lock().unwrap());
+    let reordered: usize = order.values().map(|seqs| seqs.windows(2).filter(|w| w[0] >= w[1]).count()).sum();
+    assert_eq!(reordered, 0, "per-key order kept across two relays");
+    let (a, b) = (relay_a.stats().published, relay_b.stats().published);
+    eprintln!("relay a published {a}, relay b published {b}");
+    assert_eq!(a + b, u64::from(KEYS * PER_KEY));
+    relay_a.shutdown().await;
+    relay_b.shutdown().await;
+    bus.shutdown(Duration::from_secs(5)).await;
+}
+
+async fn concurrent_duplicate_deliveries_run_the_handler_once<DB: TestDb>() {
+    let fixture = DB::fixture().await;
+    let outbox = outbox(&fixture).await;
+    let inbox = Inbox::new(outbox.clone(), InboxConfig::default(), &RetryPolicy::default()).unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (r, effects) = (runs.clone(), fixture.effects.clone());
+    let handler = inbox.handler::<Numbered, _>(move |_e: Numbered, ctx: InboxContext<DB>| {
+        let (runs, effects) = (r.clone(), effects.clone());
+        async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            let mut tx = ctx.tx().await?;
+            DB::record_effect(&mut tx, &effects, "the-effect").await.map_err(HandlerError::transient)?;
+            // Hold the transaction open so that the duplicates really overlap with it.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok(())
+        }
+    });
+    let envelope = Arc::new(Envelope::for_event(&Numbered { key: "k".into(), seq: 1 }).unwrap().build().unwrap());
+    let group = bus_core::GroupName::new("consumer").unwrap();
+    let deliveries = (0..10).map(|_| {
+        let (handler, ctx) = (handler.clone(), DeliveryContext::new(envelope.clone(), 1, group.clone()));
+        tokio::spawn(async move { handler.handle(ctx).await })
+    });
+    for result in futures::future::join_all(deliveries).await {
+        result.unwrap().unwrap();
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler ran once");
+    assert_eq!(DB::effects(&fixture.pool, &fixture.effects).await.len(), 1, "one effect");
+    assert_eq!((inbox.stats().handled, inbox.stats().duplicates), (1, 9));
+
+    // A handler that fails leaves no inbox row: the retry runs it again.
+    let failing = inbox.handler::<Numbered, _>(|_e: Numbered, _ctx: InboxContext<DB>| async {
+        Err(HandlerError::transient("try later"))
+    });
+    let other = Arc::new(Envelope::for_event(&Numbered { key: "k".into(), seq: 2 }).unwrap().build().unwrap());
+    assert!(failing.handle(DeliveryContext::new(other.clone(), 1, group.clone())).await.is_err());
+    handler.handle(DeliveryContext::new(other, 2, group)).await.unwrap();
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "after a failed attempt the event is handled for real");
+}
+
+async fn unpublishable_events_become_failed_after_their_attempts_and_can_be_retried<DB: TestDb>() {
+    let fixture = DB::fixture().await;
+    let outbox = outbox(&fixture).await;
+    let bus = InProcBus::new(); // nobody subscribed yet: every publish is unroutable
+    let relay = outbox.relay(Arc::new(bus.clone()), fast_relay()).unwrap().spawn();
+    let ids = enqueue_committed(&outbox, numbered("k", 0..1)).await;
+    wait_until("the event is marked failed", SETTLE, || async { outbox.status().await.unwrap().failed == 1 }).await;
+
+    let failed = outbox.failed(10).await.unwrap();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].event_id, ids[0]);
+    assert_eq!(failed[0].attempts, 3);
+    assert!(failed[0].last_error.as_deref().unwrap_or("").contains("routed to no consumer group"), "{failed:?}");
+    // No hot loop: once failed, the relay leaves it alone.
+    let failures = relay.stats().publish_failures;
+    assert_eq!(failures, 3);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(relay.stats().publish_failures, failures, "a failed row is not retried by itself");
+    assert_eq!(outbox.status().await.unwrap().pending, 0);
+
+    let (consumer, _inbox) = inbox_consumer(&fixture, &outbox, &bus).await;
+    assert_eq!(outbox.retry_failed(Some(ids[0])).await.unwrap(), 1);
+    settle(&outbox, &bus).await;
+    assert_eq!(consumer.seen.lock().unwrap().clone(), numbered("k", 0..1));
+    let status = outbox.status().await.unwrap();
+    assert_eq!((status.failed, status.published), (0, 1));
+    assert_eq!(outbox.retry_failed(None).await.unwrap(), 0);
+    relay.shutdown().await;
+    bus.shutdown(Duration::from_secs(5)).await;
+}
+
+async fn retention_cleanup_deletes_old_published_and_inbox_rows_only<DB: TestDb>() {
+    let fixture = DB::fixture().await;
+    let outbox = outbox(&fixture).await;
+    let bus = InProcBus::new();
+    let (_consumer, _inbox) = inbox_consumer(&fixture, &outbox, &bus).await;
+    let relay = outbox.relay(Arc::new(bus.clone()), fast_relay()).unwrap().spawn();
+    enqueue_committed(&outbox, numbered("k", 0..25)).await;
+    settle(&outbox, &bus).await;
+    relay.shutdown().await;
+    // One more event that stays pending: cleanup must never touch it.
+    enqueue_committed(&outbox, numbered("k", 25..26)).await;
+
+    let keep_long = outbox.relay(Arc::new(bus.clone()), fast_relay()).unwrap();
+    assert_eq!(keep_long.cleanup().await.unwrap(), 0, "rows inside the retention window are kept");
+    let short = RelayConfig { retention: Duration::from_millis(1), cleanup_batch: 10, ..fast_relay() };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let cleaner = outbox.relay(Arc::new(bus.clone()), short).unwrap();
+    assert_eq!(cleaner.cleanup().await.unwrap(), 25, "deleted in batches of 10 until none is left");
+    let status = outbox.status().await.unwrap();
+    assert_eq!((status.published, status.pending), (0, 1));
+
+    let no_retry = RetryPolicy::no_retry();
+    let inbox_config = InboxConfig { retention: Duration::from_millis(5), cleanup_batch: 7, ..InboxConfig::default() };
+    let inbox = Inbox::new(outbox.clone(), inbox_config, &no_retry).unwrap();
+    assert_eq!(inbox.cleanup().await.unwrap(), 25, "inbox rows past retention deleted");
+    assert_eq!(inbox.cleanup().await.unwrap(), 0);
+    bus.shutdown(Duration::from_secs(5)).await;
+}
+
+async fn oversized_events_and_bad_settings_are_refused<DB: TestDb>() {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Blob {
+        data: String,
+    }
+    impl bus_core::IntegrationEvent for Blob {
+        const TYPE_NAME: &'static str = "Blob";
+    }
+    let fixture = DB::fixture().await;
+    let outbox = outbox(&fixture).await;
+    let mut tx = outbox.begin().await.unwrap();
+    let err = tx.enqueue(&Blob { data: "x".repeat(300 * 1024) }).await.unwrap_err();
+    assert!(matches!(&err, OutboxError::Bus(BusError::PayloadTooLarge { .. })), "{err}");
+    assert!(err.to_string().contains("Blob") && err.to_string().contains("307211 bytes"), "{err}");
+    tx.commit().await.unwrap();
+    assert_eq!(outbox.status().await.unwrap().pending, 0);
+
+    let bad_prefix = fixture.outbox_config("svc").table_prefix("x\"; DROP TABLE users; --");
+    let err = Outbox::new(fixture.pool.clone(), bad_prefix).unwrap_err();
+    assert!(err.to_string().contains("outbox.table_prefix"), "{err}");
+    let bad_relay = outbox.relay(Arc::new(InProcBus::new()), RelayConfig { batch_size: 0, ..RelayConfig::default() });
+    assert!(bad_relay.err().unwrap().to_string().contains("relay.batch_size"));
+    let retry = RetryPolicy::exponential(10, Duration::from_secs(60)).with_max_delay(Duration::from_secs(300));
+    let short = InboxConfig { retention: Duration::from_secs(600), ..InboxConfig::default() };
+    let err = Inbox::new(outbox.clone(), short, &retry).err().unwrap();
+    assert!(err.to_string().contains("inbox.retention"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_is_recent_enough_for_millisecond_clock() {
+    let fixture = sqlx::Sqlite::fixture().await;
+    let version: String = sqlx::query_scalar("SELECT sqlite_version()").fetch_one(&fixture.pool).await.unwrap();
+    let now: i64 = sqlx::query_scalar("SELECT CAST(unixepoch('subsec') * 1000 AS INTEGER)")
+        .fetch_one(&fixture.pool)
+        .await
+        .unwrap_or_else(|e| panic!("SQLite {version} lacks unixepoch('subsec'): {e}"));
+    let app = chrono::Utc::now().timestamp_millis();
+    assert!((now - app).abs() < 5_000, "SQLite {version} clock {now} vs {app}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_has_no_schemas() {
+    let fixture = sqlx::Sqlite::fixture().await;
+    let err = Outbox::new(fixture.pool.clone(), outbox::OutboxConfig::new("svc").schema("s")).unwrap_err();
+    assert!(err.to_string().contains("outbox.schema"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_notify_wakes_a_relay_in_another_process_long_before_its_poll() {
+    let fixture = sqlx::Postgres::fixture().await;
+    let producer = outbox(&fixture).await;
+    // The relay's process: its own pool and outbox instance, so only NOTIFY can wake it; it polls every minute.
+    let relay_side =
+        Outbox::new(sqlx::Postgres::second_pool(&fixture).await, fixture.outbox_config("producer")).unwrap();
+    let bus = InProcBus::new();
+    let handled_at: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let h = handled_at.clone();
+    let _consumer = bus
+        .subscribe(Subscription::new("consumer").on::<Numbered, _>(move |_e: Numbered, _ctx: DeliveryContext| {
+            let handled_at = h.clone();
+            async move {
+                handled_at.lock().unwrap().push(Instant::now());
+                Ok(())
+            }
+        }))
+        .await
+        .unwrap();
+    let poll = Duration::from_secs(60);
+    let relay =
+        relay_side.relay(Arc::new(bus.clone()), RelayConfig { poll_interval: poll, ..fast_relay() }).unwrap().spawn();
+    relay.listening().await;
+    // Let the relay finish its first (empty) claim and go to sleep on its poll.
+    wait_until("the relay went idle", SETTLE, || async { relay.stats().batches == 0 }).await;
+
+    let mut latencies = Vec::new();
+    for seq in 0..5 {
+        let committed_at = Instant::now();
+        enqueue_committed(&producer, numbered("k", seq..seq + 1)).await;
+        wait_until("the handler ran", Duration::from_secs(10), || async {
+            handled_at.lock().unwrap().len() == seq as usize + 1
+        })
+        .await;
+        let latency = *handled_at.lock().unwrap().last().unwrap() - committed_at;
+        latencies.push(latency);
+    }
+    eprintln!("commit -> handled through NOTIFY: {latencies:?} (poll interval {poll:?})");
+    for latency in latencies {
+        assert!(latency < Duration::from_secs(5), "woken by NOTIFY, not by the 60 s poll: {latency:?}");
+    }
+    relay.shutdown().await;
+    bus.shutdown(Duration::from_secs(5)).await;
+}

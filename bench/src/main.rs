@@ -7,6 +7,7 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod database;
 mod figures;
 mod payload;
 mod report;
@@ -14,12 +15,12 @@ mod report;
 use clap::Parser;
 
 /// Scenarios this harness knows, in the order `all` runs them.
-const SCENARIOS: &[&str] = &["inproc_dispatch"];
+const SCENARIOS: &[&str] = &["inproc_dispatch", "producer_commit_cost", "consumer_inbox", "two_relays"];
 
 #[derive(Parser, Debug)]
 #[command(about = "Measures the framework against raw baselines; one JSON line per figure on stdout.")]
 struct Args {
-    /// `all`, or one scenario: inproc_dispatch.
+    /// `all`, or one scenario: inproc_dispatch, producer_commit_cost, consumer_inbox, two_relays.
     scenario: String,
     /// A short run (fewer events), for a quick look.
     #[arg(long)]
@@ -41,6 +42,9 @@ async fn main() -> anyhow::Result<()> {
     for scenario in selected {
         let figures = match scenario {
             "inproc_dispatch" => figures::inproc_dispatch::run(args.quick).await?,
+            "producer_commit_cost" => figures::producer_commit_cost::run(args.quick).await?,
+            "consumer_inbox" => figures::consumer_inbox::run(args.quick).await?,
+            "two_relays" => figures::two_relays::run(args.quick).await?,
             _ => unreachable!("every name in SCENARIOS has a branch"),
         };
         for figure in figures {

@@ -24,7 +24,6 @@ impl Figure {
     }
 
     /// A figure checked against a bound (no baseline).
-    #[allow(dead_code)] // used by the latency and memory figures of later scenarios
     pub fn bound(figure: &'static str, unit: &'static str, value: f64, bound: f64) -> Self {
         Self { figure, value: round(value, 2), unit, baseline: None, ratio: None, target: bound }
     }

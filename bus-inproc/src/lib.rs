@@ -70,8 +70,3 @@ mod worker;
 pub use bus::{InProcBus, ShutdownReport};
 pub use config::{ConfirmOn, InProcConfig};
 pub use stats::InProcStats;
-
-/// The README's examples, compiled and run as doc tests.
-#[cfg(doctest)]
-#[doc = include_str!("../../README.md")]
-pub struct ReadmeDoctests;

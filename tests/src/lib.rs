@@ -206,3 +206,8 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// The README's examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

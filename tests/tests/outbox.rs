@@ -40,6 +40,7 @@ on_both_databases!(
     unpublishable_events_become_failed_after_their_attempts_and_can_be_retried,
     retention_cleanup_deletes_old_published_and_inbox_rows_only,
     oversized_events_and_bad_settings_are_refused,
+    events_a_handler_publishes_carry_correlation_and_causation_and_commit_with_it,
 );
 
 fn fast_relay() -> RelayConfig {
@@ -490,6 +491,70 @@ async fn postgres_notify_wakes_a_relay_in_another_process_long_before_its_poll()
     for latency in latencies {
         assert!(latency < Duration::from_secs(5), "woken by NOTIFY, not by the 60 s poll: {latency:?}");
     }
+    relay.shutdown().await;
+    bus.shutdown(Duration::from_secs(5)).await;
+}
+
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug)]
+struct FollowUp {
+    of: u32,
+}
+
+impl bus_core::IntegrationEvent for FollowUp {
+    const TYPE_NAME: &'static str = "FollowUp";
+}
+
+async fn events_a_handler_publishes_carry_correlation_and_causation_and_commit_with_it<DB: TestDb>() {
+    let fixture = DB::fixture().await;
+    let outbox = outbox(&fixture).await;
+    let bus = InProcBus::new();
+    let inbox = Inbox::new(outbox.clone(), InboxConfig::default(), &bus.config().retry).unwrap();
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let a = attempts.clone();
+    // The first attempt publishes and then fails: its follow-up must vanish with the rollback.
+    let _middle = bus
+        .subscribe(Subscription::new("middle").on_inbox::<Numbered, DB, _>(
+            &inbox,
+            move |e: Numbered, ctx: InboxContext<DB>| {
+                let attempts = a.clone();
+                async move {
+                    let mut tx = ctx.tx().await?;
+                    ctx.publish(&mut tx, &FollowUp { of: e.seq }).await?;
+                    if attempts.fetch_add(1, Ordering::SeqCst) == 0 {
+                        return Err(HandlerError::transient("first attempt fails after publishing"));
+                    }
+                    Ok(())
+                }
+            },
+        ))
+        .await
+        .unwrap();
+    let received: Arc<Mutex<Vec<Envelope>>> = Arc::default();
+    let r = received.clone();
+    let _end = bus
+        .subscribe(Subscription::new("end").on::<FollowUp, _>(move |_e: FollowUp, ctx: DeliveryContext| {
+            let received = r.clone();
+            async move {
+                received.lock().unwrap().push(ctx.envelope().clone());
+                Ok(())
+            }
+        }))
+        .await
+        .unwrap();
+    let relay = outbox.relay(Arc::new(bus.clone()), fast_relay()).unwrap().spawn();
+    let mut tx = outbox.begin().await.unwrap();
+    let builder = Envelope::for_event(&Numbered { key: "k".into(), seq: 7 }).unwrap().correlation_id("request-42");
+    let first = tx.enqueue_with(builder).await.unwrap();
+    tx.commit().await.unwrap();
+    wait_until("the follow-up arrived", SETTLE, || async { !received.lock().unwrap().is_empty() }).await;
+    settle(&outbox, &bus).await;
+
+    let received = received.lock().unwrap().clone();
+    assert_eq!(received.len(), 1, "the rolled-back attempt's follow-up was never published: {received:?}");
+    assert_eq!(received[0].causation_id(), Some(first));
+    assert_eq!(received[0].correlation_id(), "request-42");
+    assert_eq!(received[0].source(), Some("producer"));
+    assert_eq!(attempts.load(Ordering::SeqCst), 2);
     relay.shutdown().await;
     bus.shutdown(Duration::from_secs(5)).await;
 }

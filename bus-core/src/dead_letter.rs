@@ -1,6 +1,7 @@
 //! Dead letters: events a consumer group gave up on, kept with the reason so they can be inspected and redriven.
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
@@ -9,11 +10,17 @@ use crate::error::BusError;
 use crate::handler::FailureKind;
 use crate::name::GroupName;
 
-/// An event a consumer group could not handle: after its last attempt, or at once for a permanent failure.
+/// A message a consumer group could not handle: after its last attempt, or at once for a permanent failure or a
+/// message that is not a valid event at all.
 #[derive(Clone, Debug)]
 pub struct DeadLetter {
-    /// The event as it was delivered.
-    pub envelope: Envelope,
+    /// The event as it was delivered, or `None` for a message that could not be read as one (no message id,
+    /// invalid type, over the size limit, ...; `last_error` says which).
+    pub envelope: Option<Envelope>,
+    /// The message id as received, if any (the event id for a valid event).
+    pub message_id: Option<String>,
+    /// The raw body as received.
+    pub payload: Bytes,
     /// The consumer group that gave up.
     pub group: GroupName,
     /// The last error, as text (`x-last-error` on RabbitMQ).
@@ -32,7 +39,34 @@ pub trait DeadLetterQueue: Send + Sync {
     /// The dead letters of `group`, oldest first.
     async fn dead_letters(&self, group: &GroupName) -> Result<Vec<DeadLetter>, BusError>;
 
-    /// Removes the dead letters of `group` (all, or only event `id`) and delivers them to that group again,
+    /// Removes the dead letters of `group` (all, or only message `id`) and delivers them to that group again,
     /// attempts counted from 1; other groups do not see them. Returns how many were redriven.
     async fn redrive(&self, group: &GroupName, id: Option<Uuid>) -> Result<usize, BusError>;
+}
+
+impl DeadLetter {
+    /// A dead letter for a valid event.
+    pub fn of_event(
+        envelope: Envelope,
+        group: GroupName,
+        last_error: String,
+        kind: FailureKind,
+        attempts: u32,
+    ) -> Self {
+        Self {
+            message_id: Some(envelope.id().to_string()),
+            payload: envelope.payload().clone(),
+            envelope: Some(envelope),
+            group,
+            last_error,
+            kind,
+            attempts,
+            failed_at: Utc::now(),
+        }
+    }
+
+    /// True if this is message `id`.
+    pub fn is(&self, id: Uuid) -> bool {
+        self.message_id.as_deref().and_then(|m| Uuid::parse_str(m).ok()) == Some(id)
+    }
 }

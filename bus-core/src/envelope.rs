@@ -49,6 +49,7 @@ pub struct Envelope {
     partition_key: Option<String>,
     source: Option<String>,
     trace: TraceContext,
+    sequence: Option<i64>,
     payload: Bytes,
 }
 
@@ -108,6 +109,10 @@ impl Envelope {
     pub fn trace(&self) -> &TraceContext {
         &self.trace
     }
+    /// The event's position in its publisher's outbox (`x-outbox-seq`), once the relay published it.
+    pub fn sequence(&self) -> Option<i64> {
+        self.sequence
+    }
     /// The payload: UTF-8 JSON.
     pub fn payload(&self) -> &Bytes {
         &self.payload
@@ -146,6 +151,7 @@ impl fmt::Debug for Envelope {
             .field("causation_id", &self.causation_id)
             .field("partition_key", &self.partition_key)
             .field("source", &self.source)
+            .field("sequence", &self.sequence)
             .field("payload_bytes", &self.payload.len())
             .finish()
     }
@@ -164,6 +170,7 @@ pub struct EnvelopeBuilder {
     partition_key: Option<String>,
     source: Option<String>,
     trace: TraceContext,
+    sequence: Option<i64>,
     payload: Bytes,
     max_payload_bytes: usize,
 }
@@ -180,6 +187,7 @@ impl EnvelopeBuilder {
             partition_key: None,
             source: None,
             trace: TraceContext::default(),
+            sequence: None,
             payload,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
         }
@@ -223,6 +231,11 @@ impl EnvelopeBuilder {
     /// Sets the W3C trace context.
     pub fn trace(mut self, trace: TraceContext) -> Self {
         self.trace = trace;
+        self
+    }
+    /// Sets the outbox sequence number (the relay does this).
+    pub fn sequence(mut self, sequence: Option<i64>) -> Self {
+        self.sequence = sequence;
         self
     }
     /// Sets the payload limit checked by [`build`](Self::build) (default [`DEFAULT_MAX_PAYLOAD_BYTES`]).
@@ -269,6 +282,7 @@ impl EnvelopeBuilder {
             partition_key: self.partition_key,
             source: self.source,
             trace: self.trace,
+            sequence: self.sequence,
             payload: self.payload,
         })
     }

@@ -279,8 +279,10 @@ impl DeadLetterQueue for InProcBus {
         let mut letters = group.take_dead_letters(id).into_iter();
         let mut redriven = 0;
         while let Some(letter) = letters.next() {
-            tracing::info!(group = %group.name, event_id = %letter.envelope.id(), "redriving dead letter");
-            let envelope = Arc::new(letter.envelope.clone());
+            // Every in-process dead letter holds an event (only valid envelopes enter this bus).
+            let Some(envelope) = letter.envelope.clone() else { continue };
+            tracing::info!(group = %group.name, event_id = %envelope.id(), "redriving dead letter");
+            let envelope = Arc::new(envelope);
             if let Err(error) = group.admit(envelope, None, &self.inner.outstanding).await {
                 // The bus closed while redriving: the rest stay dead letters, nothing is lost.
                 tracing::warn!(group = %group.name, redriven, %error, "redrive interrupted");

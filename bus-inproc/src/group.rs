@@ -118,14 +118,13 @@ impl Group {
             error = %error,
             "event dead-lettered"
         );
-        lock(&self.dead_letters).push(DeadLetter {
-            envelope: (*job.envelope).clone(),
-            group: self.name.clone(),
-            last_error: error.to_string(),
-            kind: error.kind(),
-            attempts: job.attempt,
-            failed_at: chrono::Utc::now(),
-        });
+        lock(&self.dead_letters).push(DeadLetter::of_event(
+            (*job.envelope).clone(),
+            self.name.clone(),
+            error.to_string(),
+            error.kind(),
+            job.attempt,
+        ));
         self.complete(job);
     }
 
@@ -136,8 +135,7 @@ impl Group {
     /// Removes the dead letters matching `id` (all if `None`).
     pub(crate) fn take_dead_letters(&self, id: Option<uuid::Uuid>) -> Vec<DeadLetter> {
         let mut dead = lock(&self.dead_letters);
-        let (taken, kept) =
-            std::mem::take(&mut *dead).into_iter().partition(|d| id.is_none_or(|id| d.envelope.id() == id));
+        let (taken, kept) = std::mem::take(&mut *dead).into_iter().partition(|d| id.is_none_or(|id| d.is(id)));
         *dead = kept;
         taken
     }

@@ -147,7 +147,8 @@ async fn failing_handler_is_retried_with_backoff_then_dead_lettered_then_redrive
     }
     let dead = bus.dead_letters(&group("svc")).await.unwrap();
     assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0].envelope.id(), id);
+    assert_eq!(dead[0].envelope.as_ref().unwrap().id(), id);
+    assert!(dead[0].is(id));
     assert_eq!(dead[0].attempts, 4);
     assert_eq!(dead[0].kind, FailureKind::Transient);
     assert!(dead[0].last_error.contains("inventory service unavailable"), "{}", dead[0].last_error);
@@ -212,7 +213,7 @@ async fn permanent_failures_panics_and_undecodable_payloads_are_dead_lettered_wh
         "a panic is retried, then dead-lettered"
     );
     let undecodable = by_reason("payload is not a valid Plain");
-    assert_eq!(undecodable.envelope.id(), bad_id);
+    assert_eq!(undecodable.envelope.as_ref().unwrap().id(), bad_id);
     assert_eq!(undecodable.attempts, 1);
     assert!(bus.shutdown(GRACE).await.drained);
 }

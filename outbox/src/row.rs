@@ -41,6 +41,7 @@ impl OutboxRow {
             .correlation_id(self.correlation_id.clone())
             .causation_id(self.causation_id)
             .partition_key(self.partition_key.clone())
+            .sequence(Some(self.seq))
             .trace(TraceContext { traceparent: self.traceparent.clone(), tracestate: self.tracestate.clone() })
             .max_payload_bytes(usize::MAX);
         if let Some(source) = &self.source {

@@ -31,6 +31,52 @@ pub fn database_url() -> String {
     std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned())
 }
 
+/// The local default used when `TEST_AMQP_URL` is not set.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// The RabbitMQ URL the tests use.
+pub fn amqp_url() -> String {
+    std::env::var("TEST_AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.to_owned())
+}
+
+/// A unique name for this test's exchange or queue.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A RabbitMQ bus on a fresh exchange; fails with instructions when the broker cannot be reached.
+pub async fn rabbit_bus(configure: impl FnOnce(&mut bus_rabbitmq::RabbitConfig)) -> bus_rabbitmq::RabbitBus {
+    init_tracing();
+    let mut config = bus_rabbitmq::RabbitConfig::new(&amqp_url()).expect("TEST_AMQP_URL is a valid AMQP URL");
+    config.exchange = unique("test.events");
+    configure(&mut config);
+    bus_rabbitmq::RabbitBus::connect(config).await.unwrap_or_else(|e| {
+        panic!(
+            "cannot reach RabbitMQ ({e}). Set TEST_AMQP_URL=amqp://user:pass@host:5672/%2f, or start the local \
+             broker: rabbitmq-server -detached"
+        )
+    })
+}
+
+/// A plain lapin connection, as a service in another language would have.
+pub async fn plain_amqp() -> lapin::Channel {
+    let connection = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+        .await
+        .expect("connect to RabbitMQ");
+    connection.create_channel().await.expect("channel")
+}
+
+/// Deletes a group's queues and the exchange (best effort).
+pub async fn delete_topology(exchange: &str, groups: &[&str]) {
+    let channel = plain_amqp().await;
+    for group in groups {
+        for queue in [group.to_string(), format!("{group}.retry"), format!("{group}.dlq")] {
+            let _ = channel.queue_delete(queue.as_str().into(), lapin::options::QueueDeleteOptions::default()).await;
+        }
+    }
+    let _ = channel.exchange_delete(exchange.into(), lapin::options::ExchangeDeleteOptions::default()).await;
+}
+
 /// A test event with a partition key and a sequence number within it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Numbered {

@@ -1,0 +1,194 @@
+//! [`RabbitBus`]: the [`EventBus`] on RabbitMQ.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bus_core::{
+    BusError, Confirmation, DeadLetter, DeadLetterQueue, Envelope, EventBus, GroupName, Subscription,
+    SubscriptionHandle,
+};
+use lapin::options::BasicPublishOptions;
+use tokio::sync::{Semaphore, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::RabbitConfig;
+use crate::consumer::Instance;
+use crate::link::{Link, transport};
+use crate::stats::{RabbitStats, Stats};
+use crate::{dead_letters, wire};
+
+/// The RabbitMQ event bus. Cheap to clone: clones share one connection. Call [`shutdown`](Self::shutdown)
+/// before exiting.
+#[derive(Clone)]
+pub struct RabbitBus {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Arc<RabbitConfig>,
+    link: Arc<Link>,
+    window: Arc<Semaphore>,
+    stats: Arc<Stats>,
+    stop: CancellationToken,
+    consumers: TaskTracker,
+}
+
+impl std::fmt::Debug for RabbitBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitBus").field("config", &self.inner.config).finish_non_exhaustive()
+    }
+}
+
+impl RabbitBus {
+    /// Validates `config`, connects, and declares the exchange; waits up to `publish_timeout` for the broker.
+    ///
+    /// # Errors
+    /// [`BusError::InvalidConfig`] naming the setting; [`BusError::Transport`] naming the (redacted) URL when the
+    /// broker does not answer in time.
+    pub async fn connect(config: RabbitConfig) -> Result<Self, BusError> {
+        config.validate()?;
+        let config = Arc::new(config);
+        let stop = CancellationToken::new();
+        let link = Link::start(config.clone(), stop.clone());
+        if let Err(error) = link.session(config.publish_timeout).await {
+            stop.cancel();
+            return Err(error);
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                window: Arc::new(Semaphore::new(config.confirm_window)),
+                config,
+                link,
+                stats: Arc::default(),
+                stop,
+                consumers: TaskTracker::new(),
+            }),
+        })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &RabbitConfig {
+        &self.inner.config
+    }
+
+    /// This process's counters.
+    pub fn stats(&self) -> RabbitStats {
+        self.inner.stats.snapshot()
+    }
+
+    /// True while connected to the broker.
+    pub async fn is_connected(&self) -> bool {
+        self.inner.link.session(std::time::Duration::ZERO).await.is_ok()
+    }
+
+    /// Stops every subscription gracefully (no new deliveries; those in hand are finished and acknowledged),
+    /// then closes the connection.
+    pub async fn shutdown(&self) {
+        self.inner.stop.cancel();
+        self.inner.consumers.close();
+        self.inner.consumers.wait().await;
+    }
+}
+
+#[async_trait]
+impl EventBus for RabbitBus {
+    async fn publish(&self, envelope: Envelope) -> Result<Confirmation, BusError> {
+        let inner = &self.inner;
+        if inner.stop.is_cancelled() {
+            return Err(BusError::Closed);
+        }
+        let size = envelope.payload().len();
+        if size > inner.config.max_payload_bytes {
+            return Err(BusError::PayloadTooLarge {
+                event_type: envelope.event_type().to_string(),
+                size,
+                limit: inner.config.max_payload_bytes,
+            });
+        }
+        let session = inner.link.session(inner.config.publish_timeout).await?;
+        let permit = inner.window.clone().acquire_owned().await.map_err(|_| BusError::Closed)?;
+        let published = session
+            .publisher
+            .basic_publish(
+                inner.config.exchange.as_str().into(),
+                envelope.event_type().as_str().into(),
+                BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+                envelope.payload(),
+                wire::properties(&envelope),
+            )
+            .await;
+        let confirm = match published {
+            Ok(confirm) => confirm,
+            Err(error) => {
+                inner.link.report_trouble();
+                return Err(transport(error));
+            }
+        };
+        let (id, event_type, stats, link) =
+            (envelope.id(), envelope.event_type().to_string(), inner.stats.clone(), inner.link.clone());
+        Ok(Confirmation::from_future(async move {
+            let answer = confirm.await;
+            drop(permit);
+            match answer {
+                Ok(lapin::Confirmation::Ack(None)) => {
+                    stats.published();
+                    Ok(())
+                }
+                Ok(lapin::Confirmation::Ack(Some(_))) => Err(BusError::Unroutable { event_type }),
+                Ok(lapin::Confirmation::Nack(_)) => Err(BusError::Nacked { event_id: id, reason: "basic.nack".into() }),
+                Ok(_) => Err(BusError::ConfirmationLost("publisher confirms are not enabled".into())),
+                Err(error) => {
+                    link.report_trouble();
+                    Err(BusError::ConfirmationLost(error.to_string()))
+                }
+            }
+        }))
+    }
+
+    async fn subscribe(&self, subscription: Subscription) -> Result<SubscriptionHandle, BusError> {
+        let spec = subscription.into_spec()?;
+        let inner = &self.inner;
+        if inner.stop.is_cancelled() {
+            return Err(BusError::Closed);
+        }
+        let retry = spec.retry.unwrap_or_else(|| inner.config.retry.clone());
+        let instance = Arc::new(Instance {
+            config: inner.config.clone(),
+            link: inner.link.clone(),
+            group: spec.group.clone(),
+            handlers: Arc::new(spec.handlers),
+            retry,
+            concurrency: spec.concurrency.unwrap_or(inner.config.concurrency),
+            stats: inner.stats.clone(),
+        });
+        let stop = inner.stop.child_token();
+        let (ready_tx, ready) = oneshot::channel();
+        let task = inner.consumers.spawn(instance.run(stop.clone(), ready_tx));
+        match ready.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => return Err(error),
+            Err(_) => return Err(BusError::Closed),
+        }
+        Ok(SubscriptionHandle::new(
+            spec.group,
+            Box::pin(async move {
+                stop.cancel();
+                let _ = task.await;
+            }),
+        ))
+    }
+}
+
+#[async_trait]
+impl DeadLetterQueue for RabbitBus {
+    async fn dead_letters(&self, group: &GroupName) -> Result<Vec<DeadLetter>, BusError> {
+        let session = self.inner.link.session(self.inner.config.publish_timeout).await?;
+        dead_letters::list(&session, group, self.inner.config.max_payload_bytes).await
+    }
+
+    async fn redrive(&self, group: &GroupName, id: Option<uuid::Uuid>) -> Result<usize, BusError> {
+        let session = self.inner.link.session(self.inner.config.publish_timeout).await?;
+        dead_letters::redrive(&session, group, id).await
+    }
+}

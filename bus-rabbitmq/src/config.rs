@@ -1,0 +1,176 @@
+//! [`RabbitConfig`]: connection and topology settings, validated at start-up; the URL's password never appears
+//! in `Debug`, `Display` or logs.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use bus_core::{BusError, DEFAULT_MAX_PAYLOAD_BYTES, RetryPolicy};
+use lapin::uri::AMQPUri;
+
+/// An `amqp://` or `amqps://` URL. Shown with its password replaced by `***`.
+#[derive(Clone)]
+pub struct AmqpUrl {
+    raw: String,
+    redacted: String,
+}
+
+impl AmqpUrl {
+    /// Parses and checks `url`.
+    ///
+    /// # Errors
+    /// [`BusError::InvalidConfig`] naming `AMQP_URL`; the message never repeats the URL (it may hold a password).
+    pub fn parse(url: &str) -> Result<Self, BusError> {
+        let invalid = |reason: &str| BusError::invalid_config("AMQP_URL", reason.to_owned());
+        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+            return Err(invalid("must start with amqp:// or amqps://"));
+        }
+        // The parser's own error text quotes the whole URL: never pass it on.
+        let uri = AMQPUri::from_str(url).map_err(|_| invalid("is not a valid AMQP URL"))?;
+        let scheme = if url.starts_with("amqps://") { "amqps" } else { "amqp" };
+        let user = &uri.authority.userinfo.username;
+        let redacted = format!(
+            "{scheme}://{}{}:{}/{}",
+            if user.is_empty() { String::new() } else { format!("{user}:***@") },
+            uri.authority.host,
+            uri.authority.port,
+            uri.vhost.replace('/', "%2f"),
+        );
+        Ok(Self { raw: url.to_owned(), redacted })
+    }
+
+    pub(crate) fn expose(&self) -> &str {
+        &self.raw
+    }
+}
+
+impl fmt::Debug for AmqpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted)
+    }
+}
+
+impl fmt::Display for AmqpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted)
+    }
+}
+
+/// Queue type of the queues we declare.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum QueueType {
+    /// Classic durable queues (the default).
+    #[default]
+    Classic,
+    /// Quorum queues (replicated; the path past one node).
+    Quorum,
+}
+
+impl QueueType {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Classic => "classic",
+            Self::Quorum => "quorum",
+        }
+    }
+}
+
+/// Settings of a [`RabbitBus`](crate::RabbitBus).
+#[derive(Clone, Debug)]
+pub struct RabbitConfig {
+    /// The broker URL (`AMQP_URL`).
+    pub url: AmqpUrl,
+    /// The topic exchange events are published to. Default `bus.events`.
+    pub exchange: String,
+    /// Queue type of declared queues.
+    pub queue_type: QueueType,
+    /// Unacknowledged deliveries a subscription instance holds at once (AMQP prefetch). Default 64.
+    pub prefetch: u16,
+    /// Events a subscription instance handles at once, unless its subscription says otherwise. Default 8.
+    pub concurrency: usize,
+    /// Retry policy of groups whose subscription sets none (delays go through `<queue>.retry`).
+    pub retry: RetryPolicy,
+    /// Publishes awaiting their broker confirm at once; a publisher waits for room beyond it. Default 256.
+    pub confirm_window: usize,
+    /// Largest payload published or accepted, in bytes. Default 256 KiB.
+    pub max_payload_bytes: usize,
+    /// How long a publish waits for a connection while the broker is unreachable before failing. Default 5 s.
+    pub publish_timeout: Duration,
+    /// First and longest delay between reconnection attempts. Defaults 100 ms and 5 s.
+    pub reconnect_delay: (Duration, Duration),
+}
+
+impl RabbitConfig {
+    /// Defaults for the broker at `url`.
+    ///
+    /// # Errors
+    /// [`BusError::InvalidConfig`] naming `AMQP_URL` for a malformed URL.
+    pub fn new(url: &str) -> Result<Self, BusError> {
+        Ok(Self {
+            url: AmqpUrl::parse(url)?,
+            exchange: "bus.events".into(),
+            queue_type: QueueType::Classic,
+            prefetch: 64,
+            concurrency: 8,
+            retry: RetryPolicy::default(),
+            confirm_window: 256,
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            publish_timeout: Duration::from_secs(5),
+            reconnect_delay: (Duration::from_millis(100), Duration::from_secs(5)),
+        })
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), BusError> {
+        bus_core::EventTypeName::new(&self.exchange)
+            .map_err(|_| BusError::invalid_config("exchange", "must match ^[A-Za-z][A-Za-z0-9_.-]{0,199}$"))?;
+        if self.prefetch == 0 {
+            return Err(BusError::invalid_config("prefetch", "must be at least 1"));
+        }
+        if self.concurrency == 0 || self.concurrency > usize::from(self.prefetch).max(1) * 16 {
+            return Err(BusError::invalid_config("concurrency", "must be between 1 and 16 x prefetch"));
+        }
+        if self.confirm_window == 0 {
+            return Err(BusError::invalid_config("confirm_window", "must be at least 1"));
+        }
+        if self.max_payload_bytes == 0 || self.max_payload_bytes > 128 * 1024 * 1024 {
+            return Err(BusError::invalid_config("max_payload_bytes", "must be between 1 and 128 MiB"));
+        }
+        if self.reconnect_delay.0.is_zero() || self.reconnect_delay.0 > self.reconnect_delay.1 {
+            return Err(BusError::invalid_config("reconnect_delay", "first must be > 0 and <= longest"));
+        }
+        self.retry.validate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn password_never_shows() {
+        let url = AmqpUrl::parse("amqp://app:s3cret-pw@broker.example:5672/%2f").unwrap();
+        for shown in [format!("{url}"), format!("{url:?}"), format!("{:?}", RabbitConfig::new(url.expose()).unwrap())] {
+            assert!(!shown.contains("s3cret-pw"), "{shown}");
+        }
+        assert_eq!(url.to_string(), "amqp://app:***@broker.example:5672/%2f");
+    }
+
+    #[test]
+    fn bad_urls_are_refused_without_echoing_them() {
+        for bad in ["http://x", "amqp://user:hunter2@[bad", "", "amqp//missing"] {
+            let err = AmqpUrl::parse(bad).unwrap_err().to_string();
+            assert!(err.contains("AMQP_URL"), "{err}");
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+    }
+
+    #[test]
+    fn settings_are_named() {
+        let mut config = RabbitConfig::new("amqp://localhost").unwrap();
+        config.prefetch = 0;
+        assert!(config.validate().unwrap_err().to_string().contains("prefetch"));
+        let mut config = RabbitConfig::new("amqp://localhost").unwrap();
+        config.exchange = "bad exchange".into();
+        assert!(config.validate().unwrap_err().to_string().contains("exchange"));
+    }
+}

@@ -1,0 +1,287 @@
+//! One subscription instance: consumes its group's queue and acknowledges each delivery only once its fate is
+//! sealed: handled, or safely moved to `<group>.retry` / `<group>.dlq` (those publishes are broker-confirmed
+//! first). If anything in between fails, the delivery is returned to the queue (at worst redelivered; the inbox
+//! drops duplicates). Deliveries with the same partition key are handled one after the other in arrival order;
+//! others in parallel, up to the instance's concurrency.
+
+use std::collections::{BTreeMap, HashMap};
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+
+use bus_core::{
+    BusError, DeliveryContext, EnvelopeHandler, EventTypeName, FailureKind, GroupName, HandlerError, RetryPolicy,
+};
+use futures::FutureExt;
+use futures::StreamExt;
+use futures::future::Shared;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, options::ConfirmSelectOptions};
+use tokio::sync::{Semaphore, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::RabbitConfig;
+use crate::link::{Link, Session};
+use crate::stats::Stats;
+use crate::topology;
+use crate::wire::{self, Poison};
+
+pub(crate) struct Instance {
+    pub(crate) config: Arc<RabbitConfig>,
+    pub(crate) link: Arc<Link>,
+    pub(crate) group: GroupName,
+    pub(crate) handlers: Arc<BTreeMap<EventTypeName, Arc<dyn EnvelopeHandler>>>,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) concurrency: usize,
+    pub(crate) stats: Arc<Stats>,
+}
+
+type KeyTails = Arc<Mutex<HashMap<String, Shared<oneshot::Receiver<()>>>>>;
+
+impl Instance {
+    /// Consumes until `stop`, reconnecting as needed. `ready` learns the outcome of the first attempt to start.
+    pub(crate) async fn run(self: Arc<Self>, stop: CancellationToken, ready: oneshot::Sender<Result<(), BusError>>) {
+        let mut ready = Some(ready);
+        let (first, longest) = self.config.reconnect_delay;
+        let mut delay = first;
+        // A dead connection is never healthy, so this waits for the next one; a live one whose channel failed
+        // is reused.
+        while let Some(session) = self.link.next_session(&stop).await {
+            match self.consume(&session, &stop, &mut ready).await {
+                Ok(()) => return,
+                Err(error) => {
+                    if let Some(ready) = ready.take() {
+                        let _ = ready.send(Err(error));
+                        return;
+                    }
+                    tracing::warn!(group = %self.group, %error, ?delay, "consumer interrupted; resuming on the next connection");
+                    self.link.report_trouble();
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(longest);
+                }
+            }
+        }
+        if let Some(ready) = ready.take() {
+            let _ = ready.send(Err(BusError::Closed));
+        }
+    }
+
+    /// One consumption on one connection. `Ok` only when stopped on purpose.
+    async fn consume(
+        self: &Arc<Self>,
+        session: &Session,
+        stop: &CancellationToken,
+        ready: &mut Option<oneshot::Sender<Result<(), BusError>>>,
+    ) -> Result<(), BusError> {
+        let transport = crate::link::transport;
+        let channel = session.connection.create_channel().await.map_err(transport)?;
+        let side = session.connection.create_channel().await.map_err(transport)?;
+        side.confirm_select(ConfirmSelectOptions::default()).await.map_err(transport)?;
+        let event_types = self.handlers.keys().cloned().collect();
+        topology::declare_group(&channel, &self.config, &self.group, &event_types).await.map_err(transport)?;
+        channel.basic_qos(self.config.prefetch, BasicQosOptions::default()).await.map_err(transport)?;
+        let tag = format!("{}-{}", self.group, uuid::Uuid::new_v4().simple());
+        let mut deliveries = channel
+            .basic_consume(
+                self.group.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(transport)?;
+        if let Some(ready) = ready.take() {
+            let _ = ready.send(Ok(()));
+        }
+        tracing::info!(group = %self.group, generation = session.generation, "consuming");
+        let tasks = TaskTracker::new();
+        let permits = Arc::new(Semaphore::new(self.concurrency));
+        let tails: KeyTails = Arc::default();
+        let outcome = loop {
+            let next = tokio::select! {
+                () = stop.cancelled() => {
+                    // Stop taking deliveries; those prefetched but not started return to the queue on close.
+                    let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                    break Ok(());
+                }
+                next = deliveries.next() => next,
+            };
+            match next {
+                Some(Ok(delivery)) => self.dispatch(delivery, &side, &tasks, &permits, &tails),
+                Some(Err(error)) => break Err(transport(error)),
+                None => break Err(BusError::Transport("the broker ended the consumer".into())),
+            }
+        };
+        tasks.close();
+        tasks.wait().await;
+        let _ = channel.close(200, "OK".into()).await;
+        let _ = side.close(200, "OK".into()).await;
+        outcome
+    }
+
+    fn dispatch(
+        self: &Arc<Self>,
+        delivery: Delivery,
+        side: &Channel,
+        tasks: &TaskTracker,
+        permits: &Arc<Semaphore>,
+        tails: &KeyTails,
+    ) {
+        let decoded = wire::envelope(&delivery.properties, &delivery.data, self.config.max_payload_bytes);
+        // Register in the key's line now, in arrival order; wait for the predecessor inside the task.
+        let (done, predecessor, key) = match decoded.as_ref().ok().and_then(|e| e.partition_key()) {
+            Some(key) => {
+                let (done, finished) = oneshot::channel::<()>();
+                let finished = finished.shared();
+                let previous = tails.lock().unwrap_or_else(|p| p.into_inner()).insert(key.to_owned(), finished.clone());
+                (Some((done, finished)), previous, Some(key.to_owned()))
+            }
+            None => (None, None, None),
+        };
+        let (this, side, permits, tails) = (self.clone(), side.clone(), permits.clone(), tails.clone());
+        tasks.spawn(async move {
+            if let Some(previous) = predecessor {
+                let _ = previous.await;
+            }
+            let permit = permits.acquire_owned().await;
+            this.handle(delivery, decoded, &side).await;
+            drop(permit);
+            if let (Some((done, finished)), Some(key)) = (done, key) {
+                let _ = done.send(());
+                let mut tails = tails.lock().unwrap_or_else(|p| p.into_inner());
+                if tails.get(&key).is_some_and(|tail| tail.ptr_eq(&finished)) {
+                    tails.remove(&key);
+                }
+            }
+        });
+    }
+
+    async fn handle(&self, delivery: Delivery, decoded: Result<bus_core::Envelope, Poison>, side: &Channel) {
+        let attempt = wire::attempt(&delivery.properties);
+        let envelope = match decoded {
+            Ok(envelope) => Arc::new(envelope),
+            Err(Poison(reason)) => {
+                tracing::warn!(group = %self.group, %reason, "undecodable message dead-lettered");
+                return self.dead_letter(&delivery, side, attempt, &reason, FailureKind::Permanent).await;
+            }
+        };
+        let result = match self.handlers.get(envelope.event_type()) {
+            Some(handler) => {
+                let ctx = DeliveryContext::new(envelope.clone(), attempt, self.group.clone());
+                AssertUnwindSafe(handler.handle(ctx)).catch_unwind().await.unwrap_or_else(|panic| {
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    Err(HandlerError::transient(format!("handler panicked: {message}")))
+                })
+            }
+            None => Err(HandlerError::permanent(format!(
+                "group {} has no handler for {}",
+                self.group,
+                envelope.event_type()
+            ))),
+        };
+        match result {
+            Ok(()) => {
+                self.stats.handled();
+                ack(&delivery).await;
+            }
+            Err(error) if !error.is_permanent() && self.retry.should_retry(attempt) => {
+                let delay = self.retry.delay(attempt + 1);
+                let properties = wire::with_headers(
+                    &delivery.properties,
+                    &[
+                        (wire::H_ATTEMPT, AMQPValue::LongLongInt(i64::from(attempt + 1))),
+                        (wire::H_LAST_ERROR, wire::text_header(&error.to_string())),
+                        (wire::H_FAILED_AT, wire::now_header()),
+                    ],
+                )
+                .with_expiration(delay.as_millis().max(1).to_string().into());
+                tracing::debug!(group = %self.group, event_id = %envelope.id(), attempt, ?delay, %error, "handling failed; retrying later");
+                let queue = topology::retry_queue(&self.group);
+                if confirmed_publish(side, &queue, &delivery.data, properties).await {
+                    self.stats.retried();
+                    ack(&delivery).await;
+                } else {
+                    requeue(&delivery).await;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(group = %self.group, event_id = %envelope.id(), attempt, %error, "event dead-lettered");
+                self.dead_letter(&delivery, side, attempt, &error.to_string(), error.kind()).await;
+            }
+        }
+    }
+
+    async fn dead_letter(&self, delivery: &Delivery, side: &Channel, attempt: u32, reason: &str, kind: FailureKind) {
+        let kind = match kind {
+            FailureKind::Permanent => "permanent",
+            FailureKind::Transient => "attempts exhausted",
+        };
+        let properties = wire::with_headers(
+            &delivery.properties,
+            &[
+                (wire::H_ATTEMPT, AMQPValue::LongLongInt(i64::from(attempt))),
+                (wire::H_LAST_ERROR, wire::text_header(reason)),
+                (wire::H_FAILED_AT, wire::now_header()),
+                (wire::H_FIRST_FAILURE, wire::text_header(kind)),
+            ],
+        );
+        if confirmed_publish(side, &topology::dead_letter_queue(&self.group), &delivery.data, properties).await {
+            self.stats.dead_lettered();
+            ack(delivery).await;
+        } else {
+            requeue(delivery).await;
+        }
+    }
+}
+
+/// Publishes to a queue through the default exchange and waits for the broker's confirm.
+pub(crate) async fn confirmed_publish(
+    channel: &Channel,
+    queue: &str,
+    body: &[u8],
+    properties: lapin::BasicProperties,
+) -> bool {
+    let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
+    match channel.basic_publish("".into(), queue.into(), options, body, properties).await {
+        Ok(confirm) => match confirm.await {
+            Ok(lapin::Confirmation::Ack(None)) => true,
+            Ok(other) => {
+                tracing::warn!(queue, confirmation = ?other.is_ack(), "broker did not take the message");
+                false
+            }
+            Err(error) => {
+                tracing::warn!(queue, %error, "publish confirm failed");
+                false
+            }
+        },
+        Err(error) => {
+            tracing::warn!(queue, %error, "publish failed");
+            false
+        }
+    }
+}
+
+async fn ack(delivery: &Delivery) {
+    if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
+        // The channel died: the broker redelivers it, the inbox drops the duplicate.
+        tracing::debug!(%error, "ack failed; the message will be redelivered");
+    }
+}
+
+async fn requeue(delivery: &Delivery) {
+    let options = BasicNackOptions { requeue: true, ..BasicNackOptions::default() };
+    if let Err(error) = delivery.nack(options).await {
+        tracing::debug!(%error, "nack failed; the message will be redelivered");
+    }
+}

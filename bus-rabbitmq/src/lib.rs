@@ -1,0 +1,39 @@
+//! The RabbitMQ event bus, on lapin, with the wire format of CONTRACT §1.
+//!
+//! # Semantics
+//! - **Topology.** A durable topic exchange (`bus.events` by default), declared at connect and after every
+//!   reconnect. Each consumer group (service) has a durable queue named after it (classic or quorum), bound to
+//!   every event type it handles; `<group>.retry` holds failed deliveries for their delay (per-message TTL) and
+//!   dead-letters them back to `<group>`; `<group>.dlq` keeps what was given up on. No plugin is needed.
+//! - **Publishing.** Persistent messages, `mandatory`, on a channel in confirm mode; many confirms in flight
+//!   (up to `confirm_window`). A [`Confirmation`](bus_core::Confirmation) resolves `Ok` only on the broker's ack;
+//!   a nack, a return (no queue took it: [`BusError::Unroutable`](bus_core::BusError::Unroutable)) or a lost
+//!   connection is an error, so an outbox row stays pending.
+//! - **Consuming.** Prefetch and concurrency per instance; deliveries with the same partition key are handled one
+//!   at a time in arrival order, others in parallel. A delivery is acknowledged only after its handler (and its
+//!   inbox transaction) committed, or after it was safely (broker-confirmed) moved to the retry or dead-letter
+//!   queue. A message that can never succeed (no message id, invalid type, over the size limit, a body its
+//!   handler cannot decode) goes to the dead-letter queue at once, with `x-last-error`; the consumer never stops
+//!   or panics on bad input.
+//! - **Reconnection.** When the broker restarts or closes the connection, the bus reconnects with backoff,
+//!   re-declares, and resumes publishing and consuming. Deliveries that were not acknowledged come again; the
+//!   inbox makes their effect single.
+//! - **Limits.** The retry queue delays by per-message TTL, which RabbitMQ applies at the head of the queue: a
+//!   message may wait behind one with a longer delay (never less than its own). Order per key holds within an
+//!   instance; across instances competing on a queue it needs partitions.
+//! - **Secrets.** The URL's password never appears in `Debug`, `Display`, errors or logs.
+
+#![warn(missing_docs)]
+
+mod bus;
+mod config;
+mod consumer;
+mod dead_letters;
+mod link;
+mod stats;
+mod topology;
+mod wire;
+
+pub use bus::RabbitBus;
+pub use config::{AmqpUrl, QueueType, RabbitConfig};
+pub use stats::RabbitStats;

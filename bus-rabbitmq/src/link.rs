@@ -1,0 +1,155 @@
+//! The supervised broker connection: connects, declares the exchange, opens the confirm-mode publishing channel,
+//! and when the connection or that channel dies, reconnects with backoff. Every state change is logged once,
+//! with the URL's password redacted.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bus_core::BusError;
+use lapin::options::{ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RabbitConfig;
+
+/// One live connection and its publishing channel.
+pub(crate) struct Session {
+    pub(crate) connection: Connection,
+    pub(crate) publisher: Channel,
+    pub(crate) generation: u64,
+}
+
+impl Session {
+    pub(crate) fn healthy(&self) -> bool {
+        self.connection.status().connected() && self.publisher.status().connected()
+    }
+}
+
+pub(crate) struct Link {
+    config: Arc<RabbitConfig>,
+    current: watch::Sender<Option<Arc<Session>>>,
+    trouble: Notify,
+    generation: AtomicU64,
+    stop: CancellationToken,
+}
+
+pub(crate) fn transport(error: impl std::error::Error + Send + Sync + 'static) -> BusError {
+    BusError::Transport(Box::new(error))
+}
+
+impl Link {
+    pub(crate) fn start(config: Arc<RabbitConfig>, stop: CancellationToken) -> Arc<Self> {
+        let link = Arc::new(Self {
+            config,
+            current: watch::channel(None).0,
+            trouble: Notify::new(),
+            generation: AtomicU64::new(0),
+            stop,
+        });
+        tokio::spawn(link.clone().supervise());
+        link
+    }
+
+    /// The live session, waiting up to `timeout` while (re)connecting.
+    pub(crate) async fn session(&self, timeout: Duration) -> Result<Arc<Session>, BusError> {
+        let mut current = self.current.subscribe();
+        let wait = current.wait_for(|s| s.as_ref().is_some_and(|s| s.healthy()));
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(Ok(session)) => session.clone().ok_or(BusError::Closed),
+            Ok(Err(_)) => Err(BusError::Closed),
+            Err(_) => Err(BusError::Transport(
+                format!("no connection to RabbitMQ at {} within {timeout:?}", self.config.url).into(),
+            )),
+        }
+    }
+
+    /// Waits for a healthy session, until `stop`.
+    pub(crate) async fn next_session(&self, stop: &CancellationToken) -> Option<Arc<Session>> {
+        let mut current = self.current.subscribe();
+        tokio::select! {
+            () = stop.cancelled() => None,
+            session = current.wait_for(|s| s.as_ref().is_some_and(|s| s.healthy())) => {
+                session.ok().and_then(|s| s.clone())
+            }
+        }
+    }
+
+    /// Something failed on the session: have the supervisor check it now.
+    pub(crate) fn report_trouble(&self) {
+        self.trouble.notify_one();
+    }
+
+    async fn connect(&self) -> Result<Session, lapin::Error> {
+        let connection = Connection::connect(self.config.url.expose(), ConnectionProperties::default()).await?;
+        let publisher = connection.create_channel().await?;
+        publisher.confirm_select(ConfirmSelectOptions::default()).await?;
+        publisher
+            .exchange_declare(
+                self.config.exchange.as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() },
+                FieldTable::default(),
+            )
+            .await?;
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        Ok(Session { connection, publisher, generation })
+    }
+
+    async fn supervise(self: Arc<Self>) {
+        let (first, longest) = self.config.reconnect_delay;
+        let mut delay = first;
+        let mut failures = 0u32;
+        loop {
+            if self.stop.is_cancelled() {
+                break;
+            }
+            let session = tokio::select! {
+                () = self.stop.cancelled() => break,
+                session = self.connect() => session,
+            };
+            match session {
+                Ok(session) => {
+                    let session = Arc::new(session);
+                    tracing::info!(url = %self.config.url, generation = session.generation, "connected to RabbitMQ");
+                    self.current.send_replace(Some(session.clone()));
+                    delay = first;
+                    failures = 0;
+                    loop {
+                        tokio::select! {
+                            () = self.stop.cancelled() => break,
+                            () = self.trouble.notified() => {}
+                            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                        }
+                        if !session.healthy() {
+                            break;
+                        }
+                    }
+                    self.current.send_replace(None);
+                    if self.stop.is_cancelled() {
+                        let _ = session.connection.close(200, "shutdown".into()).await;
+                        break;
+                    }
+                    tracing::warn!(url = %self.config.url, generation = session.generation, "RabbitMQ connection lost; reconnecting");
+                    let _ = session.connection.close(320, "reconnecting".into()).await;
+                }
+                Err(error) => {
+                    failures += 1;
+                    // Log the first failure and then every tenth, not every attempt.
+                    if failures == 1 || failures % 10 == 0 {
+                        tracing::warn!(url = %self.config.url, %error, attempts = failures, ?delay, "cannot connect to RabbitMQ; retrying");
+                    }
+                    tokio::select! {
+                        () = self.stop.cancelled() => break,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(longest);
+                }
+            }
+        }
+        self.current.send_replace(None);
+        tracing::info!(url = %self.config.url, "RabbitMQ connection closed");
+    }
+}

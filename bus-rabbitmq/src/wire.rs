@@ -1,0 +1,208 @@
+//! The wire format of CONTRACT §1: an [`Envelope`] as AMQP properties, headers and a JSON body, and back.
+//!
+//! Decoding is strict about what identifies an event (message id, type, size) and lenient about the rest, so that
+//! a foreign service that sends only the required properties is understood. A message that cannot be understood
+//! is a [`Poison`]: it goes to the dead-letter queue with the reason, never back to the handler.
+
+use bus_core::{Envelope, EventTypeName, TraceContext};
+use chrono::{DateTime, SecondsFormat, Utc};
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use uuid::Uuid;
+
+pub(crate) const H_VERSION: &str = "x-event-version";
+pub(crate) const H_OCCURRED_AT: &str = "x-occurred-at";
+pub(crate) const H_CAUSATION: &str = "x-causation-id";
+pub(crate) const H_PARTITION_KEY: &str = "x-partition-key";
+pub(crate) const H_TRACEPARENT: &str = "traceparent";
+pub(crate) const H_TRACESTATE: &str = "tracestate";
+pub(crate) const H_OUTBOX_SEQ: &str = "x-outbox-seq";
+pub(crate) const H_ATTEMPT: &str = "x-attempt";
+pub(crate) const H_LAST_ERROR: &str = "x-last-error";
+pub(crate) const H_FAILED_AT: &str = "x-failed-at";
+pub(crate) const H_FIRST_FAILURE: &str = "x-first-failure";
+
+/// Why a message can never be handled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Poison(pub String);
+
+fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+/// The headers and properties of `envelope` (attempt headers are added by the consumer on retries).
+pub(crate) fn properties(envelope: &Envelope) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(H_VERSION.into(), AMQPValue::LongLongInt(i64::from(envelope.version())));
+    headers.insert(H_OCCURRED_AT.into(), long(&envelope.occurred_at().to_rfc3339_opts(SecondsFormat::Millis, true)));
+    if let Some(causation) = envelope.causation_id() {
+        headers.insert(H_CAUSATION.into(), long(&causation.to_string()));
+    }
+    if let Some(key) = envelope.partition_key() {
+        headers.insert(H_PARTITION_KEY.into(), long(key));
+    }
+    if let Some(tp) = &envelope.trace().traceparent {
+        headers.insert(H_TRACEPARENT.into(), long(tp));
+    }
+    if let Some(ts) = &envelope.trace().tracestate {
+        headers.insert(H_TRACESTATE.into(), long(ts));
+    }
+    if let Some(seq) = envelope.sequence() {
+        headers.insert(H_OUTBOX_SEQ.into(), AMQPValue::LongLongInt(seq));
+    }
+    // Every string below is bounded by the envelope's limits (≤ 200 bytes), within a short string's 255.
+    let mut properties = BasicProperties::default()
+        .with_message_id(envelope.id().to_string().into())
+        .with_type(envelope.event_type().as_str().into())
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_timestamp(u64::try_from(envelope.occurred_at().timestamp()).unwrap_or(0))
+        .with_correlation_id(envelope.correlation_id().into())
+        .with_headers(headers);
+    if let Some(source) = envelope.source() {
+        properties = properties.with_app_id(source.into());
+    }
+    properties
+}
+
+/// Adds or replaces headers in `properties`.
+pub(crate) fn with_headers(properties: &BasicProperties, extra: &[(&str, AMQPValue)]) -> BasicProperties {
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    for (name, value) in extra {
+        headers.insert(ShortString::from(*name), value.clone());
+    }
+    properties.clone().with_headers(headers)
+}
+
+pub(crate) fn text_header(value: &str) -> AMQPValue {
+    // Keep reasons short: they are for people, and headers travel with every retry.
+    let value: String = value.chars().take(500).collect();
+    long(&value)
+}
+
+pub(crate) fn now_header() -> AMQPValue {
+    long(&Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true))
+}
+
+fn header<'a>(properties: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
+    properties.headers().as_ref().and_then(|h| h.inner().get(name))
+}
+
+pub(crate) fn header_str(properties: &BasicProperties, name: &str) -> Option<String> {
+    match header(properties, name)? {
+        AMQPValue::LongString(s) => String::from_utf8(s.as_bytes().to_vec()).ok(),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        AMQPValue::ByteArray(b) => String::from_utf8(b.as_slice().to_vec()).ok(),
+        _ => None,
+    }
+}
+
+pub(crate) fn header_int(properties: &BasicProperties, name: &str) -> Option<i64> {
+    Some(match header(properties, name)? {
+        AMQPValue::ShortShortInt(v) => i64::from(*v),
+        AMQPValue::ShortShortUInt(v) => i64::from(*v),
+        AMQPValue::ShortInt(v) => i64::from(*v),
+        AMQPValue::ShortUInt(v) => i64::from(*v),
+        AMQPValue::LongInt(v) => i64::from(*v),
+        AMQPValue::LongUInt(v) => i64::from(*v),
+        AMQPValue::LongLongInt(v) => *v,
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.trim().parse().ok()?,
+        _ => return None,
+    })
+}
+
+/// The attempt number carried by a delivery (1 for a first delivery).
+pub(crate) fn attempt(properties: &BasicProperties) -> u32 {
+    header_int(properties, H_ATTEMPT).and_then(|a| u32::try_from(a).ok()).filter(|a| *a >= 1).unwrap_or(1)
+}
+
+/// Rebuilds the envelope of a delivery, or says why it never can be handled.
+pub(crate) fn envelope(properties: &BasicProperties, body: &[u8], max_payload: usize) -> Result<Envelope, Poison> {
+    let id = properties.message_id().as_ref().ok_or_else(|| Poison("missing message_id".into()))?;
+    let id = Uuid::parse_str(id.as_str())
+        .map_err(|_| Poison(format!("message_id {:?} is not a UUID", truncate(id.as_str()))))?;
+    let kind = properties.kind().as_ref().ok_or_else(|| Poison("missing type property".into()))?;
+    let event_type = EventTypeName::new(kind.as_str()).map_err(|e| Poison(e.to_string()))?;
+    if body.len() > max_payload {
+        return Err(Poison(format!("payload of {} bytes is over the limit of {max_payload} bytes", body.len())));
+    }
+    let version = header_int(properties, H_VERSION).unwrap_or(1);
+    let version = u32::try_from(version).map_err(|_| Poison(format!("invalid {H_VERSION} {version}")))?;
+    let occurred_at = header_str(properties, H_OCCURRED_AT)
+        .and_then(|s| DateTime::parse_from_rfc3339(&s).ok())
+        .map(|t| t.with_timezone(&Utc))
+        .or_else(|| {
+            properties.timestamp().and_then(|t| i64::try_from(t).ok()).and_then(|t| DateTime::from_timestamp(t, 0))
+        })
+        .unwrap_or_else(Utc::now);
+    let causation = header_str(properties, H_CAUSATION).and_then(|c| Uuid::parse_str(&c).ok());
+    let mut builder = Envelope::builder(event_type, body.to_vec())
+        .id(id)
+        .version(version)
+        .occurred_at(occurred_at)
+        .causation_id(causation)
+        .partition_key(header_str(properties, H_PARTITION_KEY))
+        .sequence(header_int(properties, H_OUTBOX_SEQ))
+        .trace(TraceContext {
+            traceparent: header_str(properties, H_TRACEPARENT),
+            tracestate: header_str(properties, H_TRACESTATE),
+        })
+        .max_payload_bytes(max_payload);
+    if let Some(correlation) = properties.correlation_id() {
+        builder = builder.correlation_id(correlation.as_str());
+    }
+    if let Some(app) = properties.app_id() {
+        builder = builder.source(app.as_str());
+    }
+    builder.build().map_err(|e| Poison(e.to_string()))
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_keeps_every_field() {
+        let original = Envelope::builder(EventTypeName::new("OrderPaid").unwrap(), &b"{\"a\":1}"[..])
+            .version(3)
+            .correlation_id("req-1")
+            .causation_id(Some(Uuid::now_v7()))
+            .partition_key(Some("order-9".into()))
+            .source("ordering")
+            .sequence(Some(42))
+            .trace(TraceContext {
+                traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+                tracestate: Some("v=1".into()),
+            })
+            .build()
+            .unwrap();
+        let props = properties(&original);
+        assert_eq!(props.delivery_mode(), &Some(2));
+        assert_eq!(props.content_type().as_ref().map(|s| s.as_str()), Some("application/json"));
+        let back = envelope(&props, original.payload(), 1024).unwrap();
+        assert_eq!(back, original);
+        assert_eq!(attempt(&props), 1);
+    }
+
+    #[test]
+    fn what_cannot_be_handled_is_poison_with_a_reason() {
+        let good = Envelope::builder(EventTypeName::new("T").unwrap(), &b"{}"[..]).build().unwrap();
+        let props = properties(&good);
+        let cases = [
+            (BasicProperties::default(), "missing message_id"),
+            (props.clone().with_message_id("nope".into()), "not a UUID"),
+            (BasicProperties::default().with_message_id(good.id().to_string().into()), "missing type"),
+            (props.clone().with_type("bad type!".into()), "invalid event type name"),
+        ];
+        for (props, reason) in cases {
+            let err = envelope(&props, b"{}", 1024).unwrap_err();
+            assert!(err.0.contains(reason), "{err:?} should say {reason}");
+        }
+        let err = envelope(&props, &[b' '; 2000], 1024).unwrap_err();
+        assert!(err.0.contains("over the limit"), "{err:?}");
+    }
+}

@@ -1,0 +1,324 @@
+//! The RabbitMQ bus against the real local broker: wire format both ways, unroutable publishes, poison messages,
+//! retries and dead letters, graceful shutdown. Each test has its own exchange and queues, deleted at the end.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bus_core::{
+    BusError, DeadLetterQueue, DeliveryContext, Envelope, EventBus, EventTypeName, GroupName, HandlerError,
+    RetryPolicy, Subscription, TraceContext,
+};
+use integration_tests::{Numbered, delete_topology, plain_amqp, rabbit_bus, unique, wait_until};
+use lapin::BasicProperties;
+use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn text(value: &AMQPValue) -> String {
+    match value {
+        AMQPValue::LongString(s) => String::from_utf8(s.as_bytes().to_vec()).unwrap(),
+        other => panic!("not a string: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_events_carry_every_contract_property_and_header() {
+    let bus = rabbit_bus(|_| {}).await;
+    let exchange = bus.config().exchange.clone();
+    let queue = unique("plain");
+    let plain = plain_amqp().await;
+    plain.queue_declare(queue.as_str().into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
+    plain
+        .queue_bind(
+            queue.as_str().into(),
+            exchange.as_str().into(),
+            "OrderPaid".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    let cause = uuid::Uuid::now_v7();
+    let envelope =
+        Envelope::builder(EventTypeName::new("OrderPaid").unwrap(), &br#"{"order_id":"o-1","total_cents":1250}"#[..])
+            .version(2)
+            .correlation_id("request-7")
+            .causation_id(Some(cause))
+            .partition_key(Some("o-1".into()))
+            .source("ordering")
+            .sequence(Some(99))
+            .trace(TraceContext {
+                traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+                tracestate: Some("rojo=00f067aa0ba902b7".into()),
+            })
+            .build()
+            .unwrap();
+    bus.publish_confirmed(envelope.clone()).await.unwrap();
+
+    let message =
+        plain.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true }).await.unwrap().expect("message");
+    let p = &message.delivery.properties;
+    assert_eq!(message.delivery.routing_key.as_str(), "OrderPaid");
+    assert_eq!(message.delivery.data, envelope.payload().to_vec(), "the body is the payload only");
+    assert_eq!(p.message_id().as_ref().unwrap().as_str(), envelope.id().to_string());
+    assert_eq!(p.kind().as_ref().unwrap().as_str(), "OrderPaid");
+    assert_eq!(p.content_type().as_ref().unwrap().as_str(), "application/json");
+    assert_eq!(p.delivery_mode(), &Some(2));
+    assert_eq!(p.timestamp(), &Some(envelope.occurred_at().timestamp() as u64));
+    assert_eq!(p.correlation_id().as_ref().unwrap().as_str(), "request-7");
+    assert_eq!(p.app_id().as_ref().unwrap().as_str(), "ordering");
+    let h = p.headers().as_ref().unwrap().inner();
+    assert_eq!(h.get("x-event-version"), Some(&AMQPValue::LongLongInt(2)));
+    let occurred = text(&h["x-occurred-at"]);
+    assert!(occurred.ends_with('Z') && occurred.len() == "2026-01-01T00:00:00.000Z".len(), "{occurred}");
+    assert_eq!(chrono::DateTime::parse_from_rfc3339(&occurred).unwrap(), envelope.occurred_at());
+    assert_eq!(text(&h["x-causation-id"]), cause.to_string());
+    assert_eq!(text(&h["x-partition-key"]), "o-1");
+    assert_eq!(text(&h["traceparent"]), "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+    assert_eq!(text(&h["tracestate"]), "rojo=00f067aa0ba902b7");
+    assert_eq!(h.get("x-outbox-seq"), Some(&AMQPValue::LongLongInt(99)));
+
+    let _ = plain.queue_delete(queue.as_str().into(), Default::default()).await;
+    bus.shutdown().await;
+    delete_topology(&exchange, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_from_a_foreign_publisher_is_handled() {
+    let bus = rabbit_bus(|_| {}).await;
+    let exchange = bus.config().exchange.clone();
+    let group = unique("svc");
+    let seen: Arc<Mutex<Vec<(Numbered, Envelope)>>> = Arc::default();
+    let s = seen.clone();
+    let handle = bus
+        .subscribe(Subscription::new(&group).on::<Numbered, _>(move |e: Numbered, ctx: DeliveryContext| {
+            let seen = s.clone();
+            async move {
+                seen.lock().unwrap().push((e, ctx.envelope().clone()));
+                Ok(())
+            }
+        }))
+        .await
+        .unwrap();
+    // Only what CONTRACT §1 requires, as another language's client would send it.
+    let id = uuid::Uuid::new_v4();
+    let plain = plain_amqp().await;
+    plain
+        .basic_publish(
+            exchange.as_str().into(),
+            "Numbered".into(),
+            BasicPublishOptions::default(),
+            br#"{"key":"k","seq":5}"#,
+            BasicProperties::default()
+                .with_message_id(id.to_string().into())
+                .with_type("Numbered".into())
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    wait_until("the foreign message was handled", WAIT, || async { !seen.lock().unwrap().is_empty() }).await;
+    let (event, envelope) = seen.lock().unwrap()[0].clone();
+    assert_eq!(event, Numbered { key: "k".into(), seq: 5 });
+    assert_eq!(envelope.id(), id);
+    assert_eq!(envelope.version(), 1);
+    assert_eq!(envelope.correlation_id(), id.to_string(), "correlation defaults to the message id");
+    handle.stop().await;
+    bus.shutdown().await;
+    delete_topology(&exchange, &[&group]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_no_queue_takes_is_a_failure() {
+    let bus = rabbit_bus(|_| {}).await;
+    let envelope = Envelope::for_event(&Numbered { key: "k".into(), seq: 1 }).unwrap().build().unwrap();
+    let err = bus.publish_confirmed(envelope).await.unwrap_err();
+    assert!(matches!(err, BusError::Unroutable { .. }), "{err}");
+    let exchange = bus.config().exchange.clone();
+    bus.shutdown().await;
+    delete_topology(&exchange, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_are_dead_lettered_with_reasons_while_good_ones_flow() {
+    let bus = rabbit_bus(|c| c.max_payload_bytes = 1024).await;
+    let exchange = bus.config().exchange.clone();
+    let group = unique("svc");
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let h = handled.clone();
+    let handle = bus
+        .subscribe(Subscription::new(&group).on::<Numbered, _>(move |e: Numbered, _ctx: DeliveryContext| {
+            let handled = h.clone();
+            async move {
+                handled.lock().unwrap().push(e.seq);
+                Ok(())
+            }
+        }))
+        .await
+        .unwrap();
+    let plain = plain_amqp().await;
+    let publish = |routing: &'static str, to_queue: bool, body: Vec<u8>, props: BasicProperties| {
+        let (plain, exchange, group) = (plain.clone(), exchange.clone(), group.clone());
+        async move {
+            let (ex, key) = if to_queue { (String::new(), group) } else { (exchange, routing.to_owned()) };
+            plain
+                .basic_publish(ex.as_str().into(), key.as_str().into(), BasicPublishOptions::default(), &body, props)
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    };
+    let good = || {
+        BasicProperties::default()
+            .with_message_id(uuid::Uuid::new_v4().to_string().into())
+            .with_type("Numbered".into())
+            .with_delivery_mode(2)
+    };
+    publish("Numbered", false, br#"{"key":"k","seq":1}"#.to_vec(), good()).await;
+    publish("Numbered", false, b"{not json".to_vec(), good()).await;
+    publish(
+        "Numbered",
+        false,
+        br#"{"key":"k","seq":2}"#.to_vec(),
+        BasicProperties::default().with_type("Numbered".into()),
+    )
+    .await;
+    publish("", true, br#"{"key":"k","seq":3}"#.to_vec(), good().with_type("Unknown".into())).await;
+    let mut big = br#"{"key":"k","seq":4,"pad":""#.to_vec();
+    big.extend(std::iter::repeat_n(b'x', 2048));
+    big.extend(br#""}"#);
+    publish("Numbered", false, big, good()).await;
+    publish("Numbered", false, br#"{"key":"k","seq":6}"#.to_vec(), good()).await;
+
+    let group_name = GroupName::new(&group).unwrap();
+    wait_until("4 poison messages dead-lettered", WAIT, || async { bus.stats().dead_lettered == 4 }).await;
+    wait_until("good messages handled", WAIT, || async { handled.lock().unwrap().len() == 2 }).await;
+    let mut good = handled.lock().unwrap().clone();
+    good.sort_unstable(); // no partition key: no order promised
+    assert_eq!(good, vec![1, 6]);
+    let dead = bus.dead_letters(&group_name).await.unwrap();
+    let reasons: Vec<&str> = dead.iter().map(|d| d.last_error.as_str()).collect();
+    assert_eq!(dead.len(), 4, "{reasons:?}");
+    for expected in
+        ["payload is not a valid Numbered", "missing message_id", "no handler for Unknown", "over the limit of 1024"]
+    {
+        assert!(reasons.iter().any(|r| r.contains(expected)), "{expected} not in {reasons:?}");
+    }
+    assert!(dead.iter().all(|d| d.attempts == 1), "poison is never retried");
+    assert_eq!(bus.dead_letters(&group_name).await.unwrap().len(), 4, "listing does not consume");
+    handle.stop().await;
+    bus.shutdown().await;
+    delete_topology(&exchange, &[&group]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_are_retried_with_growing_delay_then_dead_lettered_then_redriven() {
+    let bus = rabbit_bus(|_| {}).await;
+    let exchange = bus.config().exchange.clone();
+    let group = unique("svc");
+    let attempts: Arc<Mutex<Vec<(u32, Instant)>>> = Arc::default();
+    let broken = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (a, b) = (attempts.clone(), broken.clone());
+    let retry = RetryPolicy::exponential(3, Duration::from_millis(200)).with_jitter(0.0);
+    let handle = bus
+        .subscribe(Subscription::new(&group).retry(retry).on::<Numbered, _>(
+            move |_e: Numbered, ctx: DeliveryContext| {
+                let (attempts, broken) = (a.clone(), b.clone());
+                async move {
+                    attempts.lock().unwrap().push((ctx.attempt(), Instant::now()));
+                    if broken.load(Ordering::SeqCst) {
+                        return Err(HandlerError::transient("payment provider down"));
+                    }
+                    Ok(())
+                }
+            },
+        ))
+        .await
+        .unwrap();
+    let envelope = Envelope::for_event(&Numbered { key: "k".into(), seq: 1 }).unwrap().build().unwrap();
+    let id = envelope.id();
+    bus.publish_confirmed(envelope).await.unwrap();
+    wait_until("dead-lettered after 3 attempts", WAIT, || async { bus.stats().dead_lettered == 1 }).await;
+
+    let seen = attempts.lock().unwrap().clone();
+    assert_eq!(seen.iter().map(|(n, _)| *n).collect::<Vec<_>>(), vec![1, 2, 3]);
+    let gaps: Vec<Duration> = seen.windows(2).map(|w| w[1].1 - w[0].1).collect();
+    assert!(gaps[0] >= Duration::from_millis(200) && gaps[1] >= Duration::from_millis(400), "growing delays: {gaps:?}");
+    assert_eq!(bus.stats().retried, 2);
+    let group_name = GroupName::new(&group).unwrap();
+    let dead = bus.dead_letters(&group_name).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0].is(id));
+    assert_eq!(dead[0].attempts, 3);
+    assert!(dead[0].last_error.contains("payment provider down"), "{}", dead[0].last_error);
+
+    broken.store(false, Ordering::SeqCst);
+    assert_eq!(bus.redrive(&group_name, Some(id)).await.unwrap(), 1);
+    wait_until("handled after redrive", WAIT, || async { bus.stats().handled == 1 }).await;
+    assert_eq!(attempts.lock().unwrap().last().unwrap().0, 1, "redriven with attempts from 1");
+    assert!(bus.dead_letters(&group_name).await.unwrap().is_empty());
+    handle.stop().await;
+    bus.shutdown().await;
+    delete_topology(&exchange, &[&group]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_stop_loses_nothing_and_keeps_key_order() {
+    let bus = rabbit_bus(|c| c.prefetch = 32).await;
+    let exchange = bus.config().exchange.clone();
+    let group = unique("svc");
+    let seen: Arc<Mutex<Vec<(String, u32)>>> = Arc::default();
+    let make = |seen: Arc<Mutex<Vec<(String, u32)>>>| {
+        move |e: Numbered, _ctx: DeliveryContext| {
+            let seen = seen.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                seen.lock().unwrap().push((e.key, e.seq));
+                Ok(())
+            }
+        }
+    };
+    let first =
+        bus.subscribe(Subscription::new(&group).concurrency(4).on::<Numbered, _>(make(seen.clone()))).await.unwrap();
+    for seq in 0..100 {
+        for key in ["a", "b", "c", "d", "e"] {
+            bus.publish_confirmed(Envelope::for_event(&Numbered { key: key.into(), seq }).unwrap().build().unwrap())
+                .await
+                .unwrap();
+        }
+    }
+    wait_until("some handled", WAIT, || async { seen.lock().unwrap().len() > 50 }).await;
+    first.stop().await;
+    let after_stop = seen.lock().unwrap().len();
+    assert!(after_stop < 500, "stopped before the end");
+    let second =
+        bus.subscribe(Subscription::new(&group).concurrency(4).on::<Numbered, _>(make(seen.clone()))).await.unwrap();
+    wait_until("all 500 handled", WAIT, || async { seen.lock().unwrap().len() >= 500 }).await;
+    let seen = seen.lock().unwrap().clone();
+    let unique: HashSet<_> = seen.iter().collect();
+    assert_eq!((seen.len(), unique.len()), (500, 500), "nothing lost, nothing handled twice");
+    for key in ["a", "b", "c", "d", "e"] {
+        let seqs: Vec<u32> = seen.iter().filter(|(k, _)| k == key).map(|(_, s)| *s).collect();
+        assert_eq!(seqs, (0..100).collect::<Vec<_>>(), "order of key {key}");
+    }
+    second.stop().await;
+    bus.shutdown().await;
+    delete_topology(&exchange, &[&group]).await;
+}
+
+#[tokio::test]
+async fn a_bad_url_is_refused_at_start_up_naming_the_setting_and_hiding_the_password() {
+    let err = bus_rabbitmq::RabbitConfig::new("amqp://user:topsecret@[::1").unwrap_err().to_string();
+    assert!(err.contains("AMQP_URL") && !err.contains("topsecret"), "{err}");
+    let mut config = bus_rabbitmq::RabbitConfig::new("amqp://user:topsecret@127.0.0.1:1/%2f").unwrap();
+    config.publish_timeout = Duration::from_millis(300);
+    let err = bus_rabbitmq::RabbitBus::connect(config).await.unwrap_err().to_string();
+    assert!(err.contains("amqp://user:***@127.0.0.1:1") && !err.contains("topsecret"), "{err}");
+}

@@ -74,7 +74,7 @@ impl RabbitBus {
 
     /// This process's counters.
     pub fn stats(&self) -> RabbitStats {
-        self.inner.stats.snapshot()
+        self.inner.stats.snapshot(self.inner.link.connections())
     }
 
     /// True while connected to the broker.

@@ -77,6 +77,11 @@ impl Link {
         }
     }
 
+    /// Connections established so far.
+    pub(crate) fn connections(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
     /// Something failed on the session: have the supervisor check it now.
     pub(crate) fn report_trouble(&self) {
         self.trouble.notify_one();

@@ -23,8 +23,9 @@ impl Stats {
     pub(crate) fn dead_lettered(&self) {
         self.dead_lettered.fetch_add(1, Ordering::Relaxed);
     }
-    pub(crate) fn snapshot(&self) -> RabbitStats {
+    pub(crate) fn snapshot(&self, connections: u64) -> RabbitStats {
         RabbitStats {
+            reconnects: connections.saturating_sub(1),
             published: self.published.load(Ordering::Relaxed),
             handled: self.handled.load(Ordering::Relaxed),
             retried: self.retried.load(Ordering::Relaxed),
@@ -44,4 +45,6 @@ pub struct RabbitStats {
     pub retried: u64,
     /// Deliveries sent to the dead-letter queue.
     pub dead_lettered: u64,
+    /// Connections re-established after a loss.
+    pub reconnects: u64,
 }

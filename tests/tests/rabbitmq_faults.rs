@@ -1,0 +1,111 @@
+//! Faults on the broker while the outbox relays to RabbitMQ. This binary closes every broker connection, so it
+//! is its own test target (Cargo runs test binaries one at a time) and its tests run one at a time.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bus_core::{EventBus, HandlerError, Subscription};
+use integration_tests::{Numbered, TestDb, delete_topology, rabbit_bus, unique, wait_until};
+use outbox::{Inbox, InboxConfig, InboxContext, Outbox, RelayConfig, SubscriptionInboxExt};
+use tokio::sync::Mutex;
+
+/// Serializes the tests of this binary: each one breaks the broker for everybody.
+static BROKER: Mutex<()> = Mutex::const_new(());
+
+fn rabbitmqctl(args: &[&str]) {
+    let status = std::process::Command::new("rabbitmqctl").args(args).status().expect("rabbitmqctl is installed");
+    assert!(status.success(), "rabbitmqctl {args:?} failed");
+}
+
+async fn relay_through_a_broker_fault(events: u32, fault: &'static [&'static [&'static str]]) {
+    let _only_me = BROKER.lock().await;
+    let fixture = sqlx::Postgres::fixture().await;
+    let outbox = Outbox::new(fixture.pool.clone(), fixture.outbox_config("producer")).unwrap();
+    outbox.migrate().await.unwrap();
+    let bus = rabbit_bus(|c| c.prefetch = 128).await;
+    let exchange = bus.config().exchange.clone();
+    let group = unique("consumer");
+    let inbox = Inbox::new(outbox.clone(), InboxConfig::default(), &bus.config().retry).unwrap();
+    let effects = fixture.effects.clone();
+    let consumer = bus
+        .subscribe(Subscription::new(&group).on_inbox::<Numbered, sqlx::Postgres, _>(
+            &inbox,
+            move |_e: Numbered, ctx: InboxContext<sqlx::Postgres>| {
+                let effects = effects.clone();
+                async move {
+                    let mut tx = ctx.tx().await?;
+                    sqlx::Postgres::record_effect(&mut tx, &effects, &ctx.delivery().event_id().to_string())
+                        .await
+                        .map_err(HandlerError::transient)
+                }
+            },
+        ))
+        .await
+        .unwrap();
+    // The whole backlog first, so that the fault hits a stream in full flow.
+    for chunk in 0..events / 500 {
+        let mut tx = outbox.begin().await.unwrap();
+        for seq in 0..500 {
+            tx.enqueue(&Numbered { key: format!("key-{}", seq % 50), seq: chunk * 500 + seq }).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+    }
+    let started = Instant::now();
+    let relay =
+        outbox.relay(Arc::new(bus.clone()), RelayConfig { batch_size: 200, ..RelayConfig::default() }).unwrap().spawn();
+    let effects_recorded = |at_least: i64| {
+        let (pool, table) = (fixture.pool.clone(), fixture.effects.clone());
+        move || {
+            let (pool, table) = (pool.clone(), table.clone());
+            async move {
+                let count: i64 = sqlx::query_scalar(&format!("SELECT count(DISTINCT event_id) FROM {table}"))
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+                count >= at_least
+            }
+        }
+    };
+    wait_until("half the effects recorded", Duration::from_secs(120), effects_recorded(i64::from(events / 2))).await;
+    assert!(outbox.status().await.unwrap().pending > 0, "the fault must hit while events are still flowing");
+    for args in fault {
+        tokio::task::spawn_blocking(move || rabbitmqctl(args)).await.unwrap();
+    }
+    wait_until("every event's effect recorded", Duration::from_secs(240), effects_recorded(i64::from(events))).await;
+    let (total, distinct): (i64, i64) =
+        sqlx::query_as(&format!("SELECT count(*), count(DISTINCT event_id) FROM {}", fixture.effects))
+            .fetch_one(&fixture.pool)
+            .await
+            .unwrap();
+    wait_until("outbox drained", Duration::from_secs(60), || async { outbox.status().await.unwrap().pending == 0 })
+        .await;
+    let status = outbox.status().await.unwrap();
+    let stats = inbox.stats();
+    eprintln!(
+        "fault={fault:?} events={events} lost={} duplicate_effects={} duplicates_dropped_by_inbox={} relay_publish_failures={} reconnects={} settle_ms={}",
+        i64::from(events) - distinct,
+        total - distinct,
+        stats.duplicates,
+        relay.stats().publish_failures,
+        bus.stats().reconnects,
+        started.elapsed().as_millis()
+    );
+    assert!(bus.stats().reconnects >= 1, "the fault really broke the connection");
+    assert_eq!(distinct, i64::from(events), "no event lost");
+    assert_eq!(total, distinct, "no duplicate effect");
+    assert_eq!((status.pending, status.failed), (0, 0), "outbox drained: {status:?}");
+    relay.shutdown().await;
+    consumer.stop().await;
+    bus.shutdown().await;
+    delete_topology(&exchange, &[&group]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_broker_connections_closed_mid_stream_of_ten_thousand_events() {
+    relay_through_a_broker_fault(10_000, &[&["close_all_connections", "fault injection test"]]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_stopped_and_started_mid_stream() {
+    relay_through_a_broker_fault(2_000, &[&["stop_app"], &["start_app"]]).await;
+}

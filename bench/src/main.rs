@@ -7,6 +7,7 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod broker;
 mod database;
 mod figures;
 mod payload;
@@ -15,12 +16,21 @@ mod report;
 use clap::Parser;
 
 /// Scenarios this harness knows, in the order `all` runs them.
-const SCENARIOS: &[&str] = &["inproc_dispatch", "producer_commit_cost", "consumer_inbox", "two_relays"];
+const SCENARIOS: &[&str] = &[
+    "inproc_dispatch",
+    "producer_commit_cost",
+    "consumer_inbox",
+    "two_relays",
+    "relay_throughput",
+    "e2e_latency",
+    "relay_rss",
+];
 
 #[derive(Parser, Debug)]
 #[command(about = "Measures the framework against raw baselines; one JSON line per figure on stdout.")]
 struct Args {
-    /// `all`, or one scenario: inproc_dispatch, producer_commit_cost, consumer_inbox, two_relays.
+    /// `all`, or one scenario: inproc_dispatch, producer_commit_cost, consumer_inbox, two_relays,
+    /// relay_throughput (also gives backlog_drain), e2e_latency (p50 and p99), relay_rss.
     scenario: String,
     /// A short run (fewer events), for a quick look.
     #[arg(long)]
@@ -29,6 +39,14 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let raw: Vec<String> = std::env::args().collect();
+    if raw.get(1).map(String::as_str) == Some(figures::relay_rss::CHILD) {
+        let count = raw.get(4).map(|c| c.parse()).transpose()?.unwrap_or(0);
+        return figures::relay_rss::child(&raw[2], &raw[3], count).await;
+    }
     let args = Args::parse();
     let selected: Vec<&str> = match args.scenario.as_str() {
         "all" => SCENARIOS.to_vec(),
@@ -45,6 +63,9 @@ async fn main() -> anyhow::Result<()> {
             "producer_commit_cost" => figures::producer_commit_cost::run(args.quick).await?,
             "consumer_inbox" => figures::consumer_inbox::run(args.quick).await?,
             "two_relays" => figures::two_relays::run(args.quick).await?,
+            "relay_throughput" => figures::relay_throughput::run(args.quick).await?,
+            "e2e_latency" => figures::e2e_latency::run(args.quick).await?,
+            "relay_rss" => figures::relay_rss::run(args.quick).await?,
             _ => unreachable!("every name in SCENARIOS has a branch"),
         };
         for figure in figures {

@@ -127,10 +127,13 @@ impl EventBus for RabbitBus {
         };
         let (id, event_type, stats, link) =
             (envelope.id(), envelope.event_type().to_string(), inner.stats.clone(), inner.link.clone());
-        Ok(Confirmation::from_future(async move {
+        // The broker's answer is awaited here, not by whoever holds the confirmation: the window permit must come
+        // back when the broker answers, even if the caller publishes a whole batch before awaiting any of them.
+        let (answer_tx, confirmation) = Confirmation::channel();
+        tokio::spawn(async move {
             let answer = confirm.await;
             drop(permit);
-            match answer {
+            let result = match answer {
                 Ok(lapin::Confirmation::Ack(None)) => {
                     stats.published();
                     Ok(())
@@ -142,8 +145,10 @@ impl EventBus for RabbitBus {
                     link.report_trouble();
                     Err(BusError::ConfirmationLost(error.to_string()))
                 }
-            }
-        }))
+            };
+            let _ = answer_tx.send(result);
+        });
+        Ok(confirmation)
     }
 
     async fn subscribe(&self, subscription: Subscription) -> Result<SubscriptionHandle, BusError> {

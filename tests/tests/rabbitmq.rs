@@ -322,3 +322,33 @@ async fn a_bad_url_is_refused_at_start_up_naming_the_setting_and_hiding_the_pass
     let err = bus_rabbitmq::RabbitBus::connect(config).await.unwrap_err().to_string();
     assert!(err.contains("amqp://user:***@127.0.0.1:1") && !err.contains("topsecret"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_larger_than_the_confirm_window_is_published_without_waiting_on_the_caller() {
+    let bus = rabbit_bus(|c| c.confirm_window = 16).await;
+    let exchange = bus.config().exchange.clone();
+    let group = unique("svc");
+    let handled = Arc::new(Mutex::new(0u32));
+    let h = handled.clone();
+    let handle = bus
+        .subscribe(Subscription::new(&group).on::<Numbered, _>(move |_e: Numbered, _ctx: DeliveryContext| {
+            let handled = h.clone();
+            async move {
+                *handled.lock().unwrap() += 1;
+                Ok(())
+            }
+        }))
+        .await
+        .unwrap();
+    // Like the relay: the whole batch is handed over before any confirmation is awaited.
+    let batch =
+        (0..200).map(|seq| Envelope::for_event(&Numbered { key: "k".into(), seq }).unwrap().build().unwrap()).collect();
+    let confirmations = tokio::time::timeout(WAIT, bus.publish_batch(batch)).await.expect("no deadlock on the window");
+    for confirmation in confirmations {
+        confirmation.await.unwrap();
+    }
+    wait_until("all handled", WAIT, || async { *handled.lock().unwrap() == 200 }).await;
+    handle.stop().await;
+    bus.shutdown().await;
+    delete_topology(&exchange, &[&group]).await;
+}

@@ -98,6 +98,7 @@ impl<DB: Backend> Relay<DB> {
         if rows.is_empty() {
             return Ok(0);
         }
+        let claimed_in = claimed_at.elapsed();
         let mut envelopes = Vec::with_capacity(rows.len());
         let mut sent = Vec::with_capacity(rows.len());
         for row in &rows {
@@ -145,6 +146,7 @@ impl<DB: Backend> Relay<DB> {
                 },
             }
         };
+        let confirmed_in = claimed_at.elapsed() - claimed_in;
         let mut published = Vec::with_capacity(sent.len());
         let mut failures = Vec::new();
         for (row, result) in sent.into_iter().zip(results) {
@@ -178,6 +180,14 @@ impl<DB: Backend> Relay<DB> {
             }
             DB::record_failure(pool, sql, row.seq, &error.to_string(), give_up, retry_in).await?;
         }
+        tracing::debug!(
+            relay = %self.id,
+            rows = rows.len(),
+            claim_ms = claimed_in.as_secs_f64() * 1e3,
+            publish_and_confirm_ms = confirmed_in.as_secs_f64() * 1e3,
+            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            "batch published"
+        );
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.stats
             .batch_micros

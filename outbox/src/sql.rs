@@ -22,6 +22,11 @@ pub enum Dialect {
 /// value bound earlier: a statement that waited for the lock would otherwise work with a stale time.
 pub(crate) const NOW: &str = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
 
+// The claim: `picked` is the lowest claimable pending rows; a keyed row among them is `eligible` only if every
+// pending row of its key up to it is picked too (its rank among the picked rows of the key equals the number of
+// pending rows of the key up to it), so that no earlier event of the key is left to another relay or to a
+// retry: per-key order across relays. The count walks the (partition_key, seq) index of pending rows.
+
 /// Column list shared by every statement that reads rows back.
 const COLUMNS: &str = "seq, event_id, event_type, version, occurred_at, correlation_id, causation_id, partition_key, \
                        source, traceparent, tracestate, payload, attempts";
@@ -81,12 +86,14 @@ impl Sql {
                        WHERE status = {PENDING} AND next_attempt_at <= now() \
                          AND (locked_until IS NULL OR locked_until < now()) \
                        ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED \
+                     ), ranked AS ( \
+                       SELECT seq, partition_key, \
+                         row_number() OVER (PARTITION BY partition_key ORDER BY seq) AS rank FROM picked \
                      ), eligible AS ( \
-                       SELECT o.seq FROM picked o \
-                       WHERE o.partition_key IS NULL OR NOT EXISTS ( \
-                         SELECT 1 FROM {t} p \
-                         WHERE p.status = {PENDING} AND p.partition_key = o.partition_key AND p.seq < o.seq \
-                           AND NOT EXISTS (SELECT 1 FROM picked q WHERE q.seq = p.seq)) \
+                       SELECT o.seq FROM ranked o \
+                       WHERE o.partition_key IS NULL OR o.rank = ( \
+                         SELECT count(*) FROM {t} p \
+                         WHERE p.status = {PENDING} AND p.partition_key = o.partition_key AND p.seq <= o.seq) \
                      ) \
                      UPDATE {t} t SET locked_by = $2, locked_until = now() + $3 * interval '1 millisecond' \
                      FROM eligible e WHERE t.seq = e.seq \
@@ -153,12 +160,14 @@ impl Sql {
                        WHERE status = {PENDING} AND next_attempt_at <= {NOW} \
                          AND (locked_until IS NULL OR locked_until < {NOW}) \
                        ORDER BY seq LIMIT ?1 \
+                     ), ranked AS ( \
+                       SELECT seq, partition_key, \
+                         row_number() OVER (PARTITION BY partition_key ORDER BY seq) AS rank FROM picked \
                      ), eligible AS ( \
-                       SELECT o.seq FROM picked o \
-                       WHERE o.partition_key IS NULL OR NOT EXISTS ( \
-                         SELECT 1 FROM {t} p \
-                         WHERE p.status = {PENDING} AND p.partition_key = o.partition_key AND p.seq < o.seq \
-                           AND p.seq NOT IN (SELECT seq FROM picked)) \
+                       SELECT o.seq FROM ranked o \
+                       WHERE o.partition_key IS NULL OR o.rank = ( \
+                         SELECT count(*) FROM {t} p \
+                         WHERE p.status = {PENDING} AND p.partition_key = o.partition_key AND p.seq <= o.seq) \
                      ) \
                      UPDATE {t} SET locked_by = ?2, locked_until = {NOW} + ?3 \
                      WHERE seq IN (SELECT seq FROM eligible) \

@@ -8,9 +8,9 @@
 //! - **No hot loop, no silent drop.** A failed publish is retried with backoff (`next_attempt_at`); after the
 //!   configured attempts the row becomes `failed`: kept, counted, listed by [`Outbox::failed`] and re-queued by
 //!   [`Outbox::retry_failed`].
-//! - **Order per partition key, across relays.** A row is claimed only when no earlier pending row with its key
-//!   lies outside the claimed batch, so one relay at a time has a key in flight and publishes its rows in outbox
-//!   order. Limits: a failed publish of a keyed event lets later events of its key, already sent in the same
+//! - **Order per partition key, across relays.** A row is claimed only when every earlier pending row with its
+//!   key is in the same claim or already in flight at this relay, so one relay at a time has a key in flight and
+//!   publishes its rows in outbox order (a relay keeps up to two batches in flight, sent one after the other). Limits: a failed publish of a keyed event lets later events of its key, already sent in the same
 //!   batch, arrive first; a row that became `failed` gives up its place; events with the same key enqueued by
 //!   concurrent transactions are ordered by insertion, not commit (write the business row first).
 //! - **Several relays, no duplicates** in normal operation: claims use `FOR UPDATE SKIP LOCKED` and leases on
@@ -23,7 +23,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bus_core::{BusError, EventBus};
+use futures::StreamExt;
 use futures::future::join_all;
+use futures::stream::FuturesOrdered;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -33,6 +35,20 @@ use crate::backend::Backend;
 use crate::config::RelayConfig;
 use crate::error::OutboxError;
 use crate::outbox::Outbox;
+
+/// Batches in flight at once in [`Relay::run`].
+const PIPELINE: usize = 2;
+
+/// A claimed batch handed to the bus, waiting for its confirmations.
+struct InFlight {
+    rows: Vec<crate::row::OutboxRow>,
+    seqs: Vec<i64>,
+    confirmations: Vec<bus_core::Confirmation>,
+    claimed: usize,
+    claimed_at: Instant,
+    claimed_in: Duration,
+    lease_until: Instant,
+}
 
 /// Publishes an outbox's rows to a bus. Build it with [`Outbox::relay`], start it with [`spawn`](Self::spawn).
 pub struct Relay<DB: Backend> {
@@ -91,17 +107,54 @@ impl<DB: Backend> Relay<DB> {
     /// One cycle: claim a batch, publish it with every confirmation in flight, mark what the bus confirmed,
     /// record failures. Returns how many rows were claimed (0: nothing to do now).
     pub async fn run_once(&self) -> Result<usize, OutboxError> {
-        let started = Instant::now();
+        match self.start_batch().await? {
+            Some(batch) => self.finish(batch).await,
+            None => Ok(0),
+        }
+    }
+
+    /// Runs `work` while renewing the lease on `claimed` every third of the lease, so that no other relay takes
+    /// over a batch that is merely slow (which would publish it twice). Returns the output and when the lease
+    /// (as last renewed) ends.
+    async fn leased<F: std::future::Future>(
+        &self,
+        claimed: &[i64],
+        lease_until: Instant,
+        work: F,
+    ) -> (F::Output, Instant) {
+        let (pool, sql) = (self.outbox.pool(), self.outbox.sql());
+        let mut lease_until = lease_until;
+        let every = self.config.lease / 3;
+        let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                output = &mut work => return (output, lease_until),
+                _ = renew.tick() => match DB::renew_lease(pool, sql, self.id, claimed, self.config.lease).await {
+                    Ok(held) if held < claimed.len() as u64 => tracing::warn!(
+                        relay = %self.id, held, claimed = claimed.len(),
+                        "lease lost on part of a batch (expired before renewal): those events may be published twice"
+                    ),
+                    Ok(_) => lease_until = Instant::now() + self.config.lease,
+                    Err(error) => tracing::warn!(relay = %self.id, %error, "lease renewal failed"),
+                },
+            }
+        }
+    }
+
+    /// Claims a batch and hands it to the bus; the confirmations are awaited by [`finish`](Self::finish).
+    async fn start_batch(&self) -> Result<Option<InFlight>, OutboxError> {
         let (pool, sql) = (self.outbox.pool(), self.outbox.sql());
         let claimed_at = Instant::now();
         let rows = DB::claim(pool, sql, self.id, self.config.batch_size, self.config.lease).await?;
         if rows.is_empty() {
-            return Ok(0);
+            return Ok(None);
         }
         let claimed_in = claimed_at.elapsed();
+        let claimed = rows.len();
         let mut envelopes = Vec::with_capacity(rows.len());
         let mut sent = Vec::with_capacity(rows.len());
-        for row in &rows {
+        for row in rows {
             match row.to_envelope() {
                 Ok(envelope) => {
                     envelopes.push(envelope);
@@ -114,42 +167,28 @@ impl<DB: Backend> Relay<DB> {
                 }
             }
         }
-        // Publish with every confirmation in flight; a confirmation that never comes counts as a failed attempt
-        // after `confirm_timeout`. Meanwhile keep the lease alive, so that no other relay takes over a batch that
-        // is merely slow (which would publish it twice).
+        let seqs: Vec<i64> = sent.iter().map(|r| r.seq).collect();
+        let (confirmations, lease_until) =
+            self.leased(&seqs, claimed_at + self.config.lease, self.bus.publish_batch(envelopes)).await;
+        Ok(Some(InFlight { rows: sent, seqs, confirmations, claimed, claimed_at, claimed_in, lease_until }))
+    }
+
+    /// Awaits a batch's confirmations (each at most `confirm_timeout`), marks what the bus confirmed and records
+    /// the failures. Returns how many rows the batch claimed.
+    async fn finish(&self, batch: InFlight) -> Result<usize, OutboxError> {
+        let (pool, sql) = (self.outbox.pool(), self.outbox.sql());
+        let InFlight { rows, seqs, confirmations, claimed, claimed_at, claimed_in, lease_until } = batch;
         let deadline = tokio::time::Instant::now() + self.config.confirm_timeout;
-        let claimed: Vec<i64> = sent.iter().map(|r| r.seq).collect();
-        let bus = &self.bus;
-        let publishing = async move {
-            let confirmations = bus.publish_batch(envelopes).await;
-            join_all(confirmations.into_iter().map(|c| async move {
-                tokio::time::timeout_at(deadline, c).await.unwrap_or_else(|_| {
-                    Err(BusError::ConfirmationLost("no confirmation within confirm_timeout".into()))
-                })
-            }))
-            .await
-        };
-        tokio::pin!(publishing);
-        let mut renew =
-            tokio::time::interval_at(tokio::time::Instant::now() + self.config.lease / 3, self.config.lease / 3);
-        let mut lease_until = claimed_at + self.config.lease;
-        let results = loop {
-            tokio::select! {
-                results = &mut publishing => break results,
-                _ = renew.tick() => match DB::renew_lease(pool, sql, self.id, &claimed, self.config.lease).await {
-                    Ok(held) if held < claimed.len() as u64 => tracing::warn!(
-                        relay = %self.id, held, claimed = claimed.len(),
-                        "lease lost on part of a batch (expired before renewal): those events may be published twice"
-                    ),
-                    Ok(_) => lease_until = Instant::now() + self.config.lease,
-                    Err(error) => tracing::warn!(relay = %self.id, %error, "lease renewal failed"),
-                },
-            }
-        };
+        let waiting = join_all(confirmations.into_iter().map(|c| async move {
+            tokio::time::timeout_at(deadline, c)
+                .await
+                .unwrap_or_else(|_| Err(BusError::ConfirmationLost("no confirmation within confirm_timeout".into())))
+        }));
+        let (results, lease_until) = self.leased(&seqs, lease_until, waiting).await;
         let confirmed_in = claimed_at.elapsed() - claimed_in;
-        let mut published = Vec::with_capacity(sent.len());
+        let mut published = Vec::with_capacity(rows.len());
         let mut failures = Vec::new();
-        for (row, result) in sent.into_iter().zip(results) {
+        for (row, result) in rows.into_iter().zip(results) {
             match result {
                 Ok(()) => published.push(row.seq),
                 Err(error) => failures.push((row, error)),
@@ -182,17 +221,27 @@ impl<DB: Backend> Relay<DB> {
         }
         tracing::debug!(
             relay = %self.id,
-            rows = rows.len(),
+            rows = claimed,
             claim_ms = claimed_in.as_secs_f64() * 1e3,
             publish_and_confirm_ms = confirmed_in.as_secs_f64() * 1e3,
-            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            total_ms = claimed_at.elapsed().as_secs_f64() * 1e3,
             "batch published"
         );
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.stats
             .batch_micros
-            .fetch_add(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
-        Ok(rows.len())
+            .fetch_add(u64::try_from(claimed_at.elapsed().as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        Ok(claimed)
+    }
+
+    fn report(&self, done: Result<usize, OutboxError>, error_backoff: &mut Duration) {
+        match done {
+            Ok(_) => *error_backoff = Duration::from_millis(100),
+            // The rows stay leased and are published again when the lease ends.
+            Err(error) => {
+                tracing::warn!(relay = %self.id, %error, "relay batch failed; its rows are retried after the lease")
+            }
+        }
     }
 
     /// Deletes published rows older than the retention window, in small batches. Returns how many.
@@ -225,19 +274,45 @@ impl<DB: Backend> Relay<DB> {
         tracing::info!(relay = %self.id, table = %self.outbox.sql().outbox, "relay started");
         let mut error_backoff = Duration::from_millis(100);
         let mut next_cleanup = Instant::now() + self.config.cleanup_interval;
+        // Up to PIPELINE batches in flight: the next batch is claimed and published while the previous one waits
+        // for its confirmations. A claim is never cancelled half-way (its rows would stay leased), so finished
+        // batches are collected while it runs.
+        let mut in_flight = FuturesOrdered::new();
         while !stop.is_cancelled() {
-            match self.run_once().await {
-                Ok(0) => {
-                    tokio::select! {
-                        () = stop.cancelled() => {}
-                        () = self.wake.notified() => {}
-                        () = tokio::time::sleep(self.config.poll_interval) => {}
-                    }
-                    error_backoff = Duration::from_millis(100);
+            if in_flight.len() >= PIPELINE {
+                if let Some(done) = in_flight.next().await {
+                    self.report(done, &mut error_backoff);
                 }
-                Ok(_) => error_backoff = Duration::from_millis(100),
+                continue;
+            }
+            let starting = self.start_batch();
+            tokio::pin!(starting);
+            let started = loop {
+                tokio::select! {
+                    started = &mut starting => break started,
+                    Some(done) = in_flight.next(), if !in_flight.is_empty() => self.report(done, &mut error_backoff),
+                }
+            };
+            match started {
+                Ok(Some(batch)) => in_flight.push_back(self.finish(batch)),
+                Ok(None) => {
+                    // Nothing claimable now: wait for a wake-up, the poll, or a batch to finish.
+                    let idle = tokio::time::sleep(self.config.poll_interval);
+                    tokio::pin!(idle);
+                    loop {
+                        tokio::select! {
+                            () = stop.cancelled() => break,
+                            () = self.wake.notified() => break,
+                            () = &mut idle => break,
+                            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                                self.report(done, &mut error_backoff);
+                                break;
+                            }
+                        }
+                    }
+                }
                 Err(error) => {
-                    tracing::warn!(relay = %self.id, %error, ?error_backoff, "relay cycle failed; retrying");
+                    tracing::warn!(relay = %self.id, %error, ?error_backoff, "relay claim failed; retrying");
                     tokio::select! {
                         () = stop.cancelled() => {}
                         () = tokio::time::sleep(error_backoff) => {}
@@ -253,6 +328,10 @@ impl<DB: Backend> Relay<DB> {
                     Err(error) => tracing::warn!(%error, "outbox retention cleanup failed"),
                 }
             }
+        }
+        // Stopping: finish the batches in hand.
+        while let Some(done) = in_flight.next().await {
+            self.report(done, &mut error_backoff);
         }
         listener.abort();
         tracing::info!(relay = %self.id, "relay stopped");

@@ -24,8 +24,9 @@ pub(crate) const NOW: &str = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
 
 // The claim: `picked` is the lowest claimable pending rows; a keyed row among them is `eligible` only if every
 // pending row of its key up to it is picked too (its rank among the picked rows of the key equals the number of
-// pending rows of the key up to it), so that no earlier event of the key is left to another relay or to a
-// retry: per-key order across relays. The count walks the (partition_key, seq) index of pending rows.
+// pending rows of the key up to it, leaving out rows this relay has in flight, which it sent earlier on the
+// same channel), so that no earlier event of the key is left to another relay or to a retry: per-key order
+// across relays. The count walks the (partition_key, seq) index of pending rows.
 
 /// Column list shared by every statement that reads rows back.
 const COLUMNS: &str = "seq, event_id, event_type, version, occurred_at, correlation_id, causation_id, partition_key, \
@@ -93,7 +94,8 @@ impl Sql {
                        SELECT o.seq FROM ranked o \
                        WHERE o.partition_key IS NULL OR o.rank = ( \
                          SELECT count(*) FROM {t} p \
-                         WHERE p.status = {PENDING} AND p.partition_key = o.partition_key AND p.seq <= o.seq) \
+                         WHERE p.status = {PENDING} AND p.partition_key = o.partition_key AND p.seq <= o.seq \
+                           AND NOT coalesce(p.locked_by = $2 AND p.locked_until >= now(), false)) \
                      ) \
                      UPDATE {t} t SET locked_by = $2, locked_until = now() + $3 * interval '1 millisecond' \
                      FROM eligible e WHERE t.seq = e.seq \
@@ -167,7 +169,8 @@ impl Sql {
                        SELECT o.seq FROM ranked o \
                        WHERE o.partition_key IS NULL OR o.rank = ( \
                          SELECT count(*) FROM {t} p \
-                         WHERE p.status = {PENDING} AND p.partition_key = o.partition_key AND p.seq <= o.seq) \
+                         WHERE p.status = {PENDING} AND p.partition_key = o.partition_key AND p.seq <= o.seq \
+                           AND NOT coalesce(p.locked_by = ?2 AND p.locked_until >= {NOW}, 0)) \
                      ) \
                      UPDATE {t} SET locked_by = ?2, locked_until = {NOW} + ?3 \
                      WHERE seq IN (SELECT seq FROM eligible) \

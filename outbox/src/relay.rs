@@ -297,18 +297,11 @@ impl<DB: Backend> Relay<DB> {
                 Ok(Some(batch)) => in_flight.push_back(self.finish(batch)),
                 Ok(None) => {
                     // Nothing claimable now: wait for a wake-up, the poll, or a batch to finish.
-                    let idle = tokio::time::sleep(self.config.poll_interval);
-                    tokio::pin!(idle);
-                    loop {
-                        tokio::select! {
-                            () = stop.cancelled() => break,
-                            () = self.wake.notified() => break,
-                            () = &mut idle => break,
-                            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
-                                self.report(done, &mut error_backoff);
-                                break;
-                            }
-                        }
+                    tokio::select! {
+                        () = stop.cancelled() => {}
+                        () = self.wake.notified() => {}
+                        () = tokio::time::sleep(self.config.poll_interval) => {}
+                        Some(done) = in_flight.next(), if !in_flight.is_empty() => self.report(done, &mut error_backoff),
                     }
                 }
                 Err(error) => {

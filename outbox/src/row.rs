@@ -68,6 +68,19 @@ pub struct FailedEvent {
     pub occurred_at: DateTime<Utc>,
 }
 
+impl FailedEvent {
+    pub(crate) fn from_row(row: OutboxRow, last_error: Option<String>) -> Self {
+        Self {
+            seq: row.seq,
+            event_id: row.event_id,
+            event_type: row.event_type,
+            attempts: row.attempts,
+            last_error,
+            occurred_at: row.occurred_at,
+        }
+    }
+}
+
 /// Counts of the outbox's rows, for metrics and `busctl outbox status`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OutboxStatus {

@@ -177,19 +177,7 @@ impl Backend for Postgres {
 
     async fn failed(pool: &PgPool, sql: &Sql, limit: i64) -> Result<Vec<FailedEvent>, OutboxError> {
         let rows = sqlx::query(&sql.failed).bind(limit).fetch_all(pool).await?;
-        rows.iter()
-            .map(|r| {
-                let o = row(r)?;
-                Ok(FailedEvent {
-                    seq: o.seq,
-                    event_id: o.event_id,
-                    event_type: o.event_type,
-                    attempts: o.attempts,
-                    last_error: r.try_get("last_error")?,
-                    occurred_at: o.occurred_at,
-                })
-            })
-            .collect()
+        rows.iter().map(|r| Ok(FailedEvent::from_row(row(r)?, r.try_get("last_error")?))).collect()
     }
 
     async fn requeue_failed(pool: &PgPool, sql: &Sql, id: Option<Uuid>) -> Result<u64, OutboxError> {

@@ -44,8 +44,10 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let raw: Vec<String> = std::env::args().collect();
     if raw.get(1).map(String::as_str) == Some(figures::relay_rss::CHILD) {
-        let count = raw.get(4).map(|c| c.parse()).transpose()?.unwrap_or(0);
-        return figures::relay_rss::child(&raw[2], &raw[3], count).await;
+        let [_, _, schema, exchange, count] = raw.as_slice() else {
+            anyhow::bail!("usage: bench {} SCHEMA EXCHANGE COUNT", figures::relay_rss::CHILD);
+        };
+        return figures::relay_rss::child(schema, exchange, count.parse()?).await;
     }
     let args = Args::parse();
     let selected: Vec<&str> = match args.scenario.as_str() {

@@ -306,9 +306,15 @@ impl<DB: Backend> Relay<DB> {
                 }
                 Err(error) => {
                     tracing::warn!(relay = %self.id, %error, ?error_backoff, "relay claim failed; retrying");
-                    tokio::select! {
-                        () = stop.cancelled() => {}
-                        () = tokio::time::sleep(error_backoff) => {}
+                    let pause = tokio::time::sleep(error_backoff);
+                    tokio::pin!(pause);
+                    // Keep finishing the batches in flight (marks, lease renewals) while pausing.
+                    loop {
+                        tokio::select! {
+                            () = stop.cancelled() => break,
+                            () = &mut pause => break,
+                            Some(done) = in_flight.next(), if !in_flight.is_empty() => self.report(done, &mut error_backoff),
+                        }
                     }
                     error_backoff = (error_backoff * 2).min(Duration::from_secs(10));
                 }

@@ -1,8 +1,11 @@
 //! The test harness: real services, isolated per test, and helpers that wait for conditions instead of sleeping.
 //!
-//! PostgreSQL comes from `TEST_DATABASE_URL`, else the local default `postgres://postgres@127.0.0.1:5432/postgres`;
-//! if neither answers, the test fails with a message saying how to provide one (it never skips, under `CI=true`
-//! or not). Each PostgreSQL test gets its own schema (our tables and its business tables live there), dropped at
+//! Each service is found in this order: the env var (`TEST_DATABASE_URL`, `TEST_AMQP_URL`); else the local default
+//! (`postgres://postgres@127.0.0.1:5432/postgres`, `amqp://guest:guest@127.0.0.1:5672/%2f`) if it answers; else a
+//! container started with testcontainers when a Docker engine answers (pinned images `postgres:15-alpine`,
+//! `rabbitmq:3.10-management`; one per test binary, kept for its lifetime); else the test fails with a message
+//! saying how to provide the service. It never skips, under `CI=true` or not. (The broker fault tests also need
+//! `rabbitmqctl` on the host.) Each PostgreSQL test gets its own schema (our tables and its business tables live there), dropped at
 //! the end; each SQLite test its own database file in a temporary directory.
 
 use std::future::Future;
@@ -26,17 +29,96 @@ pub fn init_tracing() {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
 }
 
-/// The PostgreSQL URL the tests use.
-pub fn database_url() -> String {
-    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned())
+static DATABASE_URL: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+static AMQP_URL: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+/// Containers started for this test binary, kept alive until it exits.
+static CONTAINERS: std::sync::Mutex<Vec<Box<dyn std::any::Any + Send>>> = std::sync::Mutex::new(Vec::new());
+
+fn answers(address: &str) -> bool {
+    address
+        .parse()
+        .ok()
+        .is_some_and(|addr| std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok())
+}
+
+fn keep<T: Send + 'static>(container: T) {
+    CONTAINERS.lock().unwrap_or_else(|p| p.into_inner()).push(Box::new(container));
+}
+
+async fn postgres_container() -> Result<String, String> {
+    use testcontainers_modules::testcontainers::ImageExt;
+    use testcontainers_modules::testcontainers::runners::AsyncRunner;
+    let container = testcontainers_modules::postgres::Postgres::default()
+        .with_tag("15-alpine")
+        .start()
+        .await
+        .map_err(|e| e.to_string())?;
+    let host = container.get_host().await.map_err(|e| e.to_string())?;
+    let port = container.get_host_port_ipv4(5432).await.map_err(|e| e.to_string())?;
+    keep(container);
+    Ok(format!("postgres://postgres:postgres@{host}:{port}/postgres"))
+}
+
+async fn rabbitmq_container() -> Result<String, String> {
+    use testcontainers_modules::testcontainers::ImageExt;
+    use testcontainers_modules::testcontainers::runners::AsyncRunner;
+    let container = testcontainers_modules::rabbitmq::RabbitMq::default()
+        .with_tag("3.10-management")
+        .start()
+        .await
+        .map_err(|e| e.to_string())?;
+    let host = container.get_host().await.map_err(|e| e.to_string())?;
+    let port = container.get_host_port_ipv4(5672).await.map_err(|e| e.to_string())?;
+    keep(container);
+    Ok(format!("amqp://guest:guest@{host}:{port}/%2f"))
+}
+
+/// The PostgreSQL URL the tests use (env var, local default, or a container; see the module docs).
+pub async fn database_url() -> String {
+    DATABASE_URL
+        .get_or_init(|| async {
+            if let Ok(url) = std::env::var("TEST_DATABASE_URL") {
+                return url;
+            }
+            if answers("127.0.0.1:5432") {
+                return DEFAULT_DATABASE_URL.to_owned();
+            }
+            postgres_container().await.unwrap_or_else(|error| {
+                panic!(
+                    "no PostgreSQL for the tests: TEST_DATABASE_URL is not set, nothing answers on 127.0.0.1:5432, \
+                     and no container could be started ({error}). Set TEST_DATABASE_URL=postgres://user@host:port/db, \
+                     start the local server (pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start), \
+                     or run a Docker engine."
+                )
+            })
+        })
+        .await
+        .clone()
 }
 
 /// The local default used when `TEST_AMQP_URL` is not set.
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
-/// The RabbitMQ URL the tests use.
-pub fn amqp_url() -> String {
-    std::env::var("TEST_AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.to_owned())
+/// The RabbitMQ URL the tests use (env var, local default, or a container; see the module docs).
+pub async fn amqp_url() -> String {
+    AMQP_URL
+        .get_or_init(|| async {
+            if let Ok(url) = std::env::var("TEST_AMQP_URL") {
+                return url;
+            }
+            if answers("127.0.0.1:5672") {
+                return DEFAULT_AMQP_URL.to_owned();
+            }
+            rabbitmq_container().await.unwrap_or_else(|error| {
+                panic!(
+                    "no RabbitMQ for the tests: TEST_AMQP_URL is not set, nothing answers on 127.0.0.1:5672, and no \
+                     container could be started ({error}). Set TEST_AMQP_URL=amqp://user:pass@host:5672/%2f, start the \
+                     local broker (rabbitmq-server -detached), or run a Docker engine."
+                )
+            })
+        })
+        .await
+        .clone()
 }
 
 /// A unique name for this test's exchange or queue.
@@ -47,7 +129,7 @@ pub fn unique(prefix: &str) -> String {
 /// A RabbitMQ bus on a fresh exchange; fails with instructions when the broker cannot be reached.
 pub async fn rabbit_bus(configure: impl FnOnce(&mut bus_rabbitmq::RabbitConfig)) -> bus_rabbitmq::RabbitBus {
     init_tracing();
-    let mut config = bus_rabbitmq::RabbitConfig::new(&amqp_url()).expect("TEST_AMQP_URL is a valid AMQP URL");
+    let mut config = bus_rabbitmq::RabbitConfig::new(&amqp_url().await).expect("TEST_AMQP_URL is a valid AMQP URL");
     config.exchange = unique("test.events");
     configure(&mut config);
     bus_rabbitmq::RabbitBus::connect(config).await.unwrap_or_else(|e| {
@@ -60,7 +142,7 @@ pub async fn rabbit_bus(configure: impl FnOnce(&mut bus_rabbitmq::RabbitConfig))
 
 /// A plain lapin connection, as a service in another language would have.
 pub async fn plain_amqp() -> lapin::Channel {
-    let connection = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+    let connection = lapin::Connection::connect(&amqp_url().await, lapin::ConnectionProperties::default())
         .await
         .expect("connect to RabbitMQ");
     connection.create_channel().await.expect("channel")
@@ -132,7 +214,7 @@ pub trait TestDb: Backend + Sized {
 impl TestDb for Postgres {
     async fn fixture() -> Fixture<Self> {
         init_tracing();
-        let url = database_url();
+        let url = database_url().await;
         let pool = connect_pg(&url).await;
         let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
         let effects = format!("\"{schema}\".effects");
@@ -157,12 +239,13 @@ impl TestDb for Postgres {
     }
 
     async fn second_pool(_fixture: &Fixture<Self>) -> Pool<Self> {
-        connect_pg(&database_url()).await
+        connect_pg(&database_url().await).await
     }
 }
 
 async fn connect_pg(url: &str) -> Pool<Postgres> {
-    let options: PgConnectOptions = url.parse().unwrap_or_else(|e| panic!("TEST_DATABASE_URL is not a valid URL: {e}"));
+    let options: PgConnectOptions =
+        url.parse().unwrap_or_else(|_| panic!("TEST_DATABASE_URL is not a valid postgres:// URL"));
     PgPoolOptions::new()
         .max_connections(10)
         .acquire_timeout(Duration::from_secs(10))
@@ -226,7 +309,7 @@ impl<DB: Backend> Drop for Fixture<DB> {
     fn drop(&mut self) {
         // Best effort: drop the test schema on a fresh connection (the test's runtime may be gone).
         if let Some(schema) = self.schema.take() {
-            let url = database_url();
+            let url = DATABASE_URL.get().cloned().unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
             let _ = std::thread::spawn(move || {
                 let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
                 runtime.block_on(async move {

@@ -27,6 +27,7 @@
 
 mod bus;
 mod confirmation;
+mod counters;
 mod dead_letter;
 mod envelope;
 mod error;
@@ -38,6 +39,7 @@ mod subscription;
 
 pub use bus::EventBus;
 pub use confirmation::{Confirmation, Countdown};
+pub use counters::{DeliveryCounters, DeliveryCounts};
 pub use dead_letter::{DeadLetter, DeadLetterQueue};
 pub use envelope::{
     DEFAULT_MAX_PAYLOAD_BYTES, Envelope, EnvelopeBuilder, MAX_METADATA_LEN, MAX_TRACE_LEN, TraceContext,

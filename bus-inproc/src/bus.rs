@@ -106,7 +106,7 @@ impl InProcBus {
 
     /// The bus's counters.
     pub fn stats(&self) -> InProcStats {
-        self.inner.stats.snapshot(self.inner.outstanding.get())
+        InProcStats::new(&self.inner.stats, self.inner.outstanding.get())
     }
 
     /// How many events `group` holds now (queued, waiting for their key, in retry delay or in handling);

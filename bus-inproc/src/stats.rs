@@ -1,38 +1,6 @@
 //! Counters of the in-process bus.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
-#[derive(Default)]
-pub(crate) struct Stats {
-    published: AtomicU64,
-    handled: AtomicU64,
-    retried: AtomicU64,
-    dead_lettered: AtomicU64,
-}
-
-impl Stats {
-    pub(crate) fn published(&self) {
-        self.published.fetch_add(1, Ordering::Relaxed);
-    }
-    pub(crate) fn handled(&self) {
-        self.handled.fetch_add(1, Ordering::Relaxed);
-    }
-    pub(crate) fn retried(&self) {
-        self.retried.fetch_add(1, Ordering::Relaxed);
-    }
-    pub(crate) fn dead_lettered(&self) {
-        self.dead_lettered.fetch_add(1, Ordering::Relaxed);
-    }
-    pub(crate) fn snapshot(&self, outstanding: usize) -> InProcStats {
-        InProcStats {
-            published: self.published.load(Ordering::Relaxed),
-            handled: self.handled.load(Ordering::Relaxed),
-            retried: self.retried.load(Ordering::Relaxed),
-            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
-            outstanding,
-        }
-    }
-}
+pub(crate) use bus_core::DeliveryCounters as Stats;
 
 /// A snapshot of the bus's counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -47,4 +15,17 @@ pub struct InProcStats {
     pub dead_lettered: u64,
     /// Jobs accepted and not yet handled or dead-lettered, all groups.
     pub outstanding: usize,
+}
+
+impl InProcStats {
+    pub(crate) fn new(stats: &Stats, outstanding: usize) -> Self {
+        let c = stats.snapshot();
+        Self {
+            published: c.published,
+            handled: c.handled,
+            retried: c.retried,
+            dead_lettered: c.dead_lettered,
+            outstanding,
+        }
+    }
 }

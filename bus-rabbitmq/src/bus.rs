@@ -74,7 +74,7 @@ impl RabbitBus {
 
     /// This process's counters.
     pub fn stats(&self) -> RabbitStats {
-        self.inner.stats.snapshot(self.inner.link.connections())
+        RabbitStats::new(&self.inner.stats, self.inner.link.connections())
     }
 
     /// True while connected to the broker.

@@ -104,12 +104,20 @@ impl Instance {
         let tasks = TaskTracker::new();
         let permits = Arc::new(Semaphore::new(self.concurrency));
         let tails: KeyTails = Arc::default();
+        // A connection reset by the peer does not always end the delivery stream: watch the session too.
+        let mut health = tokio::time::interval(std::time::Duration::from_millis(250));
         let outcome = loop {
             let next = tokio::select! {
                 () = stop.cancelled() => {
                     // Stop taking deliveries; those prefetched but not started return to the queue on close.
                     let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
                     break Ok(());
+                }
+                _ = health.tick() => {
+                    if session.healthy() && channel.status().connected() {
+                        continue;
+                    }
+                    break Err(BusError::Transport("the connection to the broker was lost".into()));
                 }
                 next = deliveries.next() => next,
             };
@@ -120,7 +128,12 @@ impl Instance {
             }
         };
         tasks.close();
-        tasks.wait().await;
+        if outcome.is_ok() {
+            tasks.wait().await;
+        } else if tokio::time::timeout(std::time::Duration::from_secs(30), tasks.wait()).await.is_err() {
+            // Handlers or acks stuck on the dead connection: move on; the broker redelivers what was not acked.
+            tracing::warn!(group = %self.group, "in-flight deliveries did not finish on the lost connection");
+        }
         let _ = channel.close(200, "OK".into()).await;
         let _ = side.close(200, "OK".into()).await;
         outcome

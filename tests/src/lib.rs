@@ -45,31 +45,34 @@ fn keep<T: Send + 'static>(container: T) {
     CONTAINERS.lock().unwrap_or_else(|p| p.into_inner()).push(Box::new(container));
 }
 
+/// Starts `request` and returns the host and the host port mapped to `port`; the container lives as long as the
+/// test binary.
+async fn start_container<I>(
+    request: testcontainers_modules::testcontainers::ContainerRequest<I>,
+    port: u16,
+) -> Result<(String, u16), String>
+where
+    I: testcontainers_modules::testcontainers::Image + Send + Sync + 'static,
+{
+    use testcontainers_modules::testcontainers::runners::AsyncRunner;
+    let container = request.start().await.map_err(|e| e.to_string())?;
+    let host = container.get_host().await.map_err(|e| e.to_string())?;
+    let host_port = container.get_host_port_ipv4(port).await.map_err(|e| e.to_string())?;
+    keep(container);
+    Ok((host.to_string(), host_port))
+}
+
 async fn postgres_container() -> Result<String, String> {
     use testcontainers_modules::testcontainers::ImageExt;
-    use testcontainers_modules::testcontainers::runners::AsyncRunner;
-    let container = testcontainers_modules::postgres::Postgres::default()
-        .with_tag("15-alpine")
-        .start()
-        .await
-        .map_err(|e| e.to_string())?;
-    let host = container.get_host().await.map_err(|e| e.to_string())?;
-    let port = container.get_host_port_ipv4(5432).await.map_err(|e| e.to_string())?;
-    keep(container);
+    let request = testcontainers_modules::postgres::Postgres::default().with_tag("15-alpine");
+    let (host, port) = start_container(request, 5432).await?;
     Ok(format!("postgres://postgres:postgres@{host}:{port}/postgres"))
 }
 
 async fn rabbitmq_container() -> Result<String, String> {
     use testcontainers_modules::testcontainers::ImageExt;
-    use testcontainers_modules::testcontainers::runners::AsyncRunner;
-    let container = testcontainers_modules::rabbitmq::RabbitMq::default()
-        .with_tag("3.10-management")
-        .start()
-        .await
-        .map_err(|e| e.to_string())?;
-    let host = container.get_host().await.map_err(|e| e.to_string())?;
-    let port = container.get_host_port_ipv4(5672).await.map_err(|e| e.to_string())?;
-    keep(container);
+    let request = testcontainers_modules::rabbitmq::RabbitMq::default().with_tag("3.10-management");
+    let (host, port) = start_container(request, 5672).await?;
     Ok(format!("amqp://guest:guest@{host}:{port}/%2f"))
 }
 

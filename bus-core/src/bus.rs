@@ -43,4 +43,11 @@ pub trait EventBus: Send + Sync + 'static {
     /// # Errors
     /// Invalid names or settings ([`Subscription::into_spec`]), a closed bus, or transport trouble.
     async fn subscribe(&self, subscription: Subscription) -> Result<SubscriptionHandle, BusError>;
+
+    /// `Ok` when the bus can carry events right now (for health checks): connected to its broker, not shut
+    /// down. Cheap; it does not wait for a reconnection.
+    ///
+    /// # Errors
+    /// [`BusError::Closed`] after shutdown, a transport error while the broker is unreachable.
+    async fn health(&self) -> Result<(), BusError>;
 }

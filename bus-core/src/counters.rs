@@ -1,15 +1,22 @@
 //! [`DeliveryCounters`]: the counters every bus keeps (published, handled, retried, dead-lettered).
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Counters a bus updates as events go through it. Cheap (relaxed atomics); read with
 /// [`snapshot`](Self::snapshot).
+///
+/// Counters may have a parent ([`with_parent`](Self::with_parent)) that every increment also reaches: a bus keeps
+/// its own totals and gives each subscription counters of its own (see
+/// [`SubscriptionHandle::counters`](crate::SubscriptionHandle::counters)), so that two services sharing one
+/// in-process bus still report their own figures.
 #[derive(Debug, Default)]
 pub struct DeliveryCounters {
     published: AtomicU64,
     handled: AtomicU64,
     retried: AtomicU64,
     dead_lettered: AtomicU64,
+    parent: Option<Arc<DeliveryCounters>>,
 }
 
 /// A snapshot of [`DeliveryCounters`].
@@ -26,21 +33,38 @@ pub struct DeliveryCounts {
 }
 
 impl DeliveryCounters {
+    /// Counters whose increments also go to `parent`.
+    pub fn with_parent(parent: Arc<DeliveryCounters>) -> Self {
+        Self { parent: Some(parent), ..Self::default() }
+    }
+
     /// One event published.
     pub fn published(&self) {
         self.published.fetch_add(1, Ordering::Relaxed);
+        if let Some(parent) = &self.parent {
+            parent.published();
+        }
     }
     /// One handling succeeded.
     pub fn handled(&self) {
         self.handled.fetch_add(1, Ordering::Relaxed);
+        if let Some(parent) = &self.parent {
+            parent.handled();
+        }
     }
     /// One failed handling will be retried.
     pub fn retried(&self) {
         self.retried.fetch_add(1, Ordering::Relaxed);
+        if let Some(parent) = &self.parent {
+            parent.retried();
+        }
     }
     /// One event was dead-lettered.
     pub fn dead_lettered(&self) {
         self.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        if let Some(parent) = &self.parent {
+            parent.dead_lettered();
+        }
     }
     /// The current values.
     pub fn snapshot(&self) -> DeliveryCounts {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 
+use crate::counters::DeliveryCounters;
 use crate::error::BusError;
 use crate::event::IntegrationEvent;
 use crate::handler::{EnvelopeHandler, Handler, HandlerLayer, TypedHandler};
@@ -137,13 +138,21 @@ pub struct SubscriptionSpec {
 #[must_use = "dropping the handle leaves the subscription running; keep it to stop it"]
 pub struct SubscriptionHandle {
     group: GroupName,
+    counters: Arc<DeliveryCounters>,
     stop: Option<BoxFuture<'static, ()>>,
 }
 
 impl SubscriptionHandle {
-    /// Builds a handle whose [`stop`](Self::stop) runs `stop` (buses call this).
-    pub fn new(group: GroupName, stop: BoxFuture<'static, ()>) -> Self {
-        Self { group, stop: Some(stop) }
+    /// Builds a handle whose [`stop`](Self::stop) runs `stop` (buses call this). `counters` are the ones the bus
+    /// updates for this instance only.
+    pub fn new(group: GroupName, counters: Arc<DeliveryCounters>, stop: BoxFuture<'static, ()>) -> Self {
+        Self { group, counters, stop: Some(stop) }
+    }
+
+    /// This instance's counters: events it handled, retried and dead-lettered (`published` stays 0). Keep a clone
+    /// to report them (metrics) for as long as you like; they outlive the handle.
+    pub fn counters(&self) -> Arc<DeliveryCounters> {
+        self.counters.clone()
     }
 
     /// The consumer group.

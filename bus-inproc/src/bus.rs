@@ -196,6 +196,10 @@ impl EventBus for InProcBus {
         confirmations
     }
 
+    async fn health(&self) -> Result<(), BusError> {
+        self.check_open()
+    }
+
     async fn subscribe(&self, subscription: Subscription) -> Result<SubscriptionHandle, BusError> {
         let spec = subscription.into_spec()?;
         self.check_open()?;
@@ -245,11 +249,12 @@ impl EventBus for InProcBus {
         let handlers = Arc::new(spec.handlers);
         let stop = self.inner.stop.child_token();
         let instance = TaskTracker::new();
+        let counters = Arc::new(Stats::with_parent(self.inner.stats.clone()));
         for _ in 0..spec.concurrency.unwrap_or(self.inner.config.concurrency) {
             let worker = Worker {
                 group: group.clone(),
                 handlers: handlers.clone(),
-                stats: self.inner.stats.clone(),
+                stats: counters.clone(),
                 stop: stop.clone(),
                 bus_stop: self.inner.stop.clone(),
                 timers: self.inner.timers.clone(),
@@ -259,6 +264,7 @@ impl EventBus for InProcBus {
         instance.close();
         Ok(SubscriptionHandle::new(
             spec.group,
+            counters,
             Box::pin(async move {
                 stop.cancel();
                 instance.wait().await;

@@ -151,6 +151,13 @@ impl EventBus for RabbitBus {
         Ok(confirmation)
     }
 
+    async fn health(&self) -> Result<(), BusError> {
+        if self.inner.stop.is_cancelled() {
+            return Err(BusError::Closed);
+        }
+        self.inner.link.session(std::time::Duration::ZERO).await.map(drop)
+    }
+
     async fn subscribe(&self, subscription: Subscription) -> Result<SubscriptionHandle, BusError> {
         let spec = subscription.into_spec()?;
         let inner = &self.inner;
@@ -158,6 +165,7 @@ impl EventBus for RabbitBus {
             return Err(BusError::Closed);
         }
         let retry = spec.retry.unwrap_or_else(|| inner.config.retry.clone());
+        let counters = Arc::new(Stats::with_parent(inner.stats.clone()));
         let instance = Arc::new(Instance {
             config: inner.config.clone(),
             link: inner.link.clone(),
@@ -165,7 +173,7 @@ impl EventBus for RabbitBus {
             handlers: Arc::new(spec.handlers),
             retry,
             concurrency: spec.concurrency.unwrap_or(inner.config.concurrency),
-            stats: inner.stats.clone(),
+            stats: counters.clone(),
         });
         let stop = inner.stop.child_token();
         let (ready_tx, ready) = oneshot::channel();
@@ -177,6 +185,7 @@ impl EventBus for RabbitBus {
         }
         Ok(SubscriptionHandle::new(
             spec.group,
+            counters,
             Box::pin(async move {
                 stop.cancel();
                 let _ = task.await;

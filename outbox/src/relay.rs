@@ -357,6 +357,25 @@ fn snapshot(c: &Counters) -> RelayStats {
     }
 }
 
+/// Reads a relay's counters from anywhere (metrics); see [`RelayHandle::monitor`].
+#[derive(Clone)]
+pub struct RelayMonitor {
+    stats: Arc<Counters>,
+}
+
+impl RelayMonitor {
+    /// The relay's counters now.
+    pub fn stats(&self) -> RelayStats {
+        snapshot(&self.stats)
+    }
+}
+
+impl std::fmt::Debug for RelayMonitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("RelayMonitor").field(&self.stats()).finish()
+    }
+}
+
 /// A running relay.
 pub struct RelayHandle {
     stop: CancellationToken,
@@ -376,6 +395,11 @@ impl RelayHandle {
     /// The relay's counters.
     pub fn stats(&self) -> RelayStats {
         snapshot(&self.stats)
+    }
+
+    /// A cloneable view of the relay's counters that outlives this handle (for metrics).
+    pub fn monitor(&self) -> RelayMonitor {
+        RelayMonitor { stats: self.stats.clone() }
     }
 
     /// Stops gracefully: the batch in hand is published and marked, then the relay returns.

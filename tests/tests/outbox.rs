@@ -174,6 +174,10 @@ impl EventBus for WithholdingBus {
     async fn subscribe(&self, subscription: Subscription) -> Result<SubscriptionHandle, BusError> {
         self.inner.subscribe(subscription).await
     }
+
+    async fn health(&self) -> Result<(), BusError> {
+        self.inner.health().await
+    }
 }
 
 async fn relay_killed_between_confirm_and_mark_redelivers_and_the_inbox_keeps_the_effect_single<DB: TestDb>() {
@@ -223,6 +227,10 @@ impl EventBus for HangingBus {
     }
     async fn subscribe(&self, _subscription: Subscription) -> Result<SubscriptionHandle, BusError> {
         Err(BusError::Closed)
+    }
+
+    async fn health(&self) -> Result<(), BusError> {
+        Ok(())
     }
 }
 

@@ -120,7 +120,12 @@ impl RabbitConfig {
         })
     }
 
-    pub(crate) fn validate(&self) -> Result<(), BusError> {
+    /// Checks every setting ([`RabbitBus::connect`](crate::RabbitBus::connect) does too), so a service can refuse
+    /// a bad configuration before it starts anything.
+    ///
+    /// # Errors
+    /// [`BusError::InvalidConfig`] naming the setting.
+    pub fn validate(&self) -> Result<(), BusError> {
         bus_core::EventTypeName::new(&self.exchange)
             .map_err(|_| BusError::invalid_config("exchange", "must match ^[A-Za-z][A-Za-z0-9_.-]{0,199}$"))?;
         if self.prefetch == 0 {

@@ -48,6 +48,6 @@ pub use config::{InboxConfig, OutboxConfig, RelayConfig};
 pub use error::OutboxError;
 pub use inbox::{Inbox, InboxContext, InboxHandler, InboxStats, InboxTx, SubscriptionInboxExt};
 pub use outbox::{Outbox, OutboxTransaction};
-pub use metrics::ServiceMetrics;
+pub use metrics::{ServiceFigures, ServiceMetrics};
 pub use relay::{Relay, RelayHandle, RelayMonitor, RelayStats};
 pub use row::{FailedEvent, OutboxStatus};

@@ -34,9 +34,29 @@ use crate::error::OutboxError;
 use crate::inbox::Inbox;
 use crate::outbox::Outbox;
 use crate::relay::RelayMonitor;
+use crate::row::OutboxStatus;
 
 /// The `Content-Type` of [`ServiceMetrics::render`]'s output (OpenMetrics text, which Prometheus scrapes).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// One service's figures at one moment (see the module's table).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ServiceFigures {
+    /// The outbox table.
+    pub outbox: OutboxStatus,
+    /// `bus_published_total`.
+    pub published: u64,
+    /// `bus_publish_failures_total`.
+    pub publish_failures: u64,
+    /// `bus_handled_total`.
+    pub handled: u64,
+    /// `bus_duplicates_total`.
+    pub duplicates: u64,
+    /// `bus_retries_total`.
+    pub retried: u64,
+    /// `bus_dead_lettered_total`.
+    pub dead_lettered: u64,
+}
 
 /// Collects one service's figures; [`render`](Self::render) them at each scrape.
 ///
@@ -93,22 +113,33 @@ impl<DB: Backend> ServiceMetrics<DB> {
         self
     }
 
+    /// The figures now.
+    ///
+    /// # Errors
+    /// The outbox's status could not be read (database unreachable).
+    pub async fn figures(&self) -> Result<ServiceFigures, OutboxError> {
+        let outbox = self.outbox.status().await?;
+        let mut figures = ServiceFigures { outbox, ..ServiceFigures::default() };
+        for relay in self.relays.iter().map(RelayMonitor::stats) {
+            figures.published += relay.published;
+            figures.publish_failures += relay.publish_failures;
+        }
+        figures.duplicates = self.inboxes.iter().map(|i| i.stats().duplicates).sum();
+        for counts in self.subscriptions.iter().map(|c| c.snapshot()) {
+            figures.handled += counts.handled;
+            figures.retried += counts.retried;
+            figures.dead_lettered += counts.dead_lettered;
+        }
+        Ok(figures)
+    }
+
     /// The figures now, in the OpenMetrics text format ([`CONTENT_TYPE`]).
     ///
     /// # Errors
     /// The outbox's status could not be read (database unreachable).
     pub async fn render(&self) -> Result<String, OutboxError> {
-        let status = self.outbox.status().await?;
-        let relays = self.relays.iter().map(RelayMonitor::stats);
-        let (published, publish_failures) =
-            relays.fold((0, 0), |(p, f), s| (p + s.published, f + s.publish_failures));
-        let duplicates: u64 = self.inboxes.iter().map(|i| i.stats().duplicates).sum();
-        let (mut handled, mut retried, mut dead_lettered) = (0, 0, 0);
-        for counts in self.subscriptions.iter().map(|c| c.snapshot()) {
-            handled += counts.handled;
-            retried += counts.retried;
-            dead_lettered += counts.dead_lettered;
-        }
+        let ServiceFigures { outbox: status, published, publish_failures, handled, duplicates, retried, dead_lettered } =
+            self.figures().await?;
         let oldest_seconds = status.oldest_pending_ms.unwrap_or(0).max(0) as f64 / 1000.0;
 
         let service = self.outbox.config().service.clone();

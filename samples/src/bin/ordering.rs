@@ -1,0 +1,17 @@
+//! The ordering service as its own process. Configuration by environment: `DATABASE_URL` (`postgres://…` or
+//! `sqlite://…`), `AMQP_URL`, `HTTP_ADDR`, `RUST_LOG`; see the README.
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    samples::init_tracing();
+    match samples::run_from_env(samples::Service::Ordering).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("ordering: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

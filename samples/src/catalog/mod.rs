@@ -1,0 +1,49 @@
+//! The catalog service: items with their price and stock.
+//!
+//! - Publishes `ProductCreated` and `ProductPriceChanged` (HTTP API), `OrderStockConfirmed` or
+//!   `OrderStockRejected` (after reserving stock).
+//! - Consumes `OrderStatusChangedToAwaitingValidation` (reserve stock, all lines or none),
+//!   `OrderStatusChangedToPaid` (`units_sold += units`) and `OrderStatusChangedToCancelled` (give reserved
+//!   stock back).
+//!
+//! Invariant at rest: for every item, `initial stock == stock + units_sold`.
+
+mod handlers;
+mod http;
+mod store;
+
+use std::sync::Arc;
+
+use bus_core::{EventBus, GroupName};
+use outbox::SubscriptionInboxExt;
+use sqlx::Pool;
+
+pub use store::{CatalogStore, Item};
+
+use crate::events::{
+    OrderStatusChangedToAwaitingValidation, OrderStatusChangedToCancelled, OrderStatusChangedToPaid,
+};
+use crate::host::{RunningService, ServiceHost, StartError};
+
+/// The default `HTTP_ADDR`.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:5101";
+
+/// Migrates `pool`'s database and starts the catalog named `name` on `bus`.
+///
+/// # Errors
+/// A migration failed or the bus refused the subscription.
+pub async fn start<DB: CatalogStore>(
+    name: GroupName,
+    pool: Pool<DB>,
+    bus: Arc<dyn EventBus>,
+) -> Result<RunningService, StartError> {
+    DB::migrate_schema(&pool).await?;
+    let host = ServiceHost::new(name, pool, bus).await?;
+    let subscription = host
+        .subscription()
+        .on_inbox::<OrderStatusChangedToAwaitingValidation, DB, _>(&host.inbox, handlers::reserve_stock::<DB>)
+        .on_inbox::<OrderStatusChangedToPaid, DB, _>(&host.inbox, handlers::record_sale::<DB>)
+        .on_inbox::<OrderStatusChangedToCancelled, DB, _>(&host.inbox, handlers::release_stock::<DB>);
+    let api = http::router(host.pool.clone(), host.outbox.clone());
+    host.start(subscription, api).await
+}

@@ -1,0 +1,141 @@
+//! The sample services: **catalog** and **ordering**, the eShopOnContainers flow on this framework, and the
+//! embedded **demo** that runs both in one process. They are the worked example of how to build a service:
+//!
+//! - [`events`]: the integration events, plain serde structs with a type name and a partition key;
+//! - [`catalog`] and [`ordering`]: each an HTTP API (axum) whose handlers change the service's database and
+//!   enqueue events **in the same transaction** (`outbox.begin()`, `tx.enqueue(&event)`, `tx.commit()`), and
+//!   event handlers that run in the **inbox's** transaction (`ctx.tx()`, `ctx.publish(..)`), so each event's
+//!   effect happens exactly once;
+//! - [`host`]: the wiring every service shares: migrations, outbox, inbox, relay, subscription, `/health` and
+//!   `/metrics`;
+//! - [`config`] and [`database`]: configuration from the environment, checked before anything starts.
+//!
+//! Each service's SQL is portable, so it runs on PostgreSQL (production) and SQLite (embedded) alike; the
+//! backend is chosen at start-up from `DATABASE_URL`.
+
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod catalog;
+pub mod client;
+pub mod config;
+pub mod database;
+pub mod demo;
+pub mod events;
+pub mod host;
+pub mod ordering;
+
+use std::sync::Arc;
+
+use bus_core::{EventBus, GroupName};
+
+use crate::config::DatabaseUrl;
+use crate::host::{RunningService, StartError};
+
+/// One of the two sample services.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Service {
+    /// The catalog.
+    Catalog,
+    /// The ordering service.
+    Ordering,
+}
+
+impl Service {
+    /// Its default name (consumer group, event source).
+    pub fn default_name(self) -> &'static str {
+        match self {
+            Self::Catalog => "catalog",
+            Self::Ordering => "ordering",
+        }
+    }
+
+    /// Its default `HTTP_ADDR`.
+    pub fn default_addr(self) -> &'static str {
+        match self {
+            Self::Catalog => catalog::DEFAULT_ADDR,
+            Self::Ordering => ordering::DEFAULT_ADDR,
+        }
+    }
+
+    /// Opens `database`, runs the migrations and starts the service named `name` on `bus`.
+    ///
+    /// # Errors
+    /// The database cannot be opened or migrated, or the bus refused the subscription.
+    pub async fn start(
+        self,
+        name: GroupName,
+        database: &DatabaseUrl,
+        bus: Arc<dyn EventBus>,
+    ) -> Result<RunningService, StartError> {
+        match database {
+            DatabaseUrl::Postgres(options) => {
+                let pool = database::postgres(options.clone()).await?;
+                match self {
+                    Self::Catalog => catalog::start(name, pool, bus).await,
+                    Self::Ordering => ordering::start(name, pool, bus).await,
+                }
+            }
+            DatabaseUrl::Sqlite(options) => {
+                let pool = database::sqlite(options.clone()).await?;
+                match self {
+                    Self::Catalog => catalog::start(name, pool, bus).await,
+                    Self::Ordering => ordering::start(name, pool, bus).await,
+                }
+            }
+        }
+    }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
+
+/// Runs `service` as its own process: configuration from the environment (see [`config`]), the RabbitMQ bus,
+/// until Ctrl-C or SIGTERM. Prints `<name> listening on http://<addr>` on stdout once it serves.
+///
+/// # Errors
+/// A bad setting (naming the variable), an unreachable database or broker, a taken address.
+pub async fn run_from_env(service: Service) -> Result<(), StartError> {
+    let env = config::ServiceEnv::from_env(service.default_name(), service.default_addr())?;
+    tracing::info!(
+        service = %env.service,
+        database = %env.database.describe(),
+        broker = %env.amqp_url(),
+        exchange = %env.rabbit.exchange,
+        "starting"
+    );
+    let listener = host::listen(env.http_addr).await?;
+    let bus = bus_rabbitmq::RabbitBus::connect(env.rabbit.clone()).await?;
+    let running = service.start(env.service.clone(), &env.database, Arc::new(bus.clone())).await?;
+    let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: env.http_addr.to_string(), source })?;
+    println!("{} listening on http://{addr}", env.service);
+    let served = running.serve(listener, shutdown_signal()).await;
+    bus.shutdown().await;
+    served.map_err(|source| StartError::Listen { addr: addr.to_string(), source })
+}

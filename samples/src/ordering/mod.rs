@@ -1,0 +1,48 @@
+//! The ordering service: orders and their payment, and a read model of the catalog's products.
+//!
+//! - Publishes `OrderStatusChangedToAwaitingValidation` (HTTP API), then `OrderStatusChangedToPaid` or
+//!   `OrderStatusChangedToCancelled`.
+//! - Consumes `ProductCreated` and `ProductPriceChanged` (the product read model), `OrderStockConfirmed`
+//!   (take the payment) and `OrderStockRejected` (cancel).
+//!
+//! Invariant at rest: every order is `paid` or `cancelled`; the read model's prices equal the catalog's.
+
+mod handlers;
+mod http;
+pub mod payment;
+mod store;
+
+use std::sync::Arc;
+
+use bus_core::{EventBus, GroupName};
+use outbox::SubscriptionInboxExt;
+use sqlx::Pool;
+
+pub use store::{Order, OrderItem, OrderingStore, Product};
+
+use crate::events::{OrderStockConfirmed, OrderStockRejected, ProductCreated, ProductPriceChanged};
+use crate::host::{RunningService, ServiceHost, StartError};
+
+/// The default `HTTP_ADDR`.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:5102";
+
+/// Migrates `pool`'s database and starts the ordering service named `name` on `bus`.
+///
+/// # Errors
+/// A migration failed or the bus refused the subscription.
+pub async fn start<DB: OrderingStore>(
+    name: GroupName,
+    pool: Pool<DB>,
+    bus: Arc<dyn EventBus>,
+) -> Result<RunningService, StartError> {
+    DB::migrate_schema(&pool).await?;
+    let host = ServiceHost::new(name, pool, bus).await?;
+    let subscription = host
+        .subscription()
+        .on_inbox::<ProductCreated, DB, _>(&host.inbox, handlers::product_created::<DB>)
+        .on_inbox::<ProductPriceChanged, DB, _>(&host.inbox, handlers::price_changed::<DB>)
+        .on_inbox::<OrderStockConfirmed, DB, _>(&host.inbox, handlers::stock_confirmed::<DB>)
+        .on_inbox::<OrderStockRejected, DB, _>(&host.inbox, handlers::stock_rejected::<DB>);
+    let api = http::router(host.pool.clone(), host.outbox.clone());
+    host.start(subscription, api).await
+}

@@ -47,7 +47,7 @@ pub use backend::Backend;
 pub use config::{InboxConfig, OutboxConfig, RelayConfig};
 pub use error::OutboxError;
 pub use inbox::{Inbox, InboxContext, InboxHandler, InboxStats, InboxTx, SubscriptionInboxExt};
-pub use outbox::{Outbox, OutboxTransaction};
 pub use metrics::{ServiceFigures, ServiceMetrics};
+pub use outbox::{Outbox, OutboxTransaction};
 pub use relay::{Relay, RelayHandle, RelayMonitor, RelayStats};
 pub use row::{FailedEvent, OutboxStatus};

@@ -1,10 +1,10 @@
 //! What both HTTP APIs share: JSON errors with the CONTRACT's status codes, and a JSON body extractor that tells
 //! malformed JSON (400) from well-formed JSON with invalid values (422).
 
+use axum::Json;
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use serde::de::DeserializeOwned;
 
 /// An error answered as `{"error": "<message>"}`.
@@ -72,10 +72,10 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
         let bytes = axum::body::Bytes::from_request(req, state)
             .await
             .map_err(|e| ApiError::malformed(format!("cannot read the body: {e}")))?;
-        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| match e.classify() {
-            serde_json::error::Category::Data => ApiError::invalid(e.to_string()),
-            _ => ApiError::malformed(format!("malformed JSON: {e}")),
-        })
+        // Syntax first (400), then shape (422): `[1,` is malformed even though its first value has the wrong type.
+        let value: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| ApiError::malformed(format!("malformed JSON: {e}")))?;
+        T::deserialize(value).map(JsonBody).map_err(|e| ApiError::invalid(e.to_string()))
     }
 }
 

@@ -201,7 +201,11 @@ impl ShopClient {
     ///
     /// # Errors
     /// Still unsettled after `timeout` (the message says what is left), or a request failed.
-    pub async fn wait_settled(&self, timeout: Duration, mut progress: impl FnMut(usize, usize)) -> Result<(), ClientError> {
+    pub async fn wait_settled(
+        &self,
+        timeout: Duration,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<(), ClientError> {
         let start = Instant::now();
         loop {
             let orders = self.orders().await?;
@@ -258,7 +262,8 @@ impl ShopClient {
             }
             let sold = paid_units.get(&item.id).copied().unwrap_or(0);
             if item.units_sold != sold {
-                violations.push(format!("item {}: units_sold {} but paid orders hold {sold}", item.id, item.units_sold));
+                violations
+                    .push(format!("item {}: units_sold {} but paid orders hold {sold}", item.id, item.units_sold));
             }
             match products.get(&item.id) {
                 Some(&price) if price == item.price_cents => {}

@@ -68,7 +68,10 @@ impl Demo {
             Some(dir) => (dir, None),
             None => {
                 let temp = tempfile::Builder::new().prefix("bus-demo-").tempdir().map_err(|source| {
-                    StartError::Config(crate::config::ConfigError::new("--data-dir", format!("no temporary directory: {source}")))
+                    StartError::Config(crate::config::ConfigError::new(
+                        "--data-dir",
+                        format!("no temporary directory: {source}"),
+                    ))
                 })?;
                 (temp.path().to_path_buf(), Some(temp))
             }

@@ -17,7 +17,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use bus_core::{BusError, EventBus, GroupName, RetryPolicy, Subscription, SubscriptionHandle};
-use outbox::{Backend, Inbox, InboxConfig, Outbox, OutboxConfig, OutboxError, RelayConfig, RelayHandle, ServiceFigures, ServiceMetrics};
+use outbox::{
+    Backend, Inbox, InboxConfig, Outbox, OutboxConfig, OutboxError, RelayConfig, RelayHandle, ServiceFigures,
+    ServiceMetrics,
+};
 use sqlx::Pool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -96,24 +99,14 @@ impl<DB: Backend> ServiceHost<DB> {
         let relay = self.outbox.relay(self.bus.clone(), RelayConfig::default())?.spawn();
         let stop = CancellationToken::new();
         let cleanup = self.inbox.spawn_cleanup(stop.clone());
-        let metrics = ServiceMetrics::new(&self.outbox)
-            .relay(relay.monitor())
-            .inbox(&self.inbox)
-            .subscription(&subscription);
+        let metrics =
+            ServiceMetrics::new(&self.outbox).relay(relay.monitor()).inbox(&self.inbox).subscription(&subscription);
         let probe: Arc<dyn Probe> = Arc::new(HostProbe { pool: self.pool.clone(), bus: self.bus.clone(), metrics });
         let operations = Router::new()
             .route("/health", get(health))
             .route("/metrics", get(render_metrics))
             .with_state(probe.clone());
-        Ok(RunningService {
-            name: self.name,
-            probe,
-            router: api.merge(operations),
-            subscription,
-            relay,
-            stop,
-            cleanup,
-        })
+        Ok(RunningService { name: self.name, probe, router: api.merge(operations), subscription, relay, stop, cleanup })
     }
 }
 
@@ -152,7 +145,11 @@ impl RunningService {
     ///
     /// # Errors
     /// The HTTP server failed.
-    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
         let served = axum::serve(listener, self.router).with_graceful_shutdown(shutdown).await;
         self.subscription.stop().await;
         self.relay.shutdown().await;

@@ -133,7 +133,8 @@ pub async fn run_from_env(service: Service) -> Result<(), StartError> {
     let listener = host::listen(env.http_addr).await?;
     let bus = bus_rabbitmq::RabbitBus::connect(env.rabbit.clone()).await?;
     let running = service.start(env.service.clone(), &env.database, Arc::new(bus.clone())).await?;
-    let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: env.http_addr.to_string(), source })?;
+    let addr =
+        listener.local_addr().map_err(|source| StartError::Listen { addr: env.http_addr.to_string(), source })?;
     println!("{} listening on http://{addr}", env.service);
     let served = running.serve(listener, shutdown_signal()).await;
     bus.shutdown().await;

@@ -43,7 +43,8 @@ async fn main() -> anyhow::Result<()> {
         unsafe { std::env::set_var("RUST_LOG", "warn") };
     }
     samples::init_tracing();
-    let config = DemoConfig { data_dir: args.data_dir, catalog_addr: args.catalog_addr, ordering_addr: args.ordering_addr };
+    let config =
+        DemoConfig { data_dir: args.data_dir, catalog_addr: args.catalog_addr, ordering_addr: args.ordering_addr };
     let demo = Demo::start(config).await.context("cannot start the demo")?;
     let client = demo.client.clone();
     let initial = seed(&client).await.context("cannot seed the catalog")?;
@@ -109,7 +110,9 @@ async fn main() -> anyhow::Result<()> {
     println!("{:<34} {:>10.2?}", "time to place", placed_in);
     println!("{:<34} {:>10.2?}", "time until all settled", total);
     if violations.is_empty() {
-        println!("invariants: ok (every order settled, stock + units_sold = initial stock, prices agree, outboxes empty)");
+        println!(
+            "invariants: ok (every order settled, stock + units_sold = initial stock, prices agree, outboxes empty)"
+        );
     } else {
         println!("invariants VIOLATED:");
         for violation in &violations {

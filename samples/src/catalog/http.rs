@@ -61,12 +61,12 @@ async fn create_item<DB: CatalogStore>(
     check_name("name", &new.name)?;
     check_not_negative("price_cents", new.price_cents)?;
     check_not_negative("stock", new.stock)?;
-    let item = Item { id: Uuid::now_v7(), name: new.name, price_cents: new.price_cents, stock: new.stock, units_sold: 0 };
+    let item =
+        Item { id: Uuid::now_v7(), name: new.name, price_cents: new.price_cents, stock: new.stock, units_sold: 0 };
 
     let mut tx = catalog.outbox.begin().await?;
     DB::insert_item(&mut tx, &item).await?;
-    tx.enqueue(&ProductCreated { product_id: item.id, name: item.name.clone(), price_cents: item.price_cents })
-        .await?;
+    tx.enqueue(&ProductCreated { product_id: item.id, name: item.name.clone(), price_cents: item.price_cents }).await?;
     tx.commit().await?;
     tracing::info!(item = %item.id, name = %item.name, "item created");
     Ok((StatusCode::CREATED, Json(item)))
@@ -100,8 +100,7 @@ async fn change_price<DB: CatalogStore>(
     let old_price_cents = item.price_cents;
     if old_price_cents != new.price_cents {
         DB::set_price(&mut tx, id, new.price_cents).await?;
-        tx.enqueue(&ProductPriceChanged { product_id: id, old_price_cents, new_price_cents: new.price_cents })
-            .await?;
+        tx.enqueue(&ProductPriceChanged { product_id: id, old_price_cents, new_price_cents: new.price_cents }).await?;
         item.price_cents = new.price_cents;
     }
     tx.commit().await?;

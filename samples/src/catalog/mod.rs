@@ -20,9 +20,7 @@ use sqlx::Pool;
 
 pub use store::{CatalogStore, Item};
 
-use crate::events::{
-    OrderStatusChangedToAwaitingValidation, OrderStatusChangedToCancelled, OrderStatusChangedToPaid,
-};
+use crate::events::{OrderStatusChangedToAwaitingValidation, OrderStatusChangedToCancelled, OrderStatusChangedToPaid};
 use crate::host::{RunningService, ServiceHost, StartError};
 
 /// The default `HTTP_ADDR`.

@@ -60,7 +60,10 @@ async fn price_lines<DB: OrderingStore>(pool: &Pool<DB>, lines: &[OrderLine]) ->
     let mut items = Vec::with_capacity(lines.len());
     for line in lines {
         if line.units < 1 {
-            return Err(ApiError::invalid(format!("units must be at least 1 (got {} for {})", line.units, line.product_id)));
+            return Err(ApiError::invalid(format!(
+                "units must be at least 1 (got {} for {})",
+                line.units, line.product_id
+            )));
         }
         let product = match products.get(&line.product_id) {
             Some(product) => product.clone(),
@@ -127,21 +130,13 @@ async fn place_order<DB: OrderingStore>(
     for (line, item) in (1..).zip(&items) {
         DB::insert_line(&mut tx, header.id, line, item).await?;
     }
-    let event = OrderStatusChangedToAwaitingValidation {
-        order_id: header.id,
-        buyer: header.buyer.clone(),
-        items: new.items,
-    };
+    let event =
+        OrderStatusChangedToAwaitingValidation { order_id: header.id, buyer: header.buyer.clone(), items: new.items };
     tx.enqueue(&event).await?;
     tx.commit().await?;
     tracing::info!(order = %header.id, buyer = %header.buyer, total_cents = header.total_cents, "order placed");
-    let order = Order {
-        id: header.id,
-        buyer: header.buyer,
-        status: header.status,
-        items,
-        total_cents: header.total_cents,
-    };
+    let order =
+        Order { id: header.id, buyer: header.buyer, status: header.status, items, total_cents: header.total_cents };
     Ok((StatusCode::ACCEPTED, Json(order)))
 }
 

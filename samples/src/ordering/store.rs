@@ -151,12 +151,13 @@ macro_rules! ordering_store {
             }
 
             async fn change_price(conn: &mut Self::Connection, id: Uuid, old: i64, new: i64) -> sqlx::Result<bool> {
-                let done = sqlx::query("UPDATE products SET price_cents = $1 WHERE product_id = $2 AND price_cents = $3")
-                    .bind(new)
-                    .bind(id)
-                    .bind(old)
-                    .execute(conn)
-                    .await?;
+                let done =
+                    sqlx::query("UPDATE products SET price_cents = $1 WHERE product_id = $2 AND price_cents = $3")
+                        .bind(new)
+                        .bind(id)
+                        .bind(old)
+                        .execute(conn)
+                        .await?;
                 Ok(done.rows_affected() == 1)
             }
 

@@ -35,6 +35,8 @@
 mod backend;
 mod config;
 mod error;
+#[cfg(feature = "failpoints")]
+mod failpoint;
 mod inbox;
 pub mod metrics;
 mod outbox;

@@ -195,6 +195,8 @@ impl<DB: Backend> Relay<DB> {
             }
         }
         if !published.is_empty() {
+            #[cfg(feature = "failpoints")]
+            crate::failpoint::crash_point("relay-after-confirm");
             DB::mark_published(pool, sql, &published).await?;
             if Instant::now() > lease_until {
                 tracing::warn!(

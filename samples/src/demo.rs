@@ -178,13 +178,17 @@ pub struct PlacedOrders {
 /// every 5th sent twice at once with the same `Idempotency-Key` (must yield one order). `progress` is called
 /// once per order.
 ///
+/// A request that gets no answer or a 5xx (the service is restarting) is sent again with the same key for up to
+/// `retry_for`: whether or not the first attempt committed, the order exists once.
+///
 /// # Errors
-/// A request failed, or two requests with one key got different orders.
+/// A request failed (for longer than `retry_for`), or two requests with one key got different orders.
 pub async fn place_orders(
     client: &ShopClient,
     products: &[Uuid],
     n: usize,
     concurrency: usize,
+    retry_for: Duration,
     progress: impl Fn() + Sync,
 ) -> Result<PlacedOrders, ClientError> {
     let repeated = AtomicUsize::new(0);
@@ -202,11 +206,9 @@ pub async fn place_orders(
                     })
                     .collect();
                 let key = format!("demo-{run}-{i}");
+                let place = || place_with_retry(client, &buyer, &lines, &key, retry_for);
                 if i % 5 == 0 {
-                    let (a, b) = tokio::join!(
-                        client.place_order(&buyer, &lines, Some(&key)),
-                        client.place_order(&buyer, &lines, Some(&key))
-                    );
+                    let (a, b) = tokio::join!(place(), place());
                     let (a, b) = (a?, b?);
                     if a.id != b.id {
                         return Err(ClientError::NotSettled(
@@ -216,7 +218,7 @@ pub async fn place_orders(
                     }
                     repeated.fetch_add(1, Ordering::Relaxed);
                 } else {
-                    client.place_order(&buyer, &lines, Some(&key)).await?;
+                    place().await?;
                 }
                 progress();
                 Ok(())
@@ -232,4 +234,24 @@ pub async fn place_orders(
         declined_expected: (0..n).filter(|i| i % 10 == 3).count(),
         over_stock: (0..n).filter(|i| i % 10 == 7).count(),
     })
+}
+
+async fn place_with_retry(
+    client: &ShopClient,
+    buyer: &str,
+    lines: &[(Uuid, i64)],
+    key: &str,
+    retry_for: Duration,
+) -> Result<crate::client::OrderView, ClientError> {
+    let deadline = std::time::Instant::now() + retry_for;
+    loop {
+        match client.place_order(buyer, lines, Some(key)).await {
+            Err(ClientError::Http(_)) | Err(ClientError::Status { status: 500.., .. })
+                if std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
 }

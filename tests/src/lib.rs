@@ -11,6 +11,8 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+pub mod shop;
+
 use async_trait::async_trait;
 use bus_core::IntegrationEvent;
 use outbox::{Backend, OutboxConfig};

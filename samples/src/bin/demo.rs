@@ -78,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
             .progress_chars("=> "),
     );
     bar.set_message("placing");
-    let placed = place_orders(&client, &products, n, args.concurrency, || bar.inc(1)).await?;
+    let placed = place_orders(&client, &products, n, args.concurrency, Duration::ZERO, || bar.inc(1)).await?;
     let placed_in = started.elapsed();
     bar.set_position(0);
     bar.set_message("settling");

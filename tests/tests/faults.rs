@@ -1,0 +1,356 @@
+//! The fault-injection suite: the sample services as real processes (PostgreSQL + RabbitMQ), a burst of orders,
+//! one fault in the middle of it, then a [`Ledger`] line that accounts for every order and event (lost,
+//! duplicate effects, reordered per key, dead letters) and the CONTRACT's invariants.
+//!
+//! Some scenarios stop or restart the broker or PostgreSQL for everybody: this is its own test binary (Cargo
+//! runs test binaries one at a time) and its scenarios run one at a time. With nextest, the `serial-services`
+//! test group in `.config/nextest.toml` does the same.
+//!
+//! Knobs: `FAULT_ORDERS` (orders per scenario, default 150), `FAULT_SEED` (when the fault strikes; printed on
+//! every ledger line so a run can be repeated). Full run: `FAULT_ORDERS=1000 cargo test -p integration-tests
+//! --test faults -- --nocapture --test-threads 1`. Ledger lines also go to `target/fault-ledger.log`.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bus_core::EventBus;
+use integration_tests::shop::{Ledger, Shop, settle};
+use integration_tests::{database_url, plain_amqp, rabbit_bus};
+use lapin::BasicProperties;
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable};
+use outbox::{Outbox, OutboxConfig};
+use samples::Service;
+use samples::demo::{place_orders, seed};
+use tokio::sync::Mutex;
+use uuid::Uuid;
+
+/// One scenario at a time: some break shared services.
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_shop-service"))
+}
+
+fn orders() -> usize {
+    std::env::var("FAULT_ORDERS").ok().and_then(|v| v.parse().ok()).unwrap_or(150)
+}
+
+fn fault_seed() -> u64 {
+    std::env::var("FAULT_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| fastrand::u64(..))
+}
+
+/// A scenario: a fresh shop (with `extra_env` on one service's first start), seeded; a burst of [`orders`] in
+/// the background; once a seeded 20–60 % of them are placed, `fault` runs; then the burst finishes, the shop
+/// settles and the ledger is checked. `inspect` may add figures and expectations to the ledger.
+async fn scenario<F, I>(name: &str, extra_env: &[(Service, &str, &str)], fault: F, inspect: I)
+where
+    F: AsyncFnOnce(&mut Shop),
+    I: AsyncFnOnce(&Shop, &mut Ledger),
+{
+    let _only_me = SERIAL.lock().await;
+    integration_tests::init_tracing();
+    let (n, seed_value) = (orders(), fault_seed());
+    let mut rng = fastrand::Rng::with_seed(seed_value);
+    let fault_at = n * rng.usize(20..=60) / 100;
+    let mut shop = Shop::start(binary(), extra_env).await;
+    let client = shop.client();
+    let initial = seed(&client).await.expect("seeded");
+    let products: Vec<Uuid> = initial.keys().copied().collect();
+
+    let placed = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let burst = {
+        let (client, placed) = (client.clone(), placed.clone());
+        tokio::spawn(async move {
+            place_orders(&client, &products, n, 8, Duration::from_secs(120), || {
+                placed.fetch_add(1, Ordering::Relaxed);
+            })
+            .await
+        })
+    };
+    while placed.load(Ordering::Relaxed) < fault_at && !burst.is_finished() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    fault(&mut shop).await;
+    let placed_orders = burst.await.expect("burst task").expect("every order placed (retried through the fault)");
+    assert_eq!(placed_orders.orders, n);
+    let settle_time = settle(&shop.client()).await;
+    let mut ledger = shop.ledger(name, &initial, settle_time).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    ledger.extra.push(format!("seed={seed_value} fault_at_order={fault_at}"));
+    ledger.extra.push(format!("events_per_s={:.0}", ledger.events as f64 / elapsed));
+    inspect(&shop, &mut ledger).await;
+    let violations = shop.client().invariant_violations(&initial).await.expect("invariants readable");
+    let dead_letter_violations = violations.iter().filter(|v| !v.contains("bus_dead_lettered_total")).count();
+    ledger.check();
+    assert_eq!(ledger.orders, n, "one order per placed order (retries with the same key included)");
+    if ledger.expected_dead_letters == 0 {
+        assert!(violations.is_empty(), "invariants: {violations:?}");
+    } else {
+        assert_eq!(dead_letter_violations, 0, "invariants: {violations:?}");
+        shop.purge_dead_letters().await;
+    }
+    shop.teardown().await;
+}
+
+async fn nothing(_: &Shop, _: &mut Ledger) {}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_catalog_mid_burst() {
+    scenario(
+        "kill-catalog",
+        &[],
+        async |shop: &mut Shop| {
+            shop.kill(Service::Catalog).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            shop.restart(Service::Catalog).await;
+        },
+        nothing,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_ordering_mid_burst() {
+    scenario(
+        "kill-ordering",
+        &[],
+        async |shop: &mut Shop| {
+            shop.kill(Service::Ordering).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            shop.restart(Service::Ordering).await;
+        },
+        nothing,
+    )
+    .await;
+}
+
+/// The ordering service aborts (failpoint) after the broker confirmed a relay batch and before the relay marked
+/// it: after the restart those events are published again, and the catalog's inbox must skip every one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn relay_crash_between_confirm_and_mark() {
+    scenario(
+        "relay-crash-after-confirm",
+        &[(Service::Ordering, "BUS_FAILPOINT", "relay-after-confirm@5")],
+        async |shop: &mut Shop| {
+            let process = shop.ordering.process.as_mut().expect("ordering running");
+            assert!(process.exited_within(Duration::from_secs(60)).await, "the failpoint aborted the ordering service");
+            shop.restart(Service::Ordering).await;
+        },
+        async |_: &Shop, ledger: &mut Ledger| {
+            assert!(ledger.duplicates_skipped > 0, "the republished batch reached the catalog's inbox: {ledger}");
+        },
+    )
+    .await;
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let status = std::process::Command::new("rabbitmqctl").args(args).status().unwrap_or_else(|e| {
+        panic!("this scenario needs rabbitmqctl on the host, for the broker under test ({e})")
+    });
+    assert!(status.success(), "rabbitmqctl {args:?} failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn broker_connections_closed_then_broker_restarted() {
+    scenario(
+        "broker-restart",
+        &[],
+        async |_: &mut Shop| {
+            tokio::task::spawn_blocking(|| {
+                rabbitmqctl(&["close_all_connections", "fault injection"]);
+                std::thread::sleep(Duration::from_secs(1));
+                rabbitmqctl(&["stop_app"]);
+                std::thread::sleep(Duration::from_secs(2));
+                rabbitmqctl(&["start_app"]);
+                rabbitmqctl(&["await_startup"]);
+            })
+            .await
+            .expect("broker restarted");
+        },
+        nothing,
+    )
+    .await;
+}
+
+/// The local cluster's `pg_ctlcluster` arguments, when PostgreSQL runs on this host.
+fn local_cluster() -> Option<String> {
+    std::fs::read_dir("/etc/postgresql").ok()?.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).next()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn database_connections_killed_then_postgres_restarted() {
+    let Some(version) = local_cluster() else {
+        let message = "database_connections_killed_then_postgres_restarted needs the PostgreSQL under test on this \
+                       host (pg_ctlcluster) to restart it";
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{message}");
+        eprintln!("NOT RUN: {message}");
+        return;
+    };
+    scenario(
+        "database-faults",
+        &[],
+        async |shop: &mut Shop| {
+            let admin = sqlx::PgPool::connect(&database_url().await).await.expect("PostgreSQL reachable");
+            let killed: Vec<(bool,)> = sqlx::query_as(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 OR datname = $2",
+            )
+            .bind(&shop.catalog.database.0)
+            .bind(&shop.ordering.database.0)
+            .fetch_all(&admin)
+            .await
+            .expect("terminate backends");
+            assert!(!killed.is_empty(), "the services had connections to kill");
+            admin.close().await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let status = tokio::process::Command::new("pg_ctlcluster")
+                .args(["--skip-systemctl-redirect", &version, "main", "restart", "-m", "immediate"])
+                .status()
+                .await
+                .expect("pg_ctlcluster runs");
+            assert!(status.success(), "PostgreSQL restarted");
+        },
+        nothing,
+    )
+    .await;
+}
+
+/// Redeliveries of real events (same message ids) and poison messages injected straight into the ordering
+/// service's queue: the duplicates are skipped, each poison message is dead-lettered with its reason, the good
+/// events flow on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn duplicates_and_poison_messages_injected() {
+    const DUPLICATES: usize = 40;
+    scenario(
+        "duplicates-and-poison",
+        &[],
+        async |shop: &mut Shop| {
+            // Duplicates: the catalog's own published events, exactly as they were, through the framework's bus.
+            let catalog = Outbox::new(shop.catalog.pool.clone(), OutboxConfig::new(shop.catalog.name.as_str()))
+                .expect("catalog outbox");
+            let published = catalog.published_events(0, i64::MAX, None, DUPLICATES as i64).await.expect("published");
+            assert_eq!(published.len(), DUPLICATES, "enough published catalog events to duplicate");
+            let exchange = shop.exchange.clone();
+            let bus = rabbit_bus(|c| c.exchange = exchange).await;
+            for (_, envelope) in published {
+                bus.publish_confirmed(envelope).await.expect("duplicate published");
+            }
+            bus.shutdown().await;
+
+            // Poison, straight into the queue (default exchange).
+            let channel = plain_amqp().await;
+            let queue = shop.ordering.name.clone();
+            let properties = |id: Option<&str>, kind: &str| {
+                let mut p = BasicProperties::default().with_type(kind.into()).with_content_type("application/json".into());
+                if let Some(id) = id {
+                    p = p.with_message_id(id.into());
+                }
+                let mut headers = FieldTable::default();
+                headers.insert("x-event-version".into(), AMQPValue::LongInt(1));
+                p.with_headers(headers)
+            };
+            let id = || Uuid::now_v7().to_string();
+            let oversized = vec![b' '; 300 * 1024];
+            let poison: Vec<(BasicProperties, &[u8])> = vec![
+                (properties(Some(&id()), "OrderStockConfirmed"), b"{not json"),
+                (properties(Some(&id()), "NoSuchEvent"), b"{}"),
+                (properties(None, "OrderStockConfirmed"), br#"{"order_id":"0193a8e0-0000-7000-8000-000000000000"}"#),
+                (properties(Some(&id()), "OrderStockConfirmed"), &oversized),
+            ];
+            for (properties, body) in poison {
+                channel
+                    .basic_publish("".into(), queue.as_str().into(), BasicPublishOptions::default(), body, properties)
+                    .await
+                    .expect("publish poison")
+                    .await
+                    .expect("poison confirmed");
+            }
+        },
+        async |shop: &Shop, ledger: &mut Ledger| {
+            ledger.expected_dead_letters = 4;
+            let client = shop.client();
+            let skipped = client.metric(&client.ordering, "bus_duplicates_total").await.unwrap().unwrap_or(0.0);
+            assert!(skipped >= DUPLICATES as f64, "ordering's inbox skipped the {DUPLICATES} duplicates: {skipped}");
+            let start = Instant::now();
+            while shop.dead_letters().await < 4 && start.elapsed() < Duration::from_secs(30) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            ledger.dead_lettered = shop.dead_letters().await;
+        },
+    )
+    .await;
+}
+
+/// The catalog is frozen (SIGSTOP) for 5 s while orders keep coming: messages wait in its queue, the ordering
+/// process's memory stays flat, and once resumed the catalog drains the backlog with bounded memory (prefetch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_consumer_while_the_producer_bursts() {
+    let rss: Arc<std::sync::Mutex<HashMap<&'static str, u64>>> = Arc::default();
+    let (during, after) = (rss.clone(), rss.clone());
+    scenario(
+        "slow-consumer",
+        &[],
+        async move |shop: &mut Shop| {
+            let catalog = shop.catalog.process.as_ref().expect("catalog running");
+            let ordering = shop.ordering.process.as_ref().expect("ordering running");
+            let before = ordering.rss_kib().unwrap_or(0);
+            catalog.signal("STOP");
+            let mut peak = before;
+            for _ in 0..50 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                peak = peak.max(ordering.rss_kib().unwrap_or(0));
+            }
+            catalog.signal("CONT");
+            let mut rss = during.lock().unwrap();
+            rss.insert("ordering_rss_kib_before", before);
+            rss.insert("ordering_rss_kib_peak_while_stalled", peak);
+        },
+        async move |shop: &Shop, ledger: &mut Ledger| {
+            let catalog = shop.catalog.process.as_ref().expect("catalog running").rss_kib().unwrap_or(0);
+            let rss = after.lock().unwrap();
+            for (key, value) in rss.iter() {
+                ledger.extra.push(format!("{key}={value}"));
+            }
+            ledger.extra.push(format!("catalog_rss_kib_after_drain={catalog}"));
+            let growth = rss["ordering_rss_kib_peak_while_stalled"].saturating_sub(rss["ordering_rss_kib_before"]);
+            assert!(growth < 64 * 1024, "the producer's memory stays bounded while its consumer stalls: +{growth} KiB");
+        },
+    )
+    .await;
+}
+
+/// A transaction holds back PostgreSQL's xmin (a snapshot kept open on the ordering database) for the whole
+/// burst: dead outbox rows cannot be vacuumed; the relay must keep going. Throughput is in `events_per_s`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn long_transaction_holds_back_xmin() {
+    let holder: Arc<Mutex<Option<sqlx::Transaction<'static, sqlx::Postgres>>>> = Arc::default();
+    let (open, close) = (holder.clone(), holder.clone());
+    scenario(
+        "long-transaction",
+        &[],
+        async move |shop: &mut Shop| {
+            let mut tx = shop.ordering.pool.begin().await.expect("begin");
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ").execute(&mut *tx).await.expect("isolation");
+            let _: i64 = sqlx::query_scalar("SELECT count(*) FROM bus_outbox").fetch_one(&mut *tx).await.expect("snapshot");
+            *open.lock().await = Some(tx);
+        },
+        async move |_: &Shop, ledger: &mut Ledger| {
+            let tx = close.lock().await.take().expect("the long transaction was open throughout");
+            let age: f64 = {
+                let mut tx = tx;
+                let age = sqlx::query_scalar("SELECT EXTRACT(EPOCH FROM now() - xact_start)::float8 FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+                    .fetch_one(&mut *tx)
+                    .await
+                    .unwrap_or(0.0);
+                tx.commit().await.expect("commit");
+                age
+            };
+            ledger.extra.push(format!("xmin_held_s={age:.1}"));
+        },
+    )
+    .await;
+}

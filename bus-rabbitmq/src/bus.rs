@@ -91,9 +91,19 @@ impl RabbitBus {
     }
 }
 
-#[async_trait]
-impl EventBus for RabbitBus {
-    async fn publish(&self, envelope: Envelope) -> Result<Confirmation, BusError> {
+impl RabbitBus {
+    /// Publishes `envelope` to the queue of `group` only (through the default exchange), not to every group
+    /// subscribed to its type: for replaying events to one service that rebuilds a read model. Same wire format,
+    /// confirms and `mandatory` flag as [`publish`](EventBus::publish): a group without a queue is
+    /// [`BusError::Unroutable`].
+    ///
+    /// # Errors
+    /// As `publish`.
+    pub async fn publish_to_group(&self, group: &GroupName, envelope: Envelope) -> Result<Confirmation, BusError> {
+        self.send(Route::Queue(group.as_str()), envelope).await
+    }
+
+    async fn send(&self, route: Route<'_>, envelope: Envelope) -> Result<Confirmation, BusError> {
         let inner = &self.inner;
         if inner.stop.is_cancelled() {
             return Err(BusError::Closed);
@@ -111,8 +121,14 @@ impl EventBus for RabbitBus {
         let published = session
             .publisher
             .basic_publish(
-                inner.config.exchange.as_str().into(),
-                envelope.event_type().as_str().into(),
+                match route {
+                    Route::Exchange => inner.config.exchange.as_str().into(),
+                    Route::Queue(_) => "".into(),
+                },
+                match route {
+                    Route::Exchange => envelope.event_type().as_str().into(),
+                    Route::Queue(queue) => queue.into(),
+                },
                 BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
                 envelope.payload(),
                 wire::properties(&envelope),
@@ -149,6 +165,20 @@ impl EventBus for RabbitBus {
             let _ = answer_tx.send(result);
         });
         Ok(confirmation)
+    }
+}
+
+/// Where a publish goes: the topic exchange (every subscribed group), or one group's queue.
+#[derive(Clone, Copy)]
+enum Route<'a> {
+    Exchange,
+    Queue(&'a str),
+}
+
+#[async_trait]
+impl EventBus for RabbitBus {
+    async fn publish(&self, envelope: Envelope) -> Result<Confirmation, BusError> {
+        self.send(Route::Exchange, envelope).await
     }
 
     async fn health(&self) -> Result<(), BusError> {

@@ -96,6 +96,10 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     #[doc(hidden)]
     async fn delete_inbox(pool: &Pool<Self>, sql: &Sql, older_than: Duration, limit: i64) -> Result<u64, OutboxError>;
 
+    /// Deletes every inbox row of `handler`; returns how many.
+    #[doc(hidden)]
+    async fn forget_inbox(pool: &Pool<Self>, sql: &Sql, handler: &str) -> Result<u64, OutboxError>;
+
     /// Published rows with `from < seq <= to` (and of type `event_type` if given), oldest first, for replay.
     #[doc(hidden)]
     async fn published_range(

@@ -112,6 +112,11 @@ impl<DB: Backend> Inbox<DB> {
     }
 }
 
+/// The inbox's name for one handler: `<group>/<event type>` (one row per event and handler).
+pub(crate) fn handler_key(group: &str, event_type: &str) -> String {
+    format!("{group}/{event_type}")
+}
+
 /// A handler that writes through the inbox's transaction. Implemented for every
 /// `Fn(E, InboxContext<DB>) -> impl Future<Output = Result<(), HandlerError>>`, so a plain async fn is one.
 #[async_trait]
@@ -197,7 +202,7 @@ impl<E: IntegrationEvent, DB: Backend, H: InboxHandler<E, DB>> EnvelopeHandler f
             .map_err(|e| HandlerError::permanent(format!("payload is not a valid {}: {e}", E::TYPE_NAME)))?;
         let outbox = &self.inbox.outbox;
         let counters = &self.inbox.counters;
-        let handler_key = format!("{}/{}", delivery.group(), E::TYPE_NAME);
+        let handler_key = handler_key(delivery.group().as_str(), E::TYPE_NAME);
         let mut tx = outbox.pool().begin().await.map_err(HandlerError::transient)?;
         // First statement: a duplicate (even a concurrent one) stops here.
         let fresh = DB::insert_inbox(&mut tx, outbox.sql(), delivery.event_id(), &handler_key)

@@ -34,6 +34,7 @@
 
 mod backend;
 mod config;
+mod database_url;
 mod error;
 #[cfg(feature = "failpoints")]
 mod failpoint;
@@ -47,6 +48,7 @@ mod wakeup;
 
 pub use backend::Backend;
 pub use config::{InboxConfig, OutboxConfig, RelayConfig};
+pub use database_url::DatabaseUrl;
 pub use error::OutboxError;
 pub use inbox::{Inbox, InboxContext, InboxHandler, InboxStats, InboxTx, SubscriptionInboxExt};
 pub use metrics::{ServiceFigures, ServiceMetrics};

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use bus_core::{Envelope, EnvelopeBuilder, EventBus, IntegrationEvent};
+use bus_core::{Envelope, EnvelopeBuilder, EventBus, EventTypeName, GroupName, IntegrationEvent};
 use sqlx::{Pool, Transaction};
 use uuid::Uuid;
 
@@ -184,6 +184,19 @@ impl<DB: Backend> Outbox<DB> {
     ) -> Result<Vec<(i64, Envelope)>, OutboxError> {
         let rows = DB::published_range(&self.inner.pool, &self.inner.sql, from_seq, to_seq, event_type, limit).await?;
         rows.iter().map(|r: &OutboxRow| Ok((r.seq, r.to_envelope()?))).collect()
+    }
+}
+
+impl<DB: Backend> Outbox<DB> {
+    /// Makes the inbox forget every event consumer group `group` handled for event type `event_type`, so that
+    /// they are handled again when they are replayed (`busctl replay`): the first step of rebuilding a read model,
+    /// together with emptying the model itself. Returns how many inbox rows were deleted.
+    ///
+    /// # Errors
+    /// The database failed.
+    pub async fn forget_handled(&self, group: &GroupName, event_type: &EventTypeName) -> Result<u64, OutboxError> {
+        let handler = crate::inbox::handler_key(group.as_str(), event_type.as_str());
+        DB::forget_inbox(&self.inner.pool, &self.inner.sql, &handler).await
     }
 }
 

@@ -54,6 +54,7 @@ pub struct Sql {
     pub requeue_failed: String,
     pub delete_published: String,
     pub delete_inbox: String,
+    pub forget_inbox: String,
     pub select_range: String,
 }
 
@@ -136,6 +137,7 @@ impl Sql {
                     "DELETE FROM {inbox} WHERE ctid IN (SELECT ctid FROM {inbox} \
                      WHERE handled_at < now() - $1 * interval '1 millisecond' LIMIT $2)"
                 ),
+                forget_inbox: format!("DELETE FROM {inbox} WHERE handler = $1"),
                 select_range: format!(
                     "SELECT {COLUMNS} FROM {t} WHERE seq > $1 AND seq <= $2 AND status = {PUBLISHED} \
                      AND ($3::text IS NULL OR event_type = $3) ORDER BY seq LIMIT $4"
@@ -209,6 +211,7 @@ impl Sql {
                 delete_inbox: format!(
                     "DELETE FROM {inbox} WHERE rowid IN (SELECT rowid FROM {inbox} WHERE handled_at < {NOW} - ?1 LIMIT ?2)"
                 ),
+                forget_inbox: format!("DELETE FROM {inbox} WHERE handler = ?1"),
                 select_range: format!(
                     "SELECT {COLUMNS} FROM {t} WHERE seq > ?1 AND seq <= ?2 AND status = {PUBLISHED} \
                      AND (?3 IS NULL OR event_type = ?3) ORDER BY seq LIMIT ?4"

@@ -4,10 +4,10 @@
 //! password.
 
 use std::net::SocketAddr;
-use std::str::FromStr;
 
 use bus_core::GroupName;
 use bus_rabbitmq::{AmqpUrl, RabbitConfig};
+pub use outbox::DatabaseUrl;
 
 /// A refused setting: which variable, and why.
 #[derive(Debug, thiserror::Error)]
@@ -22,55 +22,6 @@ pub struct ConfigError {
 impl ConfigError {
     pub(crate) fn new(variable: &'static str, reason: impl Into<String>) -> Self {
         Self { variable, reason: reason.into() }
-    }
-}
-
-/// Where a service keeps its data: PostgreSQL or SQLite, chosen by the URL's scheme.
-#[derive(Clone)]
-pub enum DatabaseUrl {
-    /// `postgres://…` or `postgresql://…`.
-    Postgres(sqlx::postgres::PgConnectOptions),
-    /// `sqlite://path` (created if missing).
-    Sqlite(sqlx::sqlite::SqliteConnectOptions),
-}
-
-impl DatabaseUrl {
-    /// Parses `url`; errors name `variable`.
-    ///
-    /// # Errors
-    /// An unsupported scheme or an unparsable URL.
-    pub fn parse(variable: &'static str, url: &str) -> Result<Self, ConfigError> {
-        let scheme = url.split_once("://").map(|(scheme, _)| scheme).unwrap_or_default();
-        // sqlx's parse errors can quote the URL; never echo it (it may hold a password).
-        match scheme {
-            "postgres" | "postgresql" => sqlx::postgres::PgConnectOptions::from_str(url)
-                .map(Self::Postgres)
-                .map_err(|_| ConfigError::new(variable, "not a valid PostgreSQL URL (postgres://user@host:port/db)")),
-            "sqlite" => sqlx::sqlite::SqliteConnectOptions::from_str(url)
-                .map(|o| Self::Sqlite(o.create_if_missing(true)))
-                .map_err(|_| ConfigError::new(variable, "not a valid SQLite URL (sqlite://path/to/file.db)")),
-            _ => Err(ConfigError::new(variable, "expected a postgres://… or sqlite://… URL")),
-        }
-    }
-
-    /// A description safe to log: the backend and where, never a password.
-    pub fn describe(&self) -> String {
-        match self {
-            Self::Postgres(o) => format!(
-                "PostgreSQL {}@{}:{}/{}",
-                o.get_username(),
-                o.get_host(),
-                o.get_port(),
-                o.get_database().unwrap_or("(default)")
-            ),
-            Self::Sqlite(o) => format!("SQLite {}", o.get_filename().display()),
-        }
-    }
-}
-
-impl std::fmt::Debug for DatabaseUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.describe())
     }
 }
 
@@ -111,9 +62,10 @@ impl ServiceEnv {
         let service = var("SERVICE_NAME").unwrap_or_else(|| default_service.to_owned());
         let service = GroupName::new(&service).map_err(|e| ConfigError::new("SERVICE_NAME", e.to_string()))?;
         let database = match var("DATABASE_URL") {
-            Some(url) => DatabaseUrl::parse("DATABASE_URL", &url)?,
-            None => DatabaseUrl::parse("DATABASE_URL", &format!("sqlite://{service}.db"))?,
-        };
+            Some(url) => DatabaseUrl::parse(&url),
+            None => DatabaseUrl::parse(&format!("sqlite://{service}.db")),
+        }
+        .map_err(|reason| ConfigError::new("DATABASE_URL", reason))?;
         let amqp = var("AMQP_URL").unwrap_or_else(|| DEFAULT_AMQP_URL.to_owned());
         let mut rabbit = RabbitConfig::new(&amqp).map_err(|e| ConfigError::new("AMQP_URL", e.to_string()))?;
         if let Some(exchange) = var("BUS_EXCHANGE") {

@@ -87,7 +87,8 @@ impl Demo {
         for (service, listener) in [(Service::Catalog, catalog_listener), (Service::Ordering, ordering_listener)] {
             let name = GroupName::new(service.default_name())?;
             let url = format!("sqlite://{}", data_dir.join(format!("{}.db", service.default_name())).display());
-            let database = DatabaseUrl::parse("--data-dir", &url)?;
+            let database = DatabaseUrl::parse(&url)
+                .map_err(|reason| StartError::Config(crate::config::ConfigError::new("--data-dir", reason)))?;
             let started = service.start(name, &database, shared.clone()).await?;
             running.push((started, listener));
         }

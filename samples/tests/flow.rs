@@ -32,7 +32,8 @@ async fn change_prices(client: &ShopClient, products: &[Uuid]) {
 }
 
 async fn run_orders(client: &ShopClient, products: &[Uuid], n: usize) {
-    let (placed, ()) = tokio::join!(place_orders(client, products, n, 16, Duration::ZERO, || {}), change_prices(client, products));
+    let (placed, ()) =
+        tokio::join!(place_orders(client, products, n, 16, Duration::ZERO, || {}), change_prices(client, products));
     let placed = placed.expect("orders placed");
     assert_eq!(placed.orders, n);
 }

@@ -203,6 +203,14 @@ impl Shop {
         target.process = Some(process);
     }
 
+    /// True if a service process has exited by itself (a failpoint, a crash).
+    pub fn any_exited(&mut self) -> bool {
+        [&mut self.catalog, &mut self.ordering]
+            .into_iter()
+            .filter_map(|s| s.process.as_mut())
+            .any(|p| matches!(p.child.try_wait(), Ok(Some(_))))
+    }
+
     /// A client of both services.
     pub fn client(&self) -> ShopClient {
         let url = |s: &ShopService| s.process.as_ref().map(|p| p.url.clone()).expect("service running");
@@ -308,7 +316,8 @@ impl Shop {
         }
         ledger.dead_lettered = self.dead_letters().await;
         for base in [&client.catalog, &client.ordering] {
-            ledger.duplicates_skipped += client.metric(base, "bus_duplicates_total").await.ok().flatten().unwrap_or(0.0) as u64;
+            ledger.duplicates_skipped +=
+                client.metric(base, "bus_duplicates_total").await.ok().flatten().unwrap_or(0.0) as u64;
         }
         ledger
     }
@@ -344,7 +353,10 @@ async fn outbox_rows(pool: &PgPool) -> Vec<OutboxEvent> {
 /// (event id, event type) → when `group` handled it.
 async fn inbox_rows(pool: &PgPool, group: &str) -> HashMap<(Uuid, String), DateTime<Utc>> {
     let rows: Vec<(Uuid, String, DateTime<Utc>)> =
-        sqlx::query_as("SELECT event_id, handler, handled_at FROM bus_inbox").fetch_all(pool).await.expect("inbox readable");
+        sqlx::query_as("SELECT event_id, handler, handled_at FROM bus_inbox")
+            .fetch_all(pool)
+            .await
+            .expect("inbox readable");
     let prefix = format!("{group}/");
     rows.into_iter()
         .filter_map(|(id, handler, at)| handler.strip_prefix(&prefix).map(|t| ((id, t.to_owned()), at)))

@@ -194,6 +194,10 @@ impl Backend for Postgres {
         Ok(done.rows_affected())
     }
 
+    async fn forget_inbox(pool: &PgPool, sql: &Sql, handler: &str) -> Result<u64, OutboxError> {
+        Ok(sqlx::query(&sql.forget_inbox).bind(handler).execute(pool).await?.rows_affected())
+    }
+
     async fn published_range(
         pool: &PgPool,
         sql: &Sql,

@@ -195,6 +195,10 @@ impl Backend for Sqlite {
         Ok(sqlx::query(&sql.delete_inbox).bind(millis(older_than)).bind(limit).execute(pool).await?.rows_affected())
     }
 
+    async fn forget_inbox(pool: &SqlitePool, sql: &Sql, handler: &str) -> Result<u64, OutboxError> {
+        Ok(sqlx::query(&sql.forget_inbox).bind(handler).execute(pool).await?.rows_affected())
+    }
+
     async fn published_range(
         pool: &SqlitePool,
         sql: &Sql,

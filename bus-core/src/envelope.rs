@@ -126,7 +126,23 @@ impl Envelope {
         serde_json::from_slice(&self.payload)
     }
 
-    /// A builder for an event caused by this one: it carries the correlation id and trace context forward
+    /// The same envelope with another trace context (the outbox sets the producer span's here).
+    ///
+    /// # Errors
+    /// [`BusError::InvalidEnvelope`] for a too long or non-printable `traceparent`/`tracestate`.
+    pub fn with_trace(mut self, trace: TraceContext) -> Result<Self, BusError> {
+        if let Some(tp) = &trace.traceparent {
+            check_text("traceparent", tp, MAX_TRACE_LEN, true)?;
+        }
+        if let Some(ts) = &trace.tracestate {
+            check_text("tracestate", ts, MAX_TRACE_LEN, true)?;
+        }
+        self.trace = trace;
+        Ok(self)
+    }
+
+    /// A builder for an event caused by this one: it carries the correlation id and trace context forward (inside a
+    /// handler, the consumer span becomes the parent)
     /// and sets the causation id to this event's id.
     ///
     /// # Errors
@@ -135,7 +151,11 @@ impl Envelope {
         Ok(Envelope::for_event(event)?
             .correlation_id(self.correlation_id.clone())
             .causation_id(Some(self.id))
-            .trace(self.trace.clone()))
+            // Inside a handler the current context is the consumer span: the new event is its child.
+            .trace(match crate::trace::current() {
+                Some(consumer) => TraceContext { traceparent: Some(consumer.traceparent()), tracestate: None },
+                None => self.trace.clone(),
+            }))
     }
 }
 
@@ -228,6 +248,11 @@ impl EnvelopeBuilder {
         self.source = Some(service.into());
         self
     }
+    /// The trace context set so far.
+    pub fn trace_context(&self) -> &TraceContext {
+        &self.trace
+    }
+
     /// Sets the W3C trace context.
     pub fn trace(mut self, trace: TraceContext) -> Self {
         self.trace = trace;

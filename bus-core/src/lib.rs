@@ -37,6 +37,8 @@ mod name;
 mod retry;
 mod subscription;
 
+pub mod trace;
+
 pub use bus::EventBus;
 pub use confirmation::{Confirmation, Countdown};
 pub use counters::{DeliveryCounters, DeliveryCounts};

@@ -45,9 +45,12 @@ impl Worker {
         let result = match self.handlers.get(job.envelope.event_type()) {
             Some(handler) => {
                 let ctx = DeliveryContext::new(job.envelope.clone(), job.attempt, self.group.name.clone());
-                AssertUnwindSafe(handler.handle(ctx)).catch_unwind().await.unwrap_or_else(|panic| {
-                    Err(HandlerError::transient(format!("handler panicked: {}", panic_message(&*panic))))
-                })
+                AssertUnwindSafe(bus_core::trace::consume(&job.envelope, self.group.name.as_str(), handler.handle(ctx)))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|panic| {
+                        Err(HandlerError::transient(format!("handler panicked: {}", panic_message(&*panic))))
+                    })
             }
             None => Err(HandlerError::permanent(format!(
                 "group {} has no handler for {}",

@@ -188,14 +188,17 @@ impl Instance {
         let result = match self.handlers.get(envelope.event_type()) {
             Some(handler) => {
                 let ctx = DeliveryContext::new(envelope.clone(), attempt, self.group.clone());
-                AssertUnwindSafe(handler.handle(ctx)).catch_unwind().await.unwrap_or_else(|panic| {
-                    let message = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| (*s).to_owned())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_default();
-                    Err(HandlerError::transient(format!("handler panicked: {message}")))
-                })
+                AssertUnwindSafe(bus_core::trace::consume(&envelope, self.group.as_str(), handler.handle(ctx)))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|panic| {
+                        let message = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| (*s).to_owned())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        Err(HandlerError::transient(format!("handler panicked: {message}")))
+                    })
             }
             None => Err(HandlerError::permanent(format!(
                 "group {} has no handler for {}",

@@ -14,6 +14,8 @@
 //! | `bus_outbox_oldest_pending_seconds` | gauge | age of the oldest pending event, 0 when none |
 //! | `bus_published_total` | counter | events the relays published (bus confirmed) and marked |
 //! | `bus_publish_failures_total` | counter | publish attempts that failed (each retried later or given up) |
+//! | `bus_relay_batches_total` | counter | relay batches (claim → publish → confirm → mark) |
+//! | `bus_relay_batch_seconds_total` | counter | time spent in those batches, summed: mean batch latency = ratio |
 //! | `bus_handled_total` | counter | deliveries handled successfully (duplicates skipped by the inbox included) |
 //! | `bus_duplicates_total` | counter | deliveries the inbox skipped because the event was already handled |
 //! | `bus_retries_total` | counter | failed handlings scheduled for another attempt |
@@ -48,6 +50,10 @@ pub struct ServiceFigures {
     pub published: u64,
     /// `bus_publish_failures_total`.
     pub publish_failures: u64,
+    /// `bus_relay_batches_total`.
+    pub relay_batches: u64,
+    /// `bus_relay_batch_seconds_total`: time spent in batches (claim → publish → confirm → mark), summed.
+    pub relay_batch_seconds: f64,
     /// `bus_handled_total`.
     pub handled: u64,
     /// `bus_duplicates_total`.
@@ -123,6 +129,8 @@ impl<DB: Backend> ServiceMetrics<DB> {
         for relay in self.relays.iter().map(RelayMonitor::stats) {
             figures.published += relay.published;
             figures.publish_failures += relay.publish_failures;
+            figures.relay_batches += relay.batches;
+            figures.relay_batch_seconds += relay.batch_micros as f64 / 1e6;
         }
         figures.duplicates = self.inboxes.iter().map(|i| i.stats().duplicates).sum();
         for counts in self.subscriptions.iter().map(|c| c.snapshot()) {
@@ -138,8 +146,17 @@ impl<DB: Backend> ServiceMetrics<DB> {
     /// # Errors
     /// The outbox's status could not be read (database unreachable).
     pub async fn render(&self) -> Result<String, OutboxError> {
-        let ServiceFigures { outbox: status, published, publish_failures, handled, duplicates, retried, dead_lettered } =
-            self.figures().await?;
+        let ServiceFigures {
+            outbox: status,
+            published,
+            publish_failures,
+            relay_batches,
+            relay_batch_seconds,
+            handled,
+            duplicates,
+            retried,
+            dead_lettered,
+        } = self.figures().await?;
         let oldest_seconds = status.oldest_pending_ms.unwrap_or(0).max(0) as f64 / 1000.0;
 
         let service = self.outbox.config().service.clone();
@@ -161,6 +178,15 @@ impl<DB: Backend> ServiceMetrics<DB> {
         };
         counter("bus_published", "Events published by the relays (confirmed by the bus) and marked", published);
         counter("bus_publish_failures", "Publish attempts that failed", publish_failures);
+        counter("bus_relay_batches", "Relay batches (claim, publish, confirm, mark)", relay_batches);
+        registry.register(
+            "bus_relay_batch_seconds",
+            "Time spent in relay batches, summed (divide by bus_relay_batches_total for the mean latency)",
+            ConstCounter::new(relay_batch_seconds),
+        );
+        let mut counter = |name: &str, help: &str, value: u64| {
+            registry.register(name, help, ConstCounter::new(value));
+        };
         counter("bus_handled", "Deliveries handled successfully (inbox duplicates included)", handled);
         counter("bus_duplicates", "Deliveries skipped by the inbox as already handled", duplicates);
         counter("bus_retries", "Failed handlings scheduled for another attempt", retried);

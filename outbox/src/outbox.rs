@@ -105,6 +105,9 @@ impl<DB: Backend> Outbox<DB> {
             .source(self.inner.config.service.clone())
             .max_payload_bytes(self.inner.config.max_payload_bytes)
             .build()?;
+        // The producer span: a child of the event's trace context, or of the current one, or a new trace.
+        let trace = bus_core::trace::producer(envelope.trace(), envelope.event_type().as_str(), envelope.id());
+        let envelope = envelope.with_trace(trace)?;
         let id = envelope.id();
         DB::insert_outbox(conn, &self.inner.sql, std::slice::from_ref(&envelope)).await?;
         Ok(id)

@@ -106,7 +106,8 @@ impl<DB: Backend> ServiceHost<DB> {
             .route("/health", get(health))
             .route("/metrics", get(render_metrics))
             .with_state(probe.clone());
-        Ok(RunningService { name: self.name, probe, router: api.merge(operations), subscription, relay, stop, cleanup })
+        let router = api.merge(operations).layer(axum::middleware::from_fn(trace_request));
+        Ok(RunningService { name: self.name, probe, router, subscription, relay, stop, cleanup })
     }
 }
 
@@ -231,4 +232,28 @@ async fn render_metrics(State(probe): State<Arc<dyn Probe>>) -> Response {
         Ok(text) => ([(header::CONTENT_TYPE, outbox::metrics::CONTENT_TYPE)], text).into_response(),
         Err(error) => crate::api::ApiError::unavailable(&error).into_response(),
     }
+}
+
+/// Every request runs in a server span, a child of the caller's `traceparent` (or a new trace), which is the
+/// current trace context while it runs: the events it enqueues are its children, so one trace follows the request
+/// through the outbox, the broker and the consumers. The response carries the span's `traceparent`.
+async fn trace_request(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use bus_core::trace::{SpanContext, scope};
+    use tracing::Instrument;
+    let parent = request.headers().get("traceparent").and_then(|v| v.to_str().ok()).and_then(SpanContext::parse);
+    let context = parent.map_or_else(SpanContext::root, |p| p.child());
+    let span = tracing::info_span!(
+        "http_request",
+        otel.kind = "server",
+        method = %request.method(),
+        path = %request.uri().path(),
+        trace_id = %context.trace_id_hex(),
+        span_id = %context.span_id_hex(),
+        parent_span_id = parent.map(|p| p.span_id_hex()).as_deref(),
+    );
+    let mut response = scope(context, next.run(request)).instrument(span).await;
+    if let Ok(value) = header::HeaderValue::from_str(&context.traceparent()) {
+        response.headers_mut().insert("traceparent", value);
+    }
+    response
 }

@@ -128,6 +128,15 @@ async fn check_api_errors(client: &ShopClient, product: Uuid) {
     assert_eq!((status, error.contains("Idempotency-Key")), (422, true), "{error}");
 }
 
+/// A request's trace continues the caller's (W3C `traceparent`), and the response says which span served it.
+async fn check_trace_header(client: &ShopClient) {
+    let caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let response = http().get(format!("{}/items", client.catalog)).header("traceparent", caller).send().await.unwrap();
+    let served = response.headers()["traceparent"].to_str().unwrap().to_owned();
+    assert!(served.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "same trace: {served}");
+    assert!(!served.contains("00f067aa0ba902b7"), "a child span: {served}");
+}
+
 async fn check_health_and_metrics(client: &ShopClient) {
     for base in [&client.catalog, &client.ordering] {
         let health: Value = http().get(format!("{base}/health")).send().await.unwrap().json().await.unwrap();
@@ -164,6 +173,7 @@ async fn embedded_flow_keeps_every_invariant() {
     // 300 orders, and the one the key-reuse check placed; every 10th is declined, every 10th over stock.
     assert_settled_and_consistent(&client, &initial, 301, 60).await;
     check_health_and_metrics(&client).await;
+    check_trace_header(&client).await;
     demo.shutdown().await;
 }
 

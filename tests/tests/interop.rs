@@ -62,7 +62,14 @@ async fn a_python_service_publishes_to_and_consumes_from_a_rust_service() {
         .unwrap();
     let published = python()
         .args(["publish", "--url", &url, "--exchange", &exchange, "--type", "OrderShipped"])
-        .args(["--payload", r#"{"order_id": "o-17", "carrier": "DHL"}"#, "--partition-key", "o-17", "--source", "py-shipping"])
+        .args([
+            "--payload",
+            r#"{"order_id": "o-17", "carrier": "DHL"}"#,
+            "--partition-key",
+            "o-17",
+            "--source",
+            "py-shipping",
+        ])
         .output()
         .await
         .expect("run python");
@@ -91,7 +98,8 @@ async fn a_python_service_publishes_to_and_consumes_from_a_rust_service() {
     let envelope = Envelope::for_event(&sent).unwrap().source("rust-shipping").build().unwrap();
     let sent_id = envelope.id();
     bus.publish_confirmed(envelope).await.unwrap();
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await.unwrap().unwrap().expect("a line");
+    let line =
+        tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await.unwrap().unwrap().expect("a line");
     let got: Value = serde_json::from_str(&line).unwrap();
     assert_eq!(got["id"], sent_id.to_string());
     assert_eq!(got["type"], "OrderShipped");

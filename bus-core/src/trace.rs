@@ -1,0 +1,169 @@
+//! W3C trace context for events: one trace from the request that enqueued an event, through the relay and the
+//! broker, to the handler and the events it publishes in turn.
+//!
+//! - The *current* context is task-local ([`scope`], [`current`]): set it around request handling (the samples
+//!   do it in an axum middleware from the `traceparent` header) and the framework does the rest.
+//! - Enqueueing an event opens a **producer** span, a child of the current context (or of a new trace): its id
+//!   goes into the outbox row as the event's `traceparent`, and from there into the AMQP headers.
+//! - Handling a delivery opens a **consumer** span, a child of the event's `traceparent`, and makes it current
+//!   while the handler runs, so the events the handler publishes are its children.
+//!
+//! Spans are `tracing` spans named `publish` / `consume` with the fields `otel.kind`, `trace_id`, `span_id`,
+//! `parent_span_id`, `event_type`, `event_id` (and `group` for consumers): an OpenTelemetry layer
+//! (`tracing-opentelemetry`) or a log subscriber picks them up. Payloads never appear in spans.
+
+use std::future::Future;
+
+use tracing::Instrument;
+
+use crate::envelope::{Envelope, TraceContext};
+
+/// A W3C span context: trace id, span id, sampled flag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpanContext {
+    /// The trace (never 0).
+    pub trace_id: u128,
+    /// This span (never 0).
+    pub span_id: u64,
+    /// The `sampled` flag.
+    pub sampled: bool,
+}
+
+fn nonzero_u128() -> u128 {
+    loop {
+        let id = fastrand::u128(..);
+        if id != 0 {
+            return id;
+        }
+    }
+}
+
+fn nonzero_u64() -> u64 {
+    loop {
+        let id = fastrand::u64(..);
+        if id != 0 {
+            return id;
+        }
+    }
+}
+
+impl SpanContext {
+    /// The root span of a new trace.
+    pub fn root() -> Self {
+        Self { trace_id: nonzero_u128(), span_id: nonzero_u64(), sampled: true }
+    }
+
+    /// A child span: same trace, new span id.
+    pub fn child(&self) -> Self {
+        Self { span_id: nonzero_u64(), ..*self }
+    }
+
+    /// Parses a `traceparent` header (version 00); `None` if it is not a valid one.
+    pub fn parse(traceparent: &str) -> Option<Self> {
+        let mut parts = traceparent.trim().split('-');
+        let (version, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        if version.len() != 2 || version == "ff" || trace.len() != 32 || span.len() != 16 || flags.len() != 2 {
+            return None;
+        }
+        let trace_id = u128::from_str_radix(trace, 16).ok().filter(|&t| t != 0)?;
+        let span_id = u64::from_str_radix(span, 16).ok().filter(|&s| s != 0)?;
+        let flags = u8::from_str_radix(flags, 16).ok()?;
+        Some(Self { trace_id, span_id, sampled: flags & 1 == 1 })
+    }
+
+    /// The `traceparent` header for this span.
+    pub fn traceparent(&self) -> String {
+        format!("00-{:032x}-{:016x}-{:02x}", self.trace_id, self.span_id, u8::from(self.sampled))
+    }
+
+    /// The trace id in hex (32 digits).
+    pub fn trace_id_hex(&self) -> String {
+        format!("{:032x}", self.trace_id)
+    }
+
+    /// The span id in hex (16 digits).
+    pub fn span_id_hex(&self) -> String {
+        format!("{:016x}", self.span_id)
+    }
+}
+
+tokio::task_local! {
+    static CURRENT: SpanContext;
+}
+
+/// The current task's span context, if one was set with [`scope`].
+pub fn current() -> Option<SpanContext> {
+    CURRENT.try_with(|c| *c).ok()
+}
+
+/// Runs `future` with `context` as the current span context.
+pub async fn scope<F: Future>(context: SpanContext, future: F) -> F::Output {
+    CURRENT.scope(context, future).await
+}
+
+/// Opens the producer span of an event being enqueued: a child of `parent` (the event's own trace context if it
+/// has one, else the current one, else a new trace). Returns the trace context to store with the event.
+pub fn producer(parent: &TraceContext, event_type: &str, event_id: uuid::Uuid) -> TraceContext {
+    let parent = parent.traceparent.as_deref().and_then(SpanContext::parse).or_else(current);
+    let span = match parent {
+        Some(parent) => parent.child(),
+        None => SpanContext::root(),
+    };
+    let parent_span_id = parent.map(|p| p.span_id_hex());
+    let _span = tracing::info_span!(
+        "publish",
+        otel.kind = "producer",
+        trace_id = %span.trace_id_hex(),
+        span_id = %span.span_id_hex(),
+        parent_span_id = parent_span_id.as_deref(),
+        event_type,
+        %event_id,
+    )
+    .entered();
+    tracing::trace!("event enqueued");
+    TraceContext { traceparent: Some(span.traceparent()), tracestate: None }
+}
+
+/// Runs a handler's `future` inside the consumer span of `envelope` (a child of its `traceparent`, or a new trace),
+/// which is also the current context while it runs.
+pub async fn consume<F: Future>(envelope: &Envelope, group: &str, future: F) -> F::Output {
+    let parent = envelope.trace().traceparent.as_deref().and_then(SpanContext::parse);
+    let span = parent.map_or_else(SpanContext::root, |p| p.child());
+    let tracing_span = tracing::info_span!(
+        "consume",
+        otel.kind = "consumer",
+        trace_id = %span.trace_id_hex(),
+        span_id = %span.span_id_hex(),
+        parent_span_id = parent.map(|p| p.span_id_hex()).as_deref(),
+        event_type = envelope.event_type().as_str(),
+        event_id = %envelope.id(),
+        group,
+    );
+    scope(span, future.instrument(tracing_span)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_round_trips_and_rejects_invalid_ones() {
+        let root = SpanContext::root();
+        assert_eq!(SpanContext::parse(&root.traceparent()), Some(root));
+        let child = root.child();
+        assert_eq!((child.trace_id, child.sampled), (root.trace_id, root.sampled));
+        assert_ne!(child.span_id, root.span_id);
+        let w3c = SpanContext::parse("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01").unwrap();
+        assert_eq!(w3c.trace_id_hex(), "0af7651916cd43dd8448eb211c80319c");
+        for bad in [
+            "",
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+            "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319-b7ad6b7169203331-01",
+            "00-xyz7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ] {
+            assert_eq!(SpanContext::parse(bad), None, "{bad}");
+        }
+    }
+}

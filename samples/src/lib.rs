@@ -116,6 +116,19 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// The `main` of a service binary: logs to stderr, [`run_from_env`], and exit status 1 with a one-line reason
+/// on failure.
+pub async fn service_main(service: Service) -> std::process::ExitCode {
+    init_tracing();
+    match run_from_env(service).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("{}: {error}", service.default_name());
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs `service` as its own process: configuration from the environment (see [`config`]), the RabbitMQ bus,
 /// until Ctrl-C or SIGTERM. Prints `<name> listening on http://<addr>` on stdout once it serves.
 ///

@@ -100,15 +100,15 @@ where
 
 async fn nothing(_: &Shop, _: &mut Ledger) {}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn kill_catalog_mid_burst() {
+/// `kill -9` of `service` in the middle of the burst, and a restart half a second later.
+async fn kill_and_restart(name: &str, service: Service) {
     scenario(
-        "kill-catalog",
+        name,
         &[],
-        async |shop: &mut Shop| {
-            shop.kill(Service::Catalog).await;
+        async move |shop: &mut Shop| {
+            shop.kill(service).await;
             tokio::time::sleep(Duration::from_millis(500)).await;
-            shop.restart(Service::Catalog).await;
+            shop.restart(service).await;
         },
         nothing,
     )
@@ -116,18 +116,13 @@ async fn kill_catalog_mid_burst() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_catalog_mid_burst() {
+    kill_and_restart("kill-catalog", Service::Catalog).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_ordering_mid_burst() {
-    scenario(
-        "kill-ordering",
-        &[],
-        async |shop: &mut Shop| {
-            shop.kill(Service::Ordering).await;
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            shop.restart(Service::Ordering).await;
-        },
-        nothing,
-    )
-    .await;
+    kill_and_restart("kill-ordering", Service::Ordering).await;
 }
 
 /// The ordering service aborts (failpoint) after the broker confirmed a relay batch and before the relay marked

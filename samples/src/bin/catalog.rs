@@ -6,12 +6,5 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    samples::init_tracing();
-    match samples::run_from_env(samples::Service::Catalog).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("catalog: {error}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    samples::service_main(samples::Service::Catalog).await
 }

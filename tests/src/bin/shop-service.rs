@@ -4,7 +4,6 @@
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    samples::init_tracing();
     let service = match std::env::args().nth(1).as_deref() {
         Some("catalog") => samples::Service::Catalog,
         Some("ordering") => samples::Service::Ordering,
@@ -13,11 +12,5 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    match samples::run_from_env(service).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("{}: {error}", service.default_name());
-            std::process::ExitCode::FAILURE
-        }
-    }
+    samples::service_main(service).await
 }

@@ -109,13 +109,13 @@ pub fn producer(parent: &TraceContext, event_type: &str, event_id: uuid::Uuid) -
         Some(parent) => parent.child(),
         None => SpanContext::root(),
     };
-    let parent_span_id = parent.map(|p| p.span_id_hex());
+    // Field values are only computed when a subscriber wants the span.
     let _span = tracing::info_span!(
         "publish",
         otel.kind = "producer",
         trace_id = %span.trace_id_hex(),
         span_id = %span.span_id_hex(),
-        parent_span_id = parent_span_id.as_deref(),
+        parent_span_id = parent.map(|p| p.span_id_hex()).as_deref(),
         event_type,
         %event_id,
     )

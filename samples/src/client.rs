@@ -226,6 +226,29 @@ impl ShopClient {
         }
     }
 
+    /// Waits until the services are at rest and consistent: [`wait_settled`](Self::wait_settled), then until the
+    /// invariants hold (a consumer may still be draining its queue when the outboxes are already empty: the
+    /// system is eventually consistent). Returns the violations still there after `timeout` (empty: all good).
+    ///
+    /// # Errors
+    /// A request failed, or the orders did not settle in time.
+    pub async fn wait_consistent(
+        &self,
+        initial_stock: &HashMap<Uuid, i64>,
+        timeout: Duration,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<Vec<String>, ClientError> {
+        let start = Instant::now();
+        self.wait_settled(timeout, progress).await?;
+        loop {
+            let violations = self.invariant_violations(initial_stock).await?;
+            if violations.is_empty() || start.elapsed() > timeout {
+                return Ok(violations);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Checks the CONTRACT's invariants at rest, given each item's initial stock; returns every violation.
     ///
     /// # Errors

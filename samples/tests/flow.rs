@@ -45,8 +45,7 @@ async fn assert_settled_and_consistent(
     orders: usize,
     cancelled: usize,
 ) {
-    client.wait_settled(SETTLE, |_, _| {}).await.expect("every order settles");
-    let violations = client.invariant_violations(initial).await.expect("invariants readable");
+    let violations = client.wait_consistent(initial, SETTLE, |_, _| {}).await.expect("every order settles");
     assert!(violations.is_empty(), "invariants violated:\n{}", violations.join("\n"));
     let stored = client.orders().await.unwrap();
     assert_eq!(stored.len(), orders, "one order per request, repeated Idempotency-Keys included");

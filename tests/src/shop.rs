@@ -264,7 +264,25 @@ impl Shop {
         }
     }
 
-    /// Accounts for every event and order (see the module docs). Call once the shop is settled.
+    /// Waits until the shop is at rest — every order settled, the outboxes empty, and every published event
+    /// handled by its subscriber (a consumer may still be draining its queue after the outboxes are empty) — then
+    /// returns the ledger, with the time that took. After [`SETTLE_TIMEOUT`] it returns the ledger as it stands:
+    /// whatever is missing then is reported as lost.
+    pub async fn settled_ledger(&self, scenario: &str, initial_stock: &HashMap<Uuid, i64>) -> Ledger {
+        let start = Instant::now();
+        let client = self.client();
+        let _ = client.wait_settled(SETTLE_TIMEOUT, |_, _| {}).await;
+        loop {
+            let ledger = self.ledger(scenario, initial_stock, start.elapsed()).await;
+            let at_rest = ledger.lost == 0 && ledger.unsettled == 0 && ledger.unpublished == 0;
+            if at_rest && ledger.duplicate_effects == 0 || start.elapsed() > SETTLE_TIMEOUT {
+                return ledger;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Accounts for every event and order (see the module docs) as they stand now.
     pub async fn ledger(&self, scenario: &str, initial_stock: &HashMap<Uuid, i64>, settle: Duration) -> Ledger {
         let client = self.client();
         let orders = client.orders().await.expect("orders readable");
@@ -400,12 +418,12 @@ pub struct Ledger {
 
 impl Ledger {
     /// Fails unless nothing was lost, duplicated or reordered, every order settled, and the dead letters are
-    /// exactly the expected ones. Appends the ledger line to `target/fault-ledger.log` and prints it first.
-    pub fn check(&self) {
+    /// exactly the expected ones. Prints the ledger line first, and appends it to `log` if given.
+    pub fn check(&self, log: Option<&Path>) {
         println!("{self}");
-        eprintln!("{self}");
-        let log = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/fault-ledger.log");
-        if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+        if let Some(log) = log
+            && let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(log)
+        {
             use std::io::Write;
             let _ = writeln!(file, "{} {self}", chrono::Utc::now().to_rfc3339());
         }
@@ -448,13 +466,3 @@ impl std::fmt::Display for Ledger {
 
 /// How long a scenario waits for the shop to settle after its fault.
 pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(180);
-
-/// Waits until settled; returns how long it took.
-///
-/// # Panics
-/// Not settled within [`SETTLE_TIMEOUT`].
-pub async fn settle(client: &ShopClient) -> Duration {
-    let start = Instant::now();
-    client.wait_settled(SETTLE_TIMEOUT, |_, _| {}).await.expect("the shop settles");
-    start.elapsed()
-}

@@ -8,7 +8,7 @@
 //!
 //! Knobs: `FAULT_ORDERS` (orders per scenario, default 150), `FAULT_SEED` (when the fault strikes; printed on
 //! every ledger line so a run can be repeated). Full run: `FAULT_ORDERS=1000 cargo test -p integration-tests
-//! --test faults -- --nocapture --test-threads 1`. Ledger lines also go to `target/fault-ledger.log`.
+//! --test faults -- --nocapture --test-threads 1`. Ledger lines also go to `target/tmp/fault-ledger.log`.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bus_core::EventBus;
-use integration_tests::shop::{Ledger, Shop, settle};
+use integration_tests::shop::{Ledger, Shop};
 use integration_tests::{database_url, plain_amqp, rabbit_bus};
 use lapin::BasicProperties;
 use lapin::options::BasicPublishOptions;
@@ -79,15 +79,15 @@ where
     fault(&mut shop).await;
     let placed_orders = burst.await.expect("burst task").expect("every order placed (retried through the fault)");
     assert_eq!(placed_orders.orders, n);
-    let settle_time = settle(&shop.client()).await;
-    let mut ledger = shop.ledger(name, &initial, settle_time).await;
+    let mut ledger = shop.settled_ledger(name, &initial).await;
     let elapsed = started.elapsed().as_secs_f64();
     ledger.extra.push(format!("seed={seed_value} fault_at_order={fault_at}"));
     ledger.extra.push(format!("events_per_s={:.0}", ledger.events as f64 / elapsed));
     inspect(&shop, &mut ledger).await;
     let violations = shop.client().invariant_violations(&initial).await.expect("invariants readable");
     let dead_letter_violations = violations.iter().filter(|v| !v.contains("bus_dead_lettered_total")).count();
-    ledger.check();
+    // `<target>/tmp/fault-ledger.log`: the lines survive cargo's capture of passing tests' output.
+    ledger.check(Some(&Path::new(env!("CARGO_TARGET_TMPDIR")).join("fault-ledger.log")));
     assert_eq!(ledger.orders, n, "one order per placed order (retries with the same key included)");
     if ledger.expected_dead_letters == 0 {
         assert!(violations.is_empty(), "invariants: {violations:?}");

@@ -82,8 +82,8 @@ async fn main() -> anyhow::Result<()> {
     let placed_in = started.elapsed();
     bar.set_position(0);
     bar.set_message("settling");
-    client
-        .wait_settled(Duration::from_secs(600), |settled, _| bar.set_position(settled as u64))
+    let violations = client
+        .wait_consistent(&initial, Duration::from_secs(600), |settled, _| bar.set_position(settled as u64))
         .await
         .context("the orders did not settle")?;
     bar.finish_and_clear();
@@ -93,7 +93,6 @@ async fn main() -> anyhow::Result<()> {
     let count = |status: &str| orders.iter().filter(|o| o.status == status).count();
     let catalog = demo.catalog.figures().await?;
     let ordering = demo.ordering.figures().await?;
-    let violations = client.invariant_violations(&initial).await?;
     println!();
     println!("{:<34} {:>10}", "orders placed", placed.orders);
     println!("{:<34} {:>10}", "  repeated with same Idempotency-Key", placed.repeated_requests);

@@ -8,31 +8,20 @@ use axum::routing::{get, put};
 use axum::{Json, Router};
 use outbox::Outbox;
 use serde::Deserialize;
-use sqlx::Pool;
 use uuid::Uuid;
 
 use super::store::{CatalogStore, Item};
 use crate::api::{ApiError, JsonBody, check_name, parse_id};
 use crate::events::{ProductCreated, ProductPriceChanged};
 
-struct Catalog<DB: CatalogStore> {
-    pool: Pool<DB>,
-    outbox: Outbox<DB>,
-}
-
-impl<DB: CatalogStore> Clone for Catalog<DB> {
-    fn clone(&self) -> Self {
-        Self { pool: self.pool.clone(), outbox: self.outbox.clone() }
-    }
-}
-
 /// The catalog's routes.
-pub(crate) fn router<DB: CatalogStore>(pool: Pool<DB>, outbox: Outbox<DB>) -> Router {
+/// The state is the outbox: it holds the pool too.
+pub(crate) fn router<DB: CatalogStore>(outbox: Outbox<DB>) -> Router {
     Router::new()
         .route("/items", get(list_items::<DB>).post(create_item::<DB>))
         .route("/items/{id}", get(get_item::<DB>))
         .route("/items/{id}/price", put(change_price::<DB>))
-        .with_state(Catalog { pool, outbox })
+        .with_state(outbox)
 }
 
 #[derive(Deserialize)]
@@ -55,7 +44,7 @@ fn check_not_negative(field: &str, value: i64) -> Result<(), ApiError> {
 }
 
 async fn create_item<DB: CatalogStore>(
-    State(catalog): State<Catalog<DB>>,
+    State(outbox): State<Outbox<DB>>,
     JsonBody(new): JsonBody<NewItem>,
 ) -> Result<(StatusCode, Json<Item>), ApiError> {
     check_name("name", &new.name)?;
@@ -64,7 +53,7 @@ async fn create_item<DB: CatalogStore>(
     let item =
         Item { id: Uuid::now_v7(), name: new.name, price_cents: new.price_cents, stock: new.stock, units_sold: 0 };
 
-    let mut tx = catalog.outbox.begin().await?;
+    let mut tx = outbox.begin().await?;
     DB::insert_item(&mut tx, &item).await?;
     tx.enqueue(&ProductCreated { product_id: item.id, name: item.name.clone(), price_cents: item.price_cents }).await?;
     tx.commit().await?;
@@ -72,27 +61,27 @@ async fn create_item<DB: CatalogStore>(
     Ok((StatusCode::CREATED, Json(item)))
 }
 
-async fn list_items<DB: CatalogStore>(State(catalog): State<Catalog<DB>>) -> Result<Json<Vec<Item>>, ApiError> {
-    Ok(Json(DB::items(&catalog.pool).await?))
+async fn list_items<DB: CatalogStore>(State(outbox): State<Outbox<DB>>) -> Result<Json<Vec<Item>>, ApiError> {
+    Ok(Json(DB::items(outbox.pool()).await?))
 }
 
 async fn get_item<DB: CatalogStore>(
-    State(catalog): State<Catalog<DB>>,
+    State(outbox): State<Outbox<DB>>,
     Path(id): Path<String>,
 ) -> Result<Json<Item>, ApiError> {
     let id = parse_id("item", &id)?;
-    DB::item(&catalog.pool, id).await?.map(Json).ok_or_else(|| ApiError::not_found(format!("no item {id}")))
+    DB::item(outbox.pool(), id).await?.map(Json).ok_or_else(|| ApiError::not_found(format!("no item {id}")))
 }
 
 async fn change_price<DB: CatalogStore>(
-    State(catalog): State<Catalog<DB>>,
+    State(outbox): State<Outbox<DB>>,
     Path(id): Path<String>,
     JsonBody(new): JsonBody<NewPrice>,
 ) -> Result<Json<Item>, ApiError> {
     let id = parse_id("item", &id)?;
     check_not_negative("price_cents", new.price_cents)?;
 
-    let mut tx = catalog.outbox.begin().await?;
+    let mut tx = outbox.begin().await?;
     // Lock the row first: the old price in the event must be the one this update replaces.
     let Some(mut item) = DB::lock_item(&mut tx, id).await? else {
         return Err(ApiError::not_found(format!("no item {id}")));

@@ -42,6 +42,6 @@ pub async fn start<DB: CatalogStore>(
         .on_inbox::<OrderStatusChangedToAwaitingValidation, DB, _>(&host.inbox, handlers::reserve_stock::<DB>)
         .on_inbox::<OrderStatusChangedToPaid, DB, _>(&host.inbox, handlers::record_sale::<DB>)
         .on_inbox::<OrderStatusChangedToCancelled, DB, _>(&host.inbox, handlers::release_stock::<DB>);
-    let api = http::router(host.pool.clone(), host.outbox.clone());
+    let api = http::router(host.outbox.clone());
     host.start(subscription, api).await
 }

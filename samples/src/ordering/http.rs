@@ -19,24 +19,14 @@ use crate::events::{OrderLine, OrderStatusChangedToAwaitingValidation};
 /// Lines per order, as the CONTRACT allows.
 const MAX_LINES: usize = 100;
 
-struct Ordering<DB: OrderingStore> {
-    pool: Pool<DB>,
-    outbox: Outbox<DB>,
-}
-
-impl<DB: OrderingStore> Clone for Ordering<DB> {
-    fn clone(&self) -> Self {
-        Self { pool: self.pool.clone(), outbox: self.outbox.clone() }
-    }
-}
-
 /// The ordering service's routes.
-pub(crate) fn router<DB: OrderingStore>(pool: Pool<DB>, outbox: Outbox<DB>) -> Router {
+/// The state is the outbox: it holds the pool too.
+pub(crate) fn router<DB: OrderingStore>(outbox: Outbox<DB>) -> Router {
     Router::new()
         .route("/orders", get(list_orders::<DB>).post(place_order::<DB>))
         .route("/orders/{id}", get(get_order::<DB>))
         .route("/products", get(list_products::<DB>))
-        .with_state(Ordering { pool, outbox })
+        .with_state(outbox)
 }
 
 #[derive(Deserialize, Serialize)]
@@ -93,7 +83,7 @@ fn total_cents(items: &[OrderItem]) -> Result<i64, ApiError> {
 }
 
 async fn place_order<DB: OrderingStore>(
-    State(ordering): State<Ordering<DB>>,
+    State(outbox): State<Outbox<DB>>,
     headers: HeaderMap,
     JsonBody(new): JsonBody<NewOrder>,
 ) -> Result<(StatusCode, Json<Order>), ApiError> {
@@ -105,11 +95,11 @@ async fn place_order<DB: OrderingStore>(
     // The request as the key's owner sent it: a key reused for a different order is refused.
     let fingerprint = serde_json::to_string(&new).map_err(|e| ApiError::invalid(e.to_string()))?;
     if let Some(key) = &key
-        && let Some(order) = existing_order(&ordering.pool, key, &fingerprint).await?
+        && let Some(order) = existing_order(outbox.pool(), key, &fingerprint).await?
     {
         return Ok((StatusCode::ACCEPTED, Json(order)));
     }
-    let items = price_lines(&ordering.pool, &new.items).await?;
+    let items = price_lines(outbox.pool(), &new.items).await?;
     let header = OrderHeader {
         id: Uuid::now_v7(),
         buyer: new.buyer,
@@ -117,12 +107,12 @@ async fn place_order<DB: OrderingStore>(
         total_cents: total_cents(&items)?,
     };
 
-    let mut tx = ordering.outbox.begin().await?;
+    let mut tx = outbox.begin().await?;
     if !DB::insert_order(&mut tx, &header, key.as_deref(), &fingerprint).await? {
         // Another request with this key committed first (concurrent duplicates): answer with its order.
         tx.rollback().await?;
         let key = key.as_deref().unwrap_or_default();
-        let order = existing_order(&ordering.pool, key, &fingerprint).await?;
+        let order = existing_order(outbox.pool(), key, &fingerprint).await?;
         return order
             .map(|order| (StatusCode::ACCEPTED, Json(order)))
             .ok_or_else(|| ApiError::unavailable(&sqlx::Error::RowNotFound));
@@ -154,11 +144,11 @@ async fn existing_order<DB: OrderingStore>(
 }
 
 async fn get_order<DB: OrderingStore>(
-    State(ordering): State<Ordering<DB>>,
+    State(outbox): State<Outbox<DB>>,
     Path(id): Path<String>,
 ) -> Result<Json<Order>, ApiError> {
     let id = parse_id("order", &id)?;
-    DB::order(&ordering.pool, id).await?.map(Json).ok_or_else(|| ApiError::not_found(format!("no order {id}")))
+    DB::order(outbox.pool(), id).await?.map(Json).ok_or_else(|| ApiError::not_found(format!("no order {id}")))
 }
 
 #[derive(Deserialize)]
@@ -167,14 +157,12 @@ struct OrdersQuery {
 }
 
 async fn list_orders<DB: OrderingStore>(
-    State(ordering): State<Ordering<DB>>,
+    State(outbox): State<Outbox<DB>>,
     Query(query): Query<OrdersQuery>,
 ) -> Result<Json<Vec<Order>>, ApiError> {
-    Ok(Json(DB::orders(&ordering.pool, query.buyer.as_deref()).await?))
+    Ok(Json(DB::orders(outbox.pool(), query.buyer.as_deref()).await?))
 }
 
-async fn list_products<DB: OrderingStore>(
-    State(ordering): State<Ordering<DB>>,
-) -> Result<Json<Vec<Product>>, ApiError> {
-    Ok(Json(DB::products(&ordering.pool).await?))
+async fn list_products<DB: OrderingStore>(State(outbox): State<Outbox<DB>>) -> Result<Json<Vec<Product>>, ApiError> {
+    Ok(Json(DB::products(outbox.pool()).await?))
 }

@@ -43,6 +43,6 @@ pub async fn start<DB: OrderingStore>(
         .on_inbox::<ProductPriceChanged, DB, _>(&host.inbox, handlers::price_changed::<DB>)
         .on_inbox::<OrderStockConfirmed, DB, _>(&host.inbox, handlers::stock_confirmed::<DB>)
         .on_inbox::<OrderStockRejected, DB, _>(&host.inbox, handlers::stock_rejected::<DB>);
-    let api = http::router(host.pool.clone(), host.outbox.clone());
+    let api = http::router(host.outbox.clone());
     host.start(subscription, api).await
 }

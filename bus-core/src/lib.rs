@@ -53,4 +53,4 @@ pub use handler::{
 };
 pub use name::{EventTypeName, GroupName, MAX_NAME_LEN};
 pub use retry::RetryPolicy;
-pub use subscription::{Subscription, SubscriptionHandle, SubscriptionSpec};
+pub use subscription::{MAX_PARTITIONS, Subscription, SubscriptionHandle, SubscriptionSpec};

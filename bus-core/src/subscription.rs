@@ -38,7 +38,11 @@ pub struct Subscription {
     layers: Vec<Arc<dyn HandlerLayer>>,
     retry: Option<RetryPolicy>,
     concurrency: Option<usize>,
+    partitions: Option<u16>,
 }
+
+/// The most partitions a group may have ([`Subscription::partitions`]).
+pub const MAX_PARTITIONS: u16 = 256;
 
 impl fmt::Debug for Subscription {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -47,6 +51,7 @@ impl fmt::Debug for Subscription {
             .field("event_types", &self.handlers.iter().map(|(t, _)| t).collect::<Vec<_>>())
             .field("retry", &self.retry)
             .field("concurrency", &self.concurrency)
+            .field("partitions", &self.partitions)
             .finish_non_exhaustive()
     }
 }
@@ -54,7 +59,14 @@ impl fmt::Debug for Subscription {
 impl Subscription {
     /// A subscription for consumer group `group` (the service name, e.g. `catalog`).
     pub fn new(group: impl Into<String>) -> Self {
-        Self { group: group.into(), handlers: Vec::new(), layers: Vec::new(), retry: None, concurrency: None }
+        Self {
+            group: group.into(),
+            handlers: Vec::new(),
+            layers: Vec::new(),
+            retry: None,
+            concurrency: None,
+            partitions: None,
+        }
     }
 
     /// Handles events of type `E` with `handler` (an async fn or a [`Handler<E>`]).
@@ -87,11 +99,27 @@ impl Subscription {
         self
     }
 
+    /// Splits the group into `partitions` partitions, so that events with the same partition key are handled in
+    /// outbox order by the group **however many instances run**: each key hashes to one partition, and each
+    /// partition is consumed by one instance at a time; partitions are spread over the live instances and move to
+    /// a survivor when one dies. Without partitions, instances compete on one queue and order per key holds only
+    /// within an instance.
+    ///
+    /// On RabbitMQ this needs the `rabbitmq_consistent_hash_exchange` plugin (it ships with RabbitMQ); the
+    /// partition count is fixed for the life of the group (see `bus-rabbitmq`'s docs for choosing it). The
+    /// in-process bus runs every subscription in one process, where per-key order already holds: it accepts
+    /// and ignores the setting.
+    pub fn partitions(mut self, partitions: u16) -> Self {
+        self.partitions = Some(partitions);
+        self
+    }
+
     /// Validates names and settings and returns the parts (buses call this).
     ///
     /// # Errors
     /// [`BusError::InvalidName`] for a bad group or event type name; [`BusError::InvalidConfig`] for no handler,
-    /// two handlers of one type, a zero concurrency or an invalid retry policy.
+    /// two handlers of one type, a zero concurrency, a partition count outside `1..=MAX_PARTITIONS` or an invalid
+    /// retry policy.
     pub fn into_spec(self) -> Result<SubscriptionSpec, BusError> {
         let group = GroupName::new(&self.group)?;
         if self.handlers.is_empty() {
@@ -111,10 +139,21 @@ impl Subscription {
         if self.concurrency == Some(0) {
             return Err(BusError::invalid_config("concurrency", "must be at least 1"));
         }
+        if let Some(partitions) = self.partitions
+            && !(1..=MAX_PARTITIONS).contains(&partitions)
+        {
+            return Err(BusError::invalid_config("partitions", format!("must be between 1 and {MAX_PARTITIONS}")));
+        }
         if let Some(retry) = &self.retry {
             retry.validate()?;
         }
-        Ok(SubscriptionSpec { group, handlers, retry: self.retry, concurrency: self.concurrency })
+        Ok(SubscriptionSpec {
+            group,
+            handlers,
+            retry: self.retry,
+            concurrency: self.concurrency,
+            partitions: self.partitions,
+        })
     }
 }
 
@@ -128,6 +167,8 @@ pub struct SubscriptionSpec {
     pub retry: Option<RetryPolicy>,
     /// The instance's concurrency, if it overrides the bus's.
     pub concurrency: Option<usize>,
+    /// The group's partition count, if it is partitioned ([`Subscription::partitions`]).
+    pub partitions: Option<u16>,
 }
 
 /// A running subscription (one instance of a consumer group).

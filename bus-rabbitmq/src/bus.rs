@@ -16,7 +16,7 @@ use crate::config::RabbitConfig;
 use crate::consumer::Instance;
 use crate::link::{Link, transport};
 use crate::stats::{RabbitStats, Stats};
-use crate::{dead_letters, wire};
+use crate::{dead_letters, topology, wire};
 
 /// The RabbitMQ event bus. Cheap to clone: clones share one connection. Call [`shutdown`](Self::shutdown)
 /// before exiting.
@@ -32,6 +32,7 @@ struct Inner {
     stats: Arc<Stats>,
     stop: CancellationToken,
     consumers: TaskTracker,
+    partitioned: std::sync::Mutex<std::collections::HashMap<GroupName, bool>>,
 }
 
 impl std::fmt::Debug for RabbitBus {
@@ -63,6 +64,7 @@ impl RabbitBus {
                 stats: Arc::default(),
                 stop,
                 consumers: TaskTracker::new(),
+                partitioned: std::sync::Mutex::default(),
             }),
         })
     }
@@ -93,14 +95,29 @@ impl RabbitBus {
 
 impl RabbitBus {
     /// Publishes `envelope` to the queue of `group` only (through the default exchange), not to every group
-    /// subscribed to its type: for replaying events to one service that rebuilds a read model. Same wire format,
-    /// confirms and `mandatory` flag as [`publish`](EventBus::publish): a group without a queue is
-    /// [`BusError::Unroutable`].
+    /// subscribed to its type: for replaying events to one service that rebuilds a read model. For a
+    /// partitioned group it goes through `<group>.partitions`, to the partition of its key, so replayed events
+    /// keep their order per key. Same wire format, confirms and `mandatory` flag as
+    /// [`publish`](EventBus::publish): a group without a queue is [`BusError::Unroutable`].
     ///
     /// # Errors
     /// As `publish`.
     pub async fn publish_to_group(&self, group: &GroupName, envelope: Envelope) -> Result<Confirmation, BusError> {
-        self.send(Route::Queue(group.as_str()), envelope).await
+        let partitioned = self.is_partitioned(group).await?;
+        let exchange = topology::partition_exchange(group);
+        let route = if partitioned { Route::Partitions(&exchange) } else { Route::Queue(group.as_str()) };
+        self.send(route, envelope).await
+    }
+
+    /// Whether `group` is partitioned on the broker; asked once per group and remembered.
+    async fn is_partitioned(&self, group: &GroupName) -> Result<bool, BusError> {
+        if let Some(known) = self.inner.partitioned.lock().unwrap_or_else(|p| p.into_inner()).get(group) {
+            return Ok(*known);
+        }
+        let session = self.inner.link.session(self.inner.config.publish_timeout).await?;
+        let partitioned = topology::is_partitioned(&session.connection, group).await?;
+        self.inner.partitioned.lock().unwrap_or_else(|p| p.into_inner()).insert(group.clone(), partitioned);
+        Ok(partitioned)
     }
 
     async fn send(&self, route: Route<'_>, envelope: Envelope) -> Result<Confirmation, BusError> {
@@ -124,10 +141,12 @@ impl RabbitBus {
                 match route {
                     Route::Exchange => inner.config.exchange.as_str().into(),
                     Route::Queue(_) => "".into(),
+                    Route::Partitions(exchange) => exchange.into(),
                 },
                 match route {
                     Route::Exchange => envelope.event_type().as_str().into(),
                     Route::Queue(queue) => queue.into(),
+                    Route::Partitions(_) => "".into(),
                 },
                 BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
                 envelope.payload(),
@@ -168,11 +187,13 @@ impl RabbitBus {
     }
 }
 
-/// Where a publish goes: the topic exchange (every subscribed group), or one group's queue.
+/// Where a publish goes: the topic exchange (every subscribed group), one group's queue, or one partitioned
+/// group's consistent-hash exchange (the partition of the event's key).
 #[derive(Clone, Copy)]
 enum Route<'a> {
     Exchange,
     Queue(&'a str),
+    Partitions(&'a str),
 }
 
 #[async_trait]
@@ -204,6 +225,8 @@ impl EventBus for RabbitBus {
             retry,
             concurrency: spec.concurrency.unwrap_or(inner.config.concurrency),
             stats: counters.clone(),
+            partitions: spec.partitions,
+            member_id: format!("{}-{}", spec.group, uuid::Uuid::now_v7().simple()),
         });
         let stop = inner.stop.child_token();
         let (ready_tx, ready) = oneshot::channel();

@@ -98,6 +98,12 @@ pub struct RabbitConfig {
     pub publish_timeout: Duration,
     /// First and longest delay between reconnection attempts. Defaults 100 ms and 5 s.
     pub reconnect_delay: (Duration, Duration),
+    /// How often an instance of a partitioned group tells the others it is alive. Default 500 ms.
+    pub membership_heartbeat: Duration,
+    /// How long an instance of a partitioned group is counted as live after its last heartbeat; its partitions
+    /// move to the others after that (at once when it stops gracefully). At least twice the heartbeat.
+    /// Default 3 s.
+    pub member_timeout: Duration,
 }
 
 impl RabbitConfig {
@@ -117,6 +123,8 @@ impl RabbitConfig {
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             publish_timeout: Duration::from_secs(5),
             reconnect_delay: (Duration::from_millis(100), Duration::from_secs(5)),
+            membership_heartbeat: Duration::from_millis(500),
+            member_timeout: Duration::from_secs(3),
         })
     }
 
@@ -142,6 +150,12 @@ impl RabbitConfig {
         }
         if self.reconnect_delay.0.is_zero() || self.reconnect_delay.0 > self.reconnect_delay.1 {
             return Err(BusError::invalid_config("reconnect_delay", "first must be > 0 and <= longest"));
+        }
+        if self.membership_heartbeat < Duration::from_millis(10) {
+            return Err(BusError::invalid_config("membership_heartbeat", "must be at least 10 ms"));
+        }
+        if self.member_timeout < self.membership_heartbeat * 2 {
+            return Err(BusError::invalid_config("member_timeout", "must be at least twice membership_heartbeat"));
         }
         self.retry.validate()
     }

@@ -38,9 +38,25 @@ pub(crate) struct Instance {
     pub(crate) retry: RetryPolicy,
     pub(crate) concurrency: usize,
     pub(crate) stats: Arc<Stats>,
+    /// The group's partition count, if it is partitioned.
+    pub(crate) partitions: Option<u16>,
+    /// This instance's id among the group's members (partitioned groups), the same across reconnections.
+    pub(crate) member_id: String,
 }
 
 type KeyTails = Arc<Mutex<HashMap<String, Shared<oneshot::Receiver<()>>>>>;
+
+/// What a queue consumer does with the deliveries it holds when it is told to stop.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Handover {
+    /// Cancel the subscription at once (the broker gives new messages to the other instances), then finish the
+    /// deliveries in hand: for a queue shared by competing instances, where no order is promised across them.
+    Cancel,
+    /// Keep the subscription until every delivery in hand is finished, then close the channel: the broker puts
+    /// what was prefetched but not started back in its place *before* the next single active consumer gets
+    /// anything, so a partition changes hands without reordering.
+    InOrder,
+}
 
 impl Instance {
     /// Consumes until `stop`, reconnecting as needed. `ready` learns the outcome of the first attempt to start.
@@ -73,44 +89,87 @@ impl Instance {
         }
     }
 
-    /// One consumption on one connection. `Ok` only when stopped on purpose.
+    /// One consumption on one connection: declares the group, then consumes its queue, or its partitions.
+    /// `Ok` only when stopped on purpose.
     async fn consume(
         self: &Arc<Self>,
-        session: &Session,
+        session: &Arc<Session>,
         stop: &CancellationToken,
         ready: &mut Option<oneshot::Sender<Result<(), BusError>>>,
     ) -> Result<(), BusError> {
         let transport = crate::link::transport;
-        let channel = session.connection.create_channel().await.map_err(transport)?;
+        let declarer = session.connection.create_channel().await.map_err(transport)?;
         let side = session.connection.create_channel().await.map_err(transport)?;
         side.confirm_select(ConfirmSelectOptions::default()).await.map_err(transport)?;
         let event_types = self.handlers.keys().cloned().collect();
-        topology::declare_group(&channel, &self.config, &self.group, &event_types).await.map_err(transport)?;
-        channel.basic_qos(self.config.prefetch, BasicQosOptions::default()).await.map_err(transport)?;
-        let tag = format!("{}-{}", self.group, uuid::Uuid::new_v4().simple());
-        let mut deliveries = channel
-            .basic_consume(
-                self.group.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(transport)?;
+        match self.partitions {
+            None => topology::declare_group(&declarer, &self.config, &self.group, &event_types)
+                .await
+                .map_err(transport)?,
+            Some(partitions) => {
+                topology::declare_partitioned_group(
+                    &session.connection,
+                    &declarer,
+                    &self.config,
+                    &self.group,
+                    &event_types,
+                    partitions,
+                )
+                .await?
+            }
+        }
+        let _ = declarer.close(200, "OK".into()).await;
         if let Some(ready) = ready.take() {
             let _ = ready.send(Ok(()));
         }
-        tracing::info!(group = %self.group, generation = session.generation, "consuming");
-        let tasks = TaskTracker::new();
         let permits = Arc::new(Semaphore::new(self.concurrency));
+        let outcome = match self.partitions {
+            None => {
+                tracing::info!(group = %self.group, generation = session.generation, "consuming");
+                let queue = self.group.as_str().to_owned();
+                self.consume_queue(session, &queue, FieldTable::default(), &side, &permits, stop, Handover::Cancel)
+                    .await
+            }
+            Some(partitions) => crate::partitions::run(self, session, &side, &permits, stop, partitions).await,
+        };
+        let _ = side.close(200, "OK".into()).await;
+        outcome
+    }
+
+    /// Consumes `queue` on a channel of its own until `stop` (then hands over as `handover` says and returns
+    /// `Ok`) or until the channel or the connection fails. `permits` bound the handlers running at once across
+    /// every queue of this instance; retries and dead letters are published on `side`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn consume_queue(
+        self: &Arc<Self>,
+        session: &Session,
+        queue: &str,
+        arguments: FieldTable,
+        side: &Channel,
+        permits: &Arc<Semaphore>,
+        stop: &CancellationToken,
+        handover: Handover,
+    ) -> Result<(), BusError> {
+        let transport = crate::link::transport;
+        let channel = session.connection.create_channel().await.map_err(transport)?;
+        channel.basic_qos(self.config.prefetch, BasicQosOptions::default()).await.map_err(transport)?;
+        let tag = format!("{queue}-{}", uuid::Uuid::new_v4().simple());
+        let mut deliveries = channel
+            .basic_consume(queue.into(), tag.as_str().into(), BasicConsumeOptions::default(), arguments)
+            .await
+            .map_err(transport)?;
+        let tasks = TaskTracker::new();
         let tails: KeyTails = Arc::default();
+        let queue: Arc<str> = Arc::from(queue);
         // A connection reset by the peer does not always end the delivery stream: watch the session too.
         let mut health = tokio::time::interval(std::time::Duration::from_millis(250));
         let outcome = loop {
             let next = tokio::select! {
                 () = stop.cancelled() => {
-                    // Stop taking deliveries; those prefetched but not started return to the queue on close.
-                    let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                    if handover == Handover::Cancel {
+                        // Prefetched deliveries not started return to the queue when the channel closes.
+                        let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                    }
                     break Ok(());
                 }
                 _ = health.tick() => {
@@ -122,7 +181,7 @@ impl Instance {
                 next = deliveries.next() => next,
             };
             match next {
-                Some(Ok(delivery)) => self.dispatch(delivery, &side, &tasks, &permits, &tails),
+                Some(Ok(delivery)) => self.dispatch(delivery, &queue, side, &tasks, permits, &tails),
                 Some(Err(error)) => break Err(transport(error)),
                 None => break Err(BusError::Transport("the broker ended the consumer".into())),
             }
@@ -132,16 +191,18 @@ impl Instance {
             tasks.wait().await;
         } else if tokio::time::timeout(std::time::Duration::from_secs(30), tasks.wait()).await.is_err() {
             // Handlers or acks stuck on the dead connection: move on; the broker redelivers what was not acked.
-            tracing::warn!(group = %self.group, "in-flight deliveries did not finish on the lost connection");
+            tracing::warn!(group = %self.group, %queue, "in-flight deliveries did not finish on the lost connection");
         }
+        // Closing returns every delivery this channel holds but did not acknowledge, and only then lets the
+        // queue's next single active consumer in.
         let _ = channel.close(200, "OK".into()).await;
-        let _ = side.close(200, "OK".into()).await;
         outcome
     }
 
     fn dispatch(
         self: &Arc<Self>,
         delivery: Delivery,
+        queue: &Arc<str>,
         side: &Channel,
         tasks: &TaskTracker,
         permits: &Arc<Semaphore>,
@@ -158,13 +219,14 @@ impl Instance {
             }
             None => (None, None, None),
         };
-        let (this, side, permits, tails) = (self.clone(), side.clone(), permits.clone(), tails.clone());
+        let (this, queue, side, permits, tails) =
+            (self.clone(), queue.clone(), side.clone(), permits.clone(), tails.clone());
         tasks.spawn(async move {
             if let Some(previous) = predecessor {
                 let _ = previous.await;
             }
             let permit = permits.acquire_owned().await;
-            this.handle(delivery, decoded, &side).await;
+            this.handle(delivery, decoded, &queue, &side).await;
             drop(permit);
             if let (Some((done, finished)), Some(key)) = (done, key) {
                 let _ = done.send(());
@@ -176,7 +238,7 @@ impl Instance {
         });
     }
 
-    async fn handle(&self, delivery: Delivery, decoded: Result<bus_core::Envelope, Poison>, side: &Channel) {
+    async fn handle(&self, delivery: Delivery, decoded: Result<bus_core::Envelope, Poison>, queue: &str, side: &Channel) {
         let attempt = wire::attempt(&delivery.properties);
         let envelope = match decoded {
             Ok(envelope) => Arc::new(envelope),
@@ -223,8 +285,8 @@ impl Instance {
                 )
                 .with_expiration(delay.as_millis().max(1).to_string().into());
                 tracing::debug!(group = %self.group, event_id = %envelope.id(), attempt, ?delay, %error, "handling failed; retrying later");
-                let queue = topology::retry_queue(&self.group);
-                if confirmed_publish(side, &queue, &delivery.data, properties).await {
+                // Back to the queue it came from (its partition, if partitioned) after the delay.
+                if confirmed_publish(side, &format!("{queue}.retry"), &delivery.data, properties).await {
                     self.stats.retried();
                     ack(&delivery).await;
                 } else {
@@ -268,8 +330,21 @@ pub(crate) async fn confirmed_publish(
     body: &[u8],
     properties: lapin::BasicProperties,
 ) -> bool {
+    confirmed_publish_to(channel, "", queue, body, properties).await
+}
+
+/// Publishes `mandatory` to `exchange` with `routing_key` and waits for the broker's confirm: `true` only if a
+/// queue took the message.
+pub(crate) async fn confirmed_publish_to(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: lapin::BasicProperties,
+) -> bool {
+    let queue = routing_key;
     let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
-    match channel.basic_publish("".into(), queue.into(), options, body, properties).await {
+    match channel.basic_publish(exchange.into(), routing_key.into(), options, body, properties).await {
         Ok(confirm) => match confirm.await {
             Ok(lapin::Confirmation::Ack(None)) => true,
             Ok(other) => {

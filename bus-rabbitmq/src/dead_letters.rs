@@ -2,7 +2,8 @@
 //!
 //! Listing takes the messages without acknowledging them and closes the channel, which returns them all to the
 //! queue. Redriving publishes a message back to `<group>` (attempts from 1, broker-confirmed) before removing it
-//! from the dead-letter queue: a failure in between leaves a copy in both, never in neither.
+//! from the dead-letter queue: a failure in between leaves a copy in both, never in neither. For a partitioned
+//! group it goes back through `<group>.partitions`, to the partition of its key.
 
 use bus_core::{BusError, DeadLetter, FailureKind, GroupName};
 use chrono::{DateTime, Utc};
@@ -12,7 +13,7 @@ use lapin::options::{BasicAckOptions, BasicGetOptions, ConfirmSelectOptions};
 use lapin::types::AMQPValue;
 use uuid::Uuid;
 
-use crate::consumer::confirmed_publish;
+use crate::consumer::confirmed_publish_to;
 use crate::link::{Session, transport};
 use crate::topology;
 use crate::wire;
@@ -67,6 +68,11 @@ pub(crate) async fn list(
 pub(crate) async fn redrive(session: &Session, group: &GroupName, id: Option<Uuid>) -> Result<usize, BusError> {
     let channel = session.connection.create_channel().await.map_err(transport)?;
     channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(transport)?;
+    let (exchange, routing_key) = if topology::is_partitioned(&session.connection, group).await? {
+        (topology::partition_exchange(group), String::new())
+    } else {
+        (String::new(), group.as_str().to_owned())
+    };
     let messages = scan(&channel, &topology::dead_letter_queue(group)).await?;
     let mut redriven = 0;
     for delivery in messages {
@@ -75,7 +81,7 @@ pub(crate) async fn redrive(session: &Session, group: &GroupName, id: Option<Uui
             continue; // left unacknowledged: back to the queue when the channel closes
         }
         let properties = wire::with_headers(&delivery.properties, &[(wire::H_ATTEMPT, AMQPValue::LongLongInt(1))]);
-        if !confirmed_publish(&channel, group.as_str(), &delivery.data, properties).await {
+        if !confirmed_publish_to(&channel, &exchange, &routing_key, &delivery.data, properties).await {
             let _ = channel.close(200, "OK".into()).await;
             return Err(BusError::Transport(format!("redrive to {group} was not confirmed by the broker").into()));
         }

@@ -30,6 +30,8 @@ mod config;
 mod consumer;
 mod dead_letters;
 mod link;
+mod membership;
+mod partitions;
 mod stats;
 mod topology;
 mod wire;

@@ -55,3 +55,162 @@ pub(crate) async fn declare_group(
     channel.queue_declare(dead_letter_queue(group).as_str().into(), durable, arguments(config)).await?;
     Ok(())
 }
+
+/// The consistent-hash exchange that spreads a partitioned group's events over its partitions.
+pub(crate) fn partition_exchange(group: &GroupName) -> String {
+    format!("{group}.partitions")
+}
+
+/// The queue of partition `index` of a partitioned group: `<group>.p007`. Three digits whatever the count, so
+/// that the names sort in partition order: RabbitMQ rebuilds the hash ring after a restart from the bindings in
+/// name order, and only this keeps every key on its partition across broker restarts.
+pub(crate) fn partition_queue(group: &GroupName, index: u16) -> String {
+    format!("{group}.p{index:03}")
+}
+
+/// The fanout exchange a partitioned group's instances announce themselves on.
+pub(crate) fn membership_exchange(group: &GroupName) -> String {
+    format!("{group}.members")
+}
+
+/// The exchange type of the `rabbitmq_consistent_hash_exchange` plugin.
+const CONSISTENT_HASH: &str = "x-consistent-hash";
+
+/// Declares a partitioned group: `<group>.partitions` (consistent hash on the `x-partition-key` header) bound to
+/// the bus exchange for each handled event type; `partitions` queues `<group>.pNNN` with a single active
+/// consumer, bound to it with equal weight, in name order; `<group>.pNNN.retry` dead-lettering back to its
+/// partition; and `<group>.dlq`. Refuses a group that was declared with more partitions before (the extra ones
+/// would keep taking events nobody consumes) and a broker without the plugin, naming the setting.
+pub(crate) async fn declare_partitioned_group(
+    connection: &lapin::Connection,
+    channel: &Channel,
+    config: &RabbitConfig,
+    group: &GroupName,
+    event_types: &BTreeSet<EventTypeName>,
+    partitions: u16,
+) -> Result<(), bus_core::BusError> {
+    use crate::link::transport;
+    use bus_core::BusError;
+    use lapin::ExchangeKind;
+    use lapin::options::{ExchangeBindOptions, ExchangeDeclareOptions};
+
+    let beyond = partition_queue(group, partitions);
+    if queue_exists(connection, &beyond).await? {
+        return Err(BusError::invalid_config(
+            "partitions",
+            format!(
+                "group {group} has {partitions} partitions here but the broker has queue {beyond} from a larger \
+                 count; the partition count is fixed for the life of a group (drain and delete the group's \
+                 partition queues to change it)"
+            ),
+        ));
+    }
+    let exchange = partition_exchange(group);
+    let mut hash = FieldTable::default();
+    hash.insert("hash-header".into(), text(crate::wire::H_PARTITION_KEY));
+    let declared = channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Custom(CONSISTENT_HASH.into()),
+            ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() },
+            hash,
+        )
+        .await;
+    if let Err(error) = declared {
+        // 503 COMMAND_INVALID "invalid exchange type": the plugin is not enabled.
+        if error.to_string().contains(CONSISTENT_HASH) || error.to_string().contains("exchange type") {
+            return Err(BusError::invalid_config(
+                "partitions",
+                "need the RabbitMQ plugin rabbitmq_consistent_hash_exchange, which ships with RabbitMQ: \
+                 rabbitmq-plugins enable rabbitmq_consistent_hash_exchange",
+            ));
+        }
+        return Err(transport(error));
+    }
+    for event_type in event_types {
+        channel
+            .exchange_bind(
+                exchange.as_str().into(),
+                config.exchange.as_str().into(),
+                event_type.as_str().into(),
+                ExchangeBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(transport)?;
+    }
+    let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+    for index in 0..partitions {
+        let queue = partition_queue(group, index);
+        let mut args = arguments(config);
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        channel.queue_declare(queue.as_str().into(), durable, args).await.map_err(transport)?;
+        // Weight 1 each: equal shares. Re-binding is a no-op, so the ring never changes once built.
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                "1".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(transport)?;
+        let mut retry = arguments(config);
+        retry.insert("x-dead-letter-exchange".into(), text(""));
+        retry.insert("x-dead-letter-routing-key".into(), text(&queue));
+        channel.queue_declare(format!("{queue}.retry").as_str().into(), durable, retry).await.map_err(transport)?;
+    }
+    channel
+        .queue_declare(dead_letter_queue(group).as_str().into(), durable, arguments(config))
+        .await
+        .map_err(transport)?;
+    Ok(())
+}
+
+/// True if `queue` exists (a passive declare, on a channel of its own: a miss closes the channel).
+pub(crate) async fn queue_exists(connection: &lapin::Connection, queue: &str) -> Result<bool, bus_core::BusError> {
+    let channel = connection.create_channel().await.map_err(crate::link::transport)?;
+    let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+    let exists = channel.queue_declare(queue.into(), passive, FieldTable::default()).await.is_ok();
+    if exists {
+        let _ = channel.close(200, "OK".into()).await;
+    }
+    Ok(exists)
+}
+
+/// True if `group` is partitioned on the broker (its `<group>.partitions` exchange exists).
+pub(crate) async fn is_partitioned(connection: &lapin::Connection, group: &GroupName) -> Result<bool, bus_core::BusError> {
+    use lapin::ExchangeKind;
+    use lapin::options::ExchangeDeclareOptions;
+    let channel = connection.create_channel().await.map_err(crate::link::transport)?;
+    let passive = ExchangeDeclareOptions { passive: true, ..ExchangeDeclareOptions::default() };
+    let exists = channel
+        .exchange_declare(
+            partition_exchange(group).as_str().into(),
+            ExchangeKind::Custom(CONSISTENT_HASH.into()),
+            passive,
+            FieldTable::default(),
+        )
+        .await
+        .is_ok();
+    if exists {
+        let _ = channel.close(200, "OK".into()).await;
+    }
+    Ok(exists)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_queues_sort_in_partition_order() {
+        let group = GroupName::new("catalog").unwrap();
+        let names: Vec<String> = (0..bus_core::MAX_PARTITIONS).map(|i| partition_queue(&group, i)).collect();
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(names, sorted);
+        assert_eq!(partition_queue(&group, 7), "catalog.p007");
+    }
+}

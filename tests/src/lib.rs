@@ -11,6 +11,7 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+pub mod partitioned;
 pub mod shop;
 
 use async_trait::async_trait;
@@ -162,6 +163,21 @@ pub async fn delete_topology(exchange: &str, groups: &[&str]) {
         }
     }
     let _ = channel.exchange_delete(exchange.into(), lapin::options::ExchangeDeleteOptions::default()).await;
+}
+
+/// Deletes a partitioned group's queues and exchanges, and the bus exchange (best effort).
+pub async fn delete_partitioned_topology(exchange: &str, group: &str, partitions: u16) {
+    let channel = plain_amqp().await;
+    for index in 0..partitions {
+        for queue in [format!("{group}.p{index:03}"), format!("{group}.p{index:03}.retry")] {
+            let _ = channel.queue_delete(queue.as_str().into(), lapin::options::QueueDeleteOptions::default()).await;
+        }
+    }
+    let dlq = format!("{group}.dlq");
+    let _ = channel.queue_delete(dlq.as_str().into(), lapin::options::QueueDeleteOptions::default()).await;
+    for name in [format!("{group}.partitions"), exchange.to_owned()] {
+        let _ = channel.exchange_delete(name.as_str().into(), lapin::options::ExchangeDeleteOptions::default()).await;
+    }
 }
 
 /// A test event with a partition key and a sequence number within it.

@@ -40,6 +40,15 @@ impl ServiceProcess {
     /// # Panics
     /// The process cannot be started or exits before it listens.
     pub async fn spawn(program: &Path, args: &[&str], env: &[(String, String)]) -> Self {
+        Self::spawn_until(program, args, env, " listening on ").await
+    }
+
+    /// Runs `program args…` with `env`, and waits (60 s at most) until it prints a line with `marker`; `url` is
+    /// what follows the marker on that line.
+    ///
+    /// # Panics
+    /// The process cannot be started or exits before it prints the marker.
+    pub async fn spawn_until(program: &Path, args: &[&str], env: &[(String, String)], marker: &str) -> Self {
         let mut command = Command::new(program);
         command
             .args(args)
@@ -53,7 +62,7 @@ impl ServiceProcess {
         let mut lines = BufReader::new(stdout).lines();
         let url = tokio::time::timeout(Duration::from_secs(60), async {
             while let Ok(Some(line)) = lines.next_line().await {
-                if let Some((_, url)) = line.split_once(" listening on ") {
+                if let Some((_, url)) = line.split_once(marker) {
                     return url.to_owned();
                 }
             }
@@ -87,6 +96,12 @@ impl ServiceProcess {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
         let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
         line.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    /// Sends SIGTERM and waits (at most `timeout`) for the process to exit; true if it did.
+    pub async fn terminate(&mut self, timeout: Duration) -> bool {
+        self.signal("TERM");
+        self.exited_within(timeout).await
     }
 
     /// Sends a signal by name (`STOP`, `CONT`) with `kill`.

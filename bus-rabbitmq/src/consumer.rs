@@ -108,7 +108,6 @@ impl Instance {
                 .map_err(transport)?,
             Some(partitions) => {
                 topology::declare_partitioned_group(
-                    &session.connection,
                     &declarer,
                     &self.config,
                     &self.group,

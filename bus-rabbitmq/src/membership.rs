@@ -122,8 +122,9 @@ impl Membership {
     /// Tells the others this instance is leaving, so they take over its partitions without waiting for the
     /// timeout; then stops the heartbeat.
     pub(crate) async fn leave(self, member_timeout: Duration) {
-        self.stop.cancel();
+        // Announce before stopping the listener: its queue (auto-delete) and then the exchange may go with it.
         self.announce(true, member_timeout).await;
+        self.stop.cancel();
         let _ = self.channel.close(200, "OK".into()).await;
     }
 

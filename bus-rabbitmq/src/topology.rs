@@ -68,6 +68,11 @@ pub(crate) fn partition_queue(group: &GroupName, index: u16) -> String {
     format!("{group}.p{index:03}")
 }
 
+/// The queue that records a partitioned group's partition count (as its `x-max-length`; it holds no message).
+pub(crate) fn partition_count_marker(group: &GroupName) -> String {
+    format!("{group}.partition-count")
+}
+
 /// The fanout exchange a partitioned group's instances announce themselves on.
 pub(crate) fn membership_exchange(group: &GroupName) -> String {
     format!("{group}.members")
@@ -79,10 +84,10 @@ const CONSISTENT_HASH: &str = "x-consistent-hash";
 /// Declares a partitioned group: `<group>.partitions` (consistent hash on the `x-partition-key` header) bound to
 /// the bus exchange for each handled event type; `partitions` queues `<group>.pNNN` with a single active
 /// consumer, bound to it with equal weight, in name order; `<group>.pNNN.retry` dead-lettering back to its
-/// partition; and `<group>.dlq`. Refuses a group that was declared with more partitions before (the extra ones
-/// would keep taking events nobody consumes) and a broker without the plugin, naming the setting.
+/// partition; and `<group>.dlq`. Refuses a group that was declared with another partition count (the mapping of
+/// keys to partitions would change under queued events; with fewer, the extra partitions would keep taking
+/// events nobody consumes) and a broker without the plugin, naming the setting.
 pub(crate) async fn declare_partitioned_group(
-    connection: &lapin::Connection,
     channel: &Channel,
     config: &RabbitConfig,
     group: &GroupName,
@@ -94,16 +99,25 @@ pub(crate) async fn declare_partitioned_group(
     use lapin::ExchangeKind;
     use lapin::options::{ExchangeBindOptions, ExchangeDeclareOptions};
 
-    let beyond = partition_queue(group, partitions);
-    if queue_exists(connection, &beyond).await? {
-        return Err(BusError::invalid_config(
-            "partitions",
-            format!(
-                "group {group} has {partitions} partitions here but the broker has queue {beyond} from a larger \
-                 count; the partition count is fixed for the life of a group (drain and delete the group's \
-                 partition queues to change it)"
-            ),
-        ));
+    // The count is recorded in a marker queue's x-max-length (the queue is bound to nothing and never holds a
+    // message): RabbitMQ refuses to re-declare it with another value, which is the check, race-free and silent
+    // when the count matches.
+    let mut marker = FieldTable::default();
+    marker.insert("x-max-length".into(), AMQPValue::LongLongInt(i64::from(partitions)));
+    let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+    if let Err(error) = channel.queue_declare(partition_count_marker(group).as_str().into(), durable, marker).await {
+        if error.to_string().contains("PRECONDITION_FAILED") {
+            return Err(BusError::invalid_config(
+                "partitions",
+                format!(
+                    "group {group} was declared on the broker with another partition count than {partitions} \
+                     (queue {} records it as its x-max-length); the count is fixed for the life of a group: drain \
+                     and delete the group's partition queues and that queue to change it",
+                    partition_count_marker(group)
+                ),
+            ));
+        }
+        return Err(transport(error));
     }
     let exchange = partition_exchange(group);
     let mut hash = FieldTable::default();
@@ -139,7 +153,6 @@ pub(crate) async fn declare_partitioned_group(
             .await
             .map_err(transport)?;
     }
-    let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
     for index in 0..partitions {
         let queue = partition_queue(group, index);
         let mut args = arguments(config);
@@ -166,17 +179,6 @@ pub(crate) async fn declare_partitioned_group(
         .await
         .map_err(transport)?;
     Ok(())
-}
-
-/// True if `queue` exists (a passive declare, on a channel of its own: a miss closes the channel).
-pub(crate) async fn queue_exists(connection: &lapin::Connection, queue: &str) -> Result<bool, bus_core::BusError> {
-    let channel = connection.create_channel().await.map_err(crate::link::transport)?;
-    let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
-    let exists = channel.queue_declare(queue.into(), passive, FieldTable::default()).await.is_ok();
-    if exists {
-        let _ = channel.close(200, "OK".into()).await;
-    }
-    Ok(exists)
 }
 
 /// True if `group` is partitioned on the broker (its `<group>.partitions` exchange exists).

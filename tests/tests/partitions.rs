@@ -140,3 +140,208 @@ async fn handled(pool: &PgPool, schema: &str) -> i64 {
         .await
         .expect("count handled")
 }
+
+/// One in-process instance's view of what it handled: (instance, key, seq), in handling order, and whether two
+/// handlings of one key ever overlapped (across instances).
+#[derive(Clone, Default)]
+struct Journal {
+    handled: Arc<Mutex<Vec<(usize, String, u32)>>>,
+    in_progress: Arc<Mutex<HashSet<String>>>,
+    overlaps: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Journal {
+    fn subscription(&self, group: &str, partitions: u16, instance: usize) -> Subscription {
+        let journal = self.clone();
+        Subscription::new(group).partitions(partitions).concurrency(4).on::<Numbered, _>(
+            move |event: Numbered, _ctx: DeliveryContext| {
+                let journal = journal.clone();
+                async move {
+                    if !journal.in_progress.lock().unwrap().insert(event.key.clone()) {
+                        journal.overlaps.fetch_add(1, Ordering::SeqCst);
+                    }
+                    // Long enough for handlings to be in flight when partitions move.
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    journal.in_progress.lock().unwrap().remove(&event.key);
+                    journal.handled.lock().unwrap().push((instance, event.key, event.seq));
+                    Ok(())
+                }
+            },
+        )
+    }
+
+    fn count(&self) -> usize {
+        self.handled.lock().unwrap().len()
+    }
+
+    /// Keys whose handlings are not exactly 0, 1, 2, … in order.
+    fn keys_out_of_sequence(&self) -> Vec<String> {
+        let mut per_key: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+        for (_, key, seq) in self.handled.lock().unwrap().iter() {
+            per_key.entry(key.clone()).or_default().push(*seq);
+        }
+        per_key.into_iter().filter(|(_, seqs)| seqs.iter().enumerate().any(|(i, s)| *s as usize != i)).map(|(k, _)| k).collect()
+    }
+
+    fn per_instance(&self) -> HashMap<usize, usize> {
+        let mut counts = HashMap::new();
+        for (instance, _, _) in self.handled.lock().unwrap().iter() {
+            *counts.entry(*instance).or_default() += 1;
+        }
+        counts
+    }
+}
+
+fn fast_membership(config: &mut bus_rabbitmq::RabbitConfig) {
+    config.membership_heartbeat = Duration::from_millis(100);
+    config.member_timeout = Duration::from_millis(1000);
+}
+
+async fn publish_rounds(bus: &bus_rabbitmq::RabbitBus, keys: u32, seqs: std::ops::Range<u32>) {
+    for seq in seqs {
+        let mut confirmations = Vec::new();
+        for key in 0..keys {
+            let envelope = bus_core::Envelope::for_event(&Numbered { key: format!("k{key}"), seq })
+                .unwrap()
+                .build()
+                .unwrap();
+            confirmations.push(bus.publish(envelope).await.expect("publish"));
+        }
+        for confirmation in confirmations {
+            confirmation.await.expect("confirmed");
+        }
+    }
+}
+
+/// Instances leave gracefully and join while events flow: the partitions move between them and each key is
+/// still handled once, in order, never by two instances at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_move_in_order_when_instances_leave_and_join() {
+    const KEYS: u32 = 30;
+    const PARTITIONS: u16 = 6;
+    let publisher = rabbit_bus(fast_membership).await;
+    let exchange = publisher.config().exchange.clone();
+    let group = unique("svc");
+    let journal = Journal::default();
+    let instance_bus = || async {
+        let exchange = exchange.clone();
+        rabbit_bus(move |c| {
+            fast_membership(c);
+            c.exchange = exchange;
+        })
+        .await
+    };
+    let mut buses = Vec::new();
+    let mut handles = Vec::new();
+    for instance in 0..3 {
+        let bus = instance_bus().await;
+        handles.push(Some(bus.subscribe(journal.subscription(&group, PARTITIONS, instance)).await.expect("subscribe")));
+        buses.push(bus);
+    }
+    publish_rounds(&publisher, KEYS, 0..30).await;
+    wait_until("the first rounds handled", WAIT, || async { journal.count() >= 600 }).await;
+    // Instance 1 leaves while events are in flight; a fourth joins later.
+    let leaving = handles[1].take().unwrap().stop();
+    let more = publish_rounds(&publisher, KEYS, 30..60);
+    tokio::join!(leaving, more);
+    let joiner = instance_bus().await;
+    let joined = joiner.subscribe(journal.subscription(&group, PARTITIONS, 3)).await.expect("subscribe");
+    publish_rounds(&publisher, KEYS, 60..100).await;
+    wait_until("every event handled", WAIT, || async { journal.count() >= (KEYS * 100) as usize }).await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // anything handled twice would show now
+
+    let per_instance = journal.per_instance();
+    assert_eq!(journal.count(), (KEYS * 100) as usize, "each event handled exactly once: {per_instance:?}");
+    assert_eq!(journal.keys_out_of_sequence(), Vec::<String>::new(), "per-key order");
+    assert_eq!(journal.overlaps.load(Ordering::SeqCst), 0, "a key handled by two instances at once");
+    for instance in [0, 1, 2, 3] {
+        assert!(per_instance.get(&instance).copied().unwrap_or(0) > 0, "instance {instance} got partitions: {per_instance:?}");
+    }
+
+    joined.stop().await;
+    for handle in handles.into_iter().flatten() {
+        handle.stop().await;
+    }
+    for bus in buses.iter().chain([&joiner, &publisher]) {
+        bus.shutdown().await;
+    }
+    delete_partitioned_topology(&exchange, &group, PARTITIONS).await;
+}
+
+/// A failed handling goes to its partition's retry queue and comes back to the same partition; a dead letter is
+/// redriven through the partitions to the partition of its key; replay to the group does the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_redrives_and_replays_stay_in_the_partition_of_their_key() {
+    const PARTITIONS: u16 = 4;
+    let bus = rabbit_bus(fast_membership).await;
+    let exchange = bus.config().exchange.clone();
+    let group = unique("svc");
+    let group_name = GroupName::new(&group).unwrap();
+    let broken = Arc::new(AtomicBool::new(true));
+    let seen: Arc<Mutex<Vec<(u32, u32)>>> = Arc::default();
+    let (b, s) = (broken.clone(), seen.clone());
+    let retry = RetryPolicy::exponential(2, Duration::from_millis(50)).with_jitter(0.0);
+    let handle = bus
+        .subscribe(Subscription::new(&group).partitions(PARTITIONS).retry(retry).on::<Numbered, _>(
+            move |event: Numbered, ctx: DeliveryContext| {
+                let (broken, seen) = (b.clone(), s.clone());
+                async move {
+                    seen.lock().unwrap().push((event.seq, ctx.attempt()));
+                    if broken.load(Ordering::SeqCst) && event.key == "poisoned" {
+                        return Err(HandlerError::transient("down"));
+                    }
+                    Ok(())
+                }
+            },
+        ))
+        .await
+        .expect("subscribe");
+    let publish = |key: &str, seq: u32| {
+        bus_core::Envelope::for_event(&Numbered { key: key.into(), seq }).unwrap().build().unwrap()
+    };
+    bus.publish(publish("poisoned", 1)).await.unwrap().await.expect("confirmed");
+    wait_until("retried, then dead-lettered", WAIT, || async { bus.stats().dead_lettered == 1 }).await;
+    assert_eq!(seen.lock().unwrap().iter().map(|(_, a)| *a).collect::<Vec<_>>(), vec![1, 2], "one retry, then given up");
+    assert_eq!(bus.stats().retried, 1);
+
+    broken.store(false, Ordering::SeqCst);
+    assert_eq!(bus.redrive(&group_name, None).await.expect("redrive"), 1);
+    wait_until("the redriven event handled", WAIT, || async { seen.lock().unwrap().len() == 3 }).await;
+    // Replay to the group only: through the partitions, so it is routable (the group has no plain queue).
+    bus.publish_to_group(&group_name, publish("poisoned", 2)).await.unwrap().await.expect("replay confirmed");
+    wait_until("the replayed event handled", WAIT, || async { seen.lock().unwrap().len() == 4 }).await;
+    assert_eq!(bus.stats().handled, 2);
+    assert!(bus.dead_letters(&group_name).await.unwrap().is_empty());
+
+    handle.stop().await;
+    bus.shutdown().await;
+    delete_partitioned_topology(&exchange, &group, PARTITIONS).await;
+}
+
+/// The partition count is fixed for the life of a group: a smaller count than the broker's is refused, naming
+/// the setting; out-of-range counts are refused before anything is declared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_partition_count_is_checked() {
+    let bus = rabbit_bus(fast_membership).await;
+    let exchange = bus.config().exchange.clone();
+    let group = unique("svc");
+    let on = |partitions: u16| {
+        Subscription::new(&group)
+            .partitions(partitions)
+            .on::<Numbered, _>(|_e: Numbered, _ctx: DeliveryContext| async { Ok::<_, HandlerError>(()) })
+    };
+    for bad in [0, bus_core::MAX_PARTITIONS + 1] {
+        let err = bus.subscribe(on(bad)).await.unwrap_err();
+        assert!(matches!(err, BusError::InvalidConfig { .. }) && err.to_string().contains("partitions"), "{err}");
+    }
+    let first = bus.subscribe(on(4)).await.expect("4 partitions");
+    let again = bus.subscribe(on(4)).await.expect("the same count again");
+    for other in [2, 8] {
+        let err = bus.subscribe(on(other)).await.unwrap_err().to_string();
+        assert!(err.contains("partitions") && err.contains(&format!("{group}.partition-count")), "{err}");
+    }
+    again.stop().await;
+    first.stop().await;
+    bus.shutdown().await;
+    delete_partitioned_topology(&exchange, &group, 4).await;
+}

@@ -74,8 +74,20 @@ async fn postgres_container() -> Result<String, String> {
 
 async fn rabbitmq_container() -> Result<String, String> {
     use testcontainers_modules::testcontainers::ImageExt;
+    use testcontainers_modules::testcontainers::core::ExecCommand;
+    use testcontainers_modules::testcontainers::runners::AsyncRunner;
     let request = testcontainers_modules::rabbitmq::RabbitMq::default().with_tag("3.10-management");
-    let (host, port) = start_container(request, 5672).await?;
+    let container = request.start().await.map_err(|e| e.to_string())?;
+    // Partitioned groups need the consistent-hash exchange plugin (it ships with the image).
+    let mut enable = container
+        .exec(ExecCommand::new(["rabbitmq-plugins", "enable", "rabbitmq_consistent_hash_exchange"]))
+        .await
+        .map_err(|e| format!("enabling rabbitmq_consistent_hash_exchange: {e}"))?;
+    // Read to the end: the command has finished then.
+    let _ = enable.stdout_to_vec().await;
+    let host = container.get_host().await.map_err(|e| e.to_string())?;
+    let port = container.get_host_port_ipv4(5672).await.map_err(|e| e.to_string())?;
+    keep(container);
     Ok(format!("amqp://guest:guest@{host}:{port}/%2f"))
 }
 

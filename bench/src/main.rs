@@ -24,13 +24,15 @@ const SCENARIOS: &[&str] = &[
     "relay_throughput",
     "e2e_latency",
     "relay_rss",
+    "partitioned_throughput",
 ];
 
 #[derive(Parser, Debug)]
 #[command(about = "Measures the framework against raw baselines; one JSON line per figure on stdout.")]
 struct Args {
     /// `all`, or one scenario: inproc_dispatch, producer_commit_cost, consumer_inbox, two_relays,
-    /// relay_throughput (also gives backlog_drain), e2e_latency (p50 and p99), relay_rss.
+    /// relay_throughput (also gives backlog_drain), e2e_latency (p50 and p99), relay_rss,
+    /// partitioned_throughput.
     scenario: String,
     /// A short run (fewer events), for a quick look.
     #[arg(long)]
@@ -68,6 +70,7 @@ async fn main() -> anyhow::Result<()> {
             "relay_throughput" => figures::relay_throughput::run(args.quick).await?,
             "e2e_latency" => figures::e2e_latency::run(args.quick).await?,
             "relay_rss" => figures::relay_rss::run(args.quick).await?,
+            "partitioned_throughput" => figures::partitioned_throughput::run(args.quick).await?,
             _ => unreachable!("every name in SCENARIOS has a branch"),
         };
         for figure in figures {

@@ -3,6 +3,7 @@
 pub mod consumer_inbox;
 pub mod e2e_latency;
 pub mod inproc_dispatch;
+pub mod partitioned_throughput;
 pub mod producer_commit_cost;
 pub mod relay_rss;
 pub mod relay_throughput;

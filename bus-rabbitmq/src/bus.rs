@@ -18,6 +18,10 @@ use crate::link::{Link, transport};
 use crate::stats::{RabbitStats, Stats};
 use crate::{dead_letters, topology, wire};
 
+/// The longest retry schedule of a partitioned group (retries in place), well within RabbitMQ's default
+/// `consumer_timeout` of 30 minutes.
+pub const MAX_IN_PLACE_RETRY_HORIZON: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+
 /// The RabbitMQ event bus. Cheap to clone: clones share one connection. Call [`shutdown`](Self::shutdown)
 /// before exiting.
 #[derive(Clone)]
@@ -216,6 +220,19 @@ impl EventBus for RabbitBus {
             return Err(BusError::Closed);
         }
         let retry = spec.retry.unwrap_or_else(|| inner.config.retry.clone());
+        if spec.partitions.is_some() && retry.horizon() > MAX_IN_PLACE_RETRY_HORIZON {
+            // Retries in place keep the delivery unacknowledged; RabbitMQ closes a channel whose delivery stays
+            // unacknowledged past its consumer_timeout (30 min by default).
+            return Err(BusError::invalid_config(
+                "retry",
+                format!(
+                    "a partitioned group retries in place, so its retry schedule must end within {} minutes \
+                     (this one takes {:?})",
+                    MAX_IN_PLACE_RETRY_HORIZON.as_secs() / 60,
+                    retry.horizon()
+                ),
+            ));
+        }
         let counters = Arc::new(Stats::with_parent(inner.stats.clone()));
         let instance = Arc::new(Instance {
             config: inner.config.clone(),

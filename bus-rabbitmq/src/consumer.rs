@@ -1,8 +1,11 @@
-//! One subscription instance: consumes its group's queue and acknowledges each delivery only once its fate is
-//! sealed: handled, or safely moved to `<group>.retry` / `<group>.dlq` (those publishes are broker-confirmed
-//! first). If anything in between fails, the delivery is returned to the queue (at worst redelivered; the inbox
-//! drops duplicates). Deliveries with the same partition key are handled one after the other in arrival order;
-//! others in parallel, up to the instance's concurrency.
+//! One subscription instance: consumes its group's queue (or its partitions) and acknowledges each delivery only
+//! once its fate is sealed: handled, or safely moved to `<group>.retry` / `<group>.dlq` (those publishes are
+//! broker-confirmed first). Deliveries with the same partition key are handled one after the other in arrival
+//! order; others in parallel, up to the instance's concurrency. If a delivery cannot be settled (the retry or
+//! dead-letter publish fails), it and the later deliveries of its key stay unacknowledged and the consumption
+//! restarts on a new channel: closing the old one returns them to the queue in order (at worst redelivered; the
+//! inbox drops duplicates). A partitioned group retries in place (the delivery stays unacknowledged through its
+//! delays), so that the later events of its key never overtake it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::panic::AssertUnwindSafe;
@@ -16,7 +19,7 @@ use futures::StreamExt;
 use futures::future::Shared;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, options::ConfirmSelectOptions};
@@ -44,7 +47,7 @@ pub(crate) struct Instance {
     pub(crate) member_id: String,
 }
 
-type KeyTails = Arc<Mutex<HashMap<String, Shared<oneshot::Receiver<()>>>>>;
+type KeyTails = Mutex<HashMap<String, Shared<oneshot::Receiver<bool>>>>;
 
 /// What a queue consumer does with the deliveries it holds when it is told to stop.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -136,8 +139,9 @@ impl Instance {
     }
 
     /// Consumes `queue` on a channel of its own until `stop` (then hands over as `handover` says and returns
-    /// `Ok`) or until the channel or the connection fails. `permits` bound the handlers running at once across
-    /// every queue of this instance; retries and dead letters are published on `side`.
+    /// `Ok`) or until the channel or the connection fails, or a delivery cannot be settled. `permits` bound the
+    /// handlers running at once across every queue of this instance; retries and dead letters are published on
+    /// `side`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn consume_queue(
         self: &Arc<Self>,
@@ -158,8 +162,14 @@ impl Instance {
             .await
             .map_err(transport)?;
         let tasks = TaskTracker::new();
-        let tails: KeyTails = Arc::default();
-        let queue: Arc<str> = Arc::from(queue);
+        let lane = Arc::new(Lane {
+            queue: Arc::from(queue),
+            side: side.clone(),
+            permits: permits.clone(),
+            tails: KeyTails::default(),
+            stop: stop.clone(),
+            broken: CancellationToken::new(),
+        });
         // A connection reset by the peer does not always end the delivery stream: watch the session too.
         let mut health = tokio::time::interval(std::time::Duration::from_millis(250));
         let outcome = loop {
@@ -171,6 +181,11 @@ impl Instance {
                     }
                     break Ok(());
                 }
+                () = lane.broken.cancelled() => {
+                    break Err(BusError::Transport(
+                        "a delivery could not be moved to the retry or dead-letter queue; consuming again".into(),
+                    ));
+                }
                 _ = health.tick() => {
                     if session.healthy() && channel.status().connected() {
                         continue;
@@ -180,7 +195,7 @@ impl Instance {
                 next = deliveries.next() => next,
             };
             match next {
-                Some(Ok(delivery)) => self.dispatch(delivery, &queue, side, &tasks, permits, &tails),
+                Some(Ok(delivery)) => self.dispatch(delivery, &lane, &tasks),
                 Some(Err(error)) => break Err(transport(error)),
                 None => break Err(BusError::Transport("the broker ended the consumer".into())),
             }
@@ -192,44 +207,42 @@ impl Instance {
             // Handlers or acks stuck on the dead connection: move on; the broker redelivers what was not acked.
             tracing::warn!(group = %self.group, %queue, "in-flight deliveries did not finish on the lost connection");
         }
-        // Closing returns every delivery this channel holds but did not acknowledge, and only then lets the
-        // queue's next single active consumer in.
+        // Closing returns every delivery this channel holds but did not acknowledge, in queue order, and only then
+        // lets the queue's next single active consumer in.
         let _ = channel.close(200, "OK".into()).await;
         outcome
     }
 
-    fn dispatch(
-        self: &Arc<Self>,
-        delivery: Delivery,
-        queue: &Arc<str>,
-        side: &Channel,
-        tasks: &TaskTracker,
-        permits: &Arc<Semaphore>,
-        tails: &KeyTails,
-    ) {
+    fn dispatch(self: &Arc<Self>, delivery: Delivery, lane: &Arc<Lane>, tasks: &TaskTracker) {
         let decoded = wire::envelope(&delivery.properties, &delivery.data, self.config.max_payload_bytes);
         // Register in the key's line now, in arrival order; wait for the predecessor inside the task.
         let (done, predecessor, key) = match decoded.as_ref().ok().and_then(|e| e.partition_key()) {
             Some(key) => {
-                let (done, finished) = oneshot::channel::<()>();
+                let (done, finished) = oneshot::channel::<bool>();
                 let finished = finished.shared();
-                let previous = tails.lock().unwrap_or_else(|p| p.into_inner()).insert(key.to_owned(), finished.clone());
+                let previous =
+                    lane.tails.lock().unwrap_or_else(|p| p.into_inner()).insert(key.to_owned(), finished.clone());
                 (Some((done, finished)), previous, Some(key.to_owned()))
             }
             None => (None, None, None),
         };
-        let (this, queue, side, permits, tails) =
-            (self.clone(), queue.clone(), side.clone(), permits.clone(), tails.clone());
+        let (this, lane) = (self.clone(), lane.clone());
         tasks.spawn(async move {
-            if let Some(previous) = predecessor {
-                let _ = previous.await;
-            }
-            let permit = permits.acquire_owned().await;
-            this.handle(delivery, decoded, &queue, &side).await;
-            drop(permit);
+            let predecessor_settled = match predecessor {
+                Some(previous) => previous.await.unwrap_or(false),
+                None => true,
+            };
+            // A delivery whose predecessor was not settled stays unacknowledged too: both go back to the queue, in
+            // order, when the channel closes (the consumer is stopping or restarting).
+            let settled = predecessor_settled && {
+                let permit = lane.permits.clone().acquire_owned().await;
+                let settled = this.handle(delivery, decoded, &lane).await;
+                drop(permit);
+                settled
+            };
             if let (Some((done, finished)), Some(key)) = (done, key) {
-                let _ = done.send(());
-                let mut tails = tails.lock().unwrap_or_else(|p| p.into_inner());
+                let _ = done.send(settled);
+                let mut tails = lane.tails.lock().unwrap_or_else(|p| p.into_inner());
                 if tails.get(&key).is_some_and(|tail| tail.ptr_eq(&finished)) {
                     tails.remove(&key);
                 }
@@ -237,69 +250,90 @@ impl Instance {
         });
     }
 
-    async fn handle(&self, delivery: Delivery, decoded: Result<bus_core::Envelope, Poison>, queue: &str, side: &Channel) {
-        let attempt = wire::attempt(&delivery.properties);
+    /// Handles one delivery and settles it: acknowledged after the handler succeeded, or after it was
+    /// confirmed in the retry or dead-letter queue. `false` if it was left unacknowledged (the lane is stopping,
+    /// or broken because the retry/dead-letter publish failed).
+    async fn handle(&self, delivery: Delivery, decoded: Result<bus_core::Envelope, Poison>, lane: &Lane) -> bool {
+        let mut attempt = wire::attempt(&delivery.properties);
         let envelope = match decoded {
             Ok(envelope) => Arc::new(envelope),
             Err(Poison(reason)) => {
                 tracing::warn!(group = %self.group, %reason, "undecodable message dead-lettered");
-                return self.dead_letter(&delivery, side, attempt, &reason, FailureKind::Permanent).await;
+                return self.dead_letter(&delivery, lane, attempt, &reason, FailureKind::Permanent).await;
             }
         };
-        let result = match self.handlers.get(envelope.event_type()) {
-            Some(handler) => {
-                let ctx = DeliveryContext::new(envelope.clone(), attempt, self.group.clone());
-                AssertUnwindSafe(bus_core::trace::consume(&envelope, self.group.as_str(), handler.handle(ctx)))
-                    .catch_unwind()
-                    .await
-                    .unwrap_or_else(|panic| {
-                        let message = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| (*s).to_owned())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_default();
-                        Err(HandlerError::transient(format!("handler panicked: {message}")))
-                    })
-            }
-            None => Err(HandlerError::permanent(format!(
-                "group {} has no handler for {}",
-                self.group,
-                envelope.event_type()
-            ))),
-        };
-        match result {
-            Ok(()) => {
-                self.stats.handled();
-                ack(&delivery).await;
-            }
-            Err(error) if !error.is_permanent() && self.retry.should_retry(attempt) => {
-                let delay = self.retry.delay(attempt + 1);
-                let properties = wire::with_headers(
-                    &delivery.properties,
-                    &[
-                        (wire::H_ATTEMPT, AMQPValue::LongLongInt(i64::from(attempt + 1))),
-                        (wire::H_LAST_ERROR, wire::text_header(&error.to_string())),
-                        (wire::H_FAILED_AT, wire::now_header()),
-                    ],
-                )
-                .with_expiration(delay.as_millis().max(1).to_string().into());
-                tracing::debug!(group = %self.group, event_id = %envelope.id(), attempt, ?delay, %error, "handling failed; retrying later");
-                // Back to the queue it came from (its partition, if partitioned) after the delay.
-                if confirmed_publish(side, &format!("{queue}.retry"), &delivery.data, properties).await {
-                    self.stats.retried();
+        loop {
+            let error = match self.run_handler(&envelope, attempt).await {
+                Ok(()) => {
+                    self.stats.handled();
                     ack(&delivery).await;
-                } else {
-                    requeue(&delivery).await;
+                    return true;
                 }
-            }
-            Err(error) => {
+                Err(error) => error,
+            };
+            if error.is_permanent() || !self.retry.should_retry(attempt) {
                 tracing::warn!(group = %self.group, event_id = %envelope.id(), attempt, %error, "event dead-lettered");
-                self.dead_letter(&delivery, side, attempt, &error.to_string(), error.kind()).await;
+                return self.dead_letter(&delivery, lane, attempt, &error.to_string(), error.kind()).await;
             }
+            let delay = self.retry.delay(attempt + 1);
+            if self.partitions.is_some() {
+                // Partitioned: retry in place, so that the later events of its key wait for it.
+                self.stats.retried();
+                tracing::debug!(group = %self.group, event_id = %envelope.id(), attempt, ?delay, %error, "handling failed; retrying in place");
+                tokio::select! {
+                    // Handed over or stopping: the next owner gets it (and its key's later events) back in order.
+                    () = lane.stop.cancelled() => return false,
+                    () = lane.broken.cancelled() => return false,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                attempt += 1;
+                continue;
+            }
+            let properties = wire::with_headers(
+                &delivery.properties,
+                &[
+                    (wire::H_ATTEMPT, AMQPValue::LongLongInt(i64::from(attempt + 1))),
+                    (wire::H_LAST_ERROR, wire::text_header(&error.to_string())),
+                    (wire::H_FAILED_AT, wire::now_header()),
+                ],
+            )
+            .with_expiration(delay.as_millis().max(1).to_string().into());
+            tracing::debug!(group = %self.group, event_id = %envelope.id(), attempt, ?delay, %error, "handling failed; retrying later");
+            let retry_queue = format!("{}.retry", lane.queue);
+            if !confirmed_publish(&lane.side, &retry_queue, &delivery.data, properties).await {
+                lane.broken.cancel();
+                return false;
+            }
+            self.stats.retried();
+            ack(&delivery).await;
+            return true;
         }
     }
 
-    async fn dead_letter(&self, delivery: &Delivery, side: &Channel, attempt: u32, reason: &str, kind: FailureKind) {
+    /// Runs the group's handler for `envelope` (a panic is a transient failure).
+    async fn run_handler(&self, envelope: &Arc<bus_core::Envelope>, attempt: u32) -> Result<(), HandlerError> {
+        let Some(handler) = self.handlers.get(envelope.event_type()) else {
+            return Err(HandlerError::permanent(format!(
+                "group {} has no handler for {}",
+                self.group,
+                envelope.event_type()
+            )));
+        };
+        let ctx = DeliveryContext::new(envelope.clone(), attempt, self.group.clone());
+        AssertUnwindSafe(bus_core::trace::consume(envelope, self.group.as_str(), handler.handle(ctx)))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Err(HandlerError::transient(format!("handler panicked: {message}")))
+            })
+    }
+
+    async fn dead_letter(&self, delivery: &Delivery, lane: &Lane, attempt: u32, reason: &str, kind: FailureKind) -> bool {
         let kind = match kind {
             FailureKind::Permanent => "permanent",
             FailureKind::Transient => "attempts exhausted",
@@ -313,13 +347,30 @@ impl Instance {
                 (wire::H_FIRST_FAILURE, wire::text_header(kind)),
             ],
         );
-        if confirmed_publish(side, &topology::dead_letter_queue(&self.group), &delivery.data, properties).await {
-            self.stats.dead_lettered();
-            ack(delivery).await;
-        } else {
-            requeue(delivery).await;
+        if !confirmed_publish(&lane.side, &topology::dead_letter_queue(&self.group), &delivery.data, properties).await {
+            lane.broken.cancel();
+            return false;
         }
+        self.stats.dead_lettered();
+        ack(delivery).await;
+        true
     }
+}
+
+/// What the deliveries of one queue consumption share.
+struct Lane {
+    /// The queue consumed (its `.retry` queue takes the retries of a non-partitioned group).
+    queue: Arc<str>,
+    /// The confirm-mode channel for retry and dead-letter publishes.
+    side: Channel,
+    /// Handlers running at once, across the instance.
+    permits: Arc<Semaphore>,
+    /// Per partition key, the completion of the key's last delivery (`true` if it was settled).
+    tails: KeyTails,
+    /// The consumption is stopping (shutdown, or the partition is handed over).
+    stop: CancellationToken,
+    /// A delivery could not be settled: the consumption restarts, so that its channel returns it in order.
+    broken: CancellationToken,
 }
 
 /// Publishes to a queue through the default exchange and waits for the broker's confirm.
@@ -366,12 +417,5 @@ async fn ack(delivery: &Delivery) {
     if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
         // The channel died: the broker redelivers it, the inbox drops the duplicate.
         tracing::debug!(%error, "ack failed; the message will be redelivered");
-    }
-}
-
-async fn requeue(delivery: &Delivery) {
-    let options = BasicNackOptions { requeue: true, ..BasicNackOptions::default() };
-    if let Err(error) = delivery.nack(options).await {
-        tracing::debug!(%error, "nack failed; the message will be redelivered");
     }
 }

@@ -36,6 +36,6 @@ mod stats;
 mod topology;
 mod wire;
 
-pub use bus::RabbitBus;
+pub use bus::{MAX_IN_PLACE_RETRY_HORIZON, RabbitBus};
 pub use config::{AmqpUrl, QueueType, RabbitConfig};
 pub use stats::RabbitStats;

@@ -56,7 +56,7 @@ impl Membership {
             .exchange_declare(
                 exchange.as_str().into(),
                 ExchangeKind::Fanout,
-                ExchangeDeclareOptions { auto_delete: true, ..ExchangeDeclareOptions::default() },
+                ExchangeDeclareOptions::default(),
                 FieldTable::default(),
             )
             .await

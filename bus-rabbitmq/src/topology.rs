@@ -83,8 +83,8 @@ const CONSISTENT_HASH: &str = "x-consistent-hash";
 
 /// Declares a partitioned group: `<group>.partitions` (consistent hash on the `x-partition-key` header) bound to
 /// the bus exchange for each handled event type; `partitions` queues `<group>.pNNN` with a single active
-/// consumer, bound to it with equal weight, in name order; `<group>.pNNN.retry` dead-lettering back to its
-/// partition; and `<group>.dlq`. Refuses a group that was declared with another partition count (the mapping of
+/// consumer, bound to it with equal weight, in name order; and `<group>.dlq` (a partitioned group retries in
+/// place, so it has no retry queue). Refuses a group that was declared with another partition count (the mapping of
 /// keys to partitions would change under queued events; with fewer, the extra partitions would keep taking
 /// events nobody consumes) and a broker without the plugin, naming the setting.
 pub(crate) async fn declare_partitioned_group(
@@ -169,10 +169,6 @@ pub(crate) async fn declare_partitioned_group(
             )
             .await
             .map_err(transport)?;
-        let mut retry = arguments(config);
-        retry.insert("x-dead-letter-exchange".into(), text(""));
-        retry.insert("x-dead-letter-routing-key".into(), text(&queue));
-        channel.queue_declare(format!("{queue}.retry").as_str().into(), durable, retry).await.map_err(transport)?;
     }
     channel
         .queue_declare(dead_letter_queue(group).as_str().into(), durable, arguments(config))

@@ -188,7 +188,7 @@ pub async fn delete_partitioned_topology(exchange: &str, group: &str, partitions
     for queue in [format!("{group}.dlq"), format!("{group}.partition-count")] {
         let _ = channel.queue_delete(queue.as_str().into(), lapin::options::QueueDeleteOptions::default()).await;
     }
-    for name in [format!("{group}.partitions"), exchange.to_owned()] {
+    for name in [format!("{group}.partitions"), format!("{group}.members"), exchange.to_owned()] {
         let _ = channel.exchange_delete(name.as_str().into(), lapin::options::ExchangeDeleteOptions::default()).await;
     }
 }

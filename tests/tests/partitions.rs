@@ -268,8 +268,57 @@ async fn partitions_move_in_order_when_instances_leave_and_join() {
     delete_partitioned_topology(&exchange, &group, PARTITIONS).await;
 }
 
-/// A failed handling goes to its partition's retry queue and comes back to the same partition; a dead letter is
-/// redriven through the partitions to the partition of its key; replay to the group does the same.
+/// A partitioned group retries in place: a failing event holds back the later events of its key (and only of
+/// its key) until it succeeds, so order per key survives failures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_event_is_never_overtaken_by_later_events_of_its_key() {
+    const PARTITIONS: u16 = 2;
+    let bus = rabbit_bus(fast_membership).await;
+    let exchange = bus.config().exchange.clone();
+    let group = unique("svc");
+    let journal: Arc<Mutex<Vec<(String, u32, u32)>>> = Arc::default();
+    let j = journal.clone();
+    let retry = RetryPolicy::exponential(4, Duration::from_millis(150)).with_jitter(0.0);
+    let handle = bus
+        .subscribe(Subscription::new(&group).partitions(PARTITIONS).retry(retry).on::<Numbered, _>(
+            move |event: Numbered, ctx: DeliveryContext| {
+                let journal = j.clone();
+                async move {
+                    if event.key == "slow" && event.seq == 0 && ctx.attempt() < 3 {
+                        return Err(HandlerError::transient("not yet"));
+                    }
+                    journal.lock().unwrap().push((event.key, event.seq, ctx.attempt()));
+                    Ok(())
+                }
+            },
+        ))
+        .await
+        .expect("subscribe");
+    let mut confirmations = Vec::new();
+    for seq in 0..5 {
+        for key in ["slow", "f0", "f1", "f2", "f3", "f4", "f5", "f6", "f7"] {
+            let envelope = bus_core::Envelope::for_event(&Numbered { key: key.into(), seq }).unwrap().build().unwrap();
+            confirmations.push(bus.publish(envelope).await.unwrap());
+        }
+    }
+    for confirmation in confirmations {
+        confirmation.await.expect("confirmed");
+    }
+    wait_until("every event handled", WAIT, || async { journal.lock().unwrap().len() == 45 }).await;
+    let journal = journal.lock().unwrap().clone();
+    let slow: Vec<(u32, u32)> = journal.iter().filter(|(k, _, _)| k == "slow").map(|(_, s, a)| (*s, *a)).collect();
+    assert_eq!(slow, vec![(0, 3), (1, 1), (2, 1), (3, 1), (4, 1)], "the slow key in order, its first event on attempt 3");
+    let first_slow = journal.iter().position(|(k, _, _)| k == "slow").unwrap();
+    assert!(first_slow >= 20, "other keys went on while the slow key waited: {journal:?}");
+    assert_eq!(bus.stats().retried, 2);
+    assert_eq!(bus.stats().dead_lettered, 0);
+    handle.stop().await;
+    bus.shutdown().await;
+    delete_partitioned_topology(&exchange, &group, PARTITIONS).await;
+}
+
+/// A failed handling is retried in place, then dead-lettered; a dead letter is redriven through the partitions
+/// to the partition of its key; replay to the group does the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_redrives_and_replays_stay_in_the_partition_of_their_key() {
     const PARTITIONS: u16 = 4;
@@ -318,10 +367,11 @@ async fn retries_redrives_and_replays_stay_in_the_partition_of_their_key() {
     delete_partitioned_topology(&exchange, &group, PARTITIONS).await;
 }
 
-/// The partition count is fixed for the life of a group: a smaller count than the broker's is refused, naming
-/// the setting; out-of-range counts are refused before anything is declared.
+/// The partition count is fixed for the life of a group: another count than the broker's is refused, naming
+/// the setting; out-of-range counts and retry schedules too long to hold in place are refused before anything is
+/// declared.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_partition_count_is_checked() {
+async fn partitioned_settings_are_checked() {
     let bus = rabbit_bus(fast_membership).await;
     let exchange = bus.config().exchange.clone();
     let group = unique("svc");
@@ -334,6 +384,9 @@ async fn the_partition_count_is_checked() {
         let err = bus.subscribe(on(bad)).await.unwrap_err();
         assert!(matches!(err, BusError::InvalidConfig { .. }) && err.to_string().contains("partitions"), "{err}");
     }
+    let long_retry = RetryPolicy::exponential(30, Duration::from_secs(1)).with_max_delay(Duration::from_secs(60));
+    let err = bus.subscribe(on(4).retry(long_retry)).await.unwrap_err();
+    assert!(err.to_string().contains("retry") && err.to_string().contains("in place"), "{err}");
     let first = bus.subscribe(on(4)).await.expect("4 partitions");
     let again = bus.subscribe(on(4)).await.expect("the same count again");
     for other in [2, 8] {

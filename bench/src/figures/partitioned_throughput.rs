@@ -105,12 +105,11 @@ async fn delete_topology(exchange: &str, group: &str) -> anyhow::Result<()> {
     let mut queues = vec![format!("{group}.dlq"), format!("{group}.partition-count")];
     for index in 0..PARTITIONS {
         queues.push(format!("{group}.p{index:03}"));
-        queues.push(format!("{group}.p{index:03}.retry"));
     }
     for queue in queues {
         channel.queue_delete(queue.as_str().into(), Default::default()).await?;
     }
-    for name in [format!("{group}.partitions"), exchange.to_owned()] {
+    for name in [format!("{group}.partitions"), format!("{group}.members"), exchange.to_owned()] {
         channel.exchange_delete(name.as_str().into(), Default::default()).await?;
     }
     let _ = connection.close(200, "OK".into()).await;

@@ -42,7 +42,7 @@ pub struct Subscription {
 }
 
 /// The most partitions a group may have ([`Subscription::partitions`]).
-pub const MAX_PARTITIONS: u16 = 256;
+pub const MAX_PARTITIONS: u16 = 64;
 
 impl fmt::Debug for Subscription {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -105,8 +105,7 @@ impl Subscription {
     /// a survivor when one dies. Without partitions, instances compete on one queue and order per key holds only
     /// within an instance.
     ///
-    /// On RabbitMQ this needs the `rabbitmq_consistent_hash_exchange` plugin (it ships with RabbitMQ); the
-    /// partition count is fixed for the life of the group (see `bus-rabbitmq`'s docs for choosing it). The
+    /// The partition count is fixed for the life of the group (see `bus-rabbitmq`'s docs for choosing it). The
     /// in-process bus runs every subscription in one process, where per-key order already holds: it accepts
     /// and ignores the setting.
     pub fn partitions(mut self, partitions: u16) -> Self {

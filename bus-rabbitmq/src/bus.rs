@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::RabbitConfig;
 use crate::consumer::Instance;
 use crate::link::{Link, transport};
+use crate::publish_order::{Answer, PublishOrder};
 use crate::stats::{RabbitStats, Stats};
 use crate::{dead_letters, topology, wire};
 
@@ -37,6 +38,7 @@ struct Inner {
     stop: CancellationToken,
     consumers: TaskTracker,
     partitioned: std::sync::Mutex<std::collections::HashMap<GroupName, bool>>,
+    order: PublishOrder,
 }
 
 impl std::fmt::Debug for RabbitBus {
@@ -69,6 +71,7 @@ impl RabbitBus {
                 stop,
                 consumers: TaskTracker::new(),
                 partitioned: std::sync::Mutex::default(),
+                order: PublishOrder::default(),
             }),
         })
     }
@@ -137,8 +140,17 @@ impl RabbitBus {
                 limit: inner.config.max_payload_bytes,
             });
         }
-        let session = inner.link.session(inner.config.publish_timeout).await?;
+        let (id, key) = (envelope.id(), envelope.partition_key().map(str::to_owned));
+        let session = match inner.link.session(inner.config.publish_timeout).await {
+            Ok(session) => session,
+            Err(error) => {
+                inner.order.unsent(key.as_deref(), id);
+                return Err(error);
+            }
+        };
+        let generation = session.generation;
         let permit = inner.window.clone().acquire_owned().await.map_err(|_| BusError::Closed)?;
+        inner.order.clear(key.as_deref(), id, generation, inner.config.publish_timeout).await?;
         let published = session
             .publisher
             .basic_publish(
@@ -160,12 +172,18 @@ impl RabbitBus {
         let confirm = match published {
             Ok(confirm) => confirm,
             Err(error) => {
+                inner.order.resolved(generation, key.as_deref(), id, Answer::Lost);
                 inner.link.report_trouble();
                 return Err(transport(error));
             }
         };
-        let (id, event_type, stats, link) =
-            (envelope.id(), envelope.event_type().to_string(), inner.stats.clone(), inner.link.clone());
+        let (id, event_type, stats, link, inner_ref) = (
+            envelope.id(),
+            envelope.event_type().to_string(),
+            inner.stats.clone(),
+            inner.link.clone(),
+            self.inner.clone(),
+        );
         // The broker's answer is awaited here, not by whoever holds the confirmation: the window permit must come
         // back when the broker answers, even if the caller publishes a whole batch before awaiting any of them.
         let (answer_tx, confirmation) = Confirmation::channel();
@@ -185,6 +203,12 @@ impl RabbitBus {
                     Err(BusError::ConfirmationLost(error.to_string()))
                 }
             };
+            let answer = match &result {
+                Ok(()) => Answer::Confirmed,
+                Err(BusError::ConfirmationLost(_)) => Answer::Lost,
+                Err(_) => Answer::Other,
+            };
+            inner_ref.order.resolved(generation, key.as_deref(), id, answer);
             let _ = answer_tx.send(result);
         });
         Ok(confirmation)

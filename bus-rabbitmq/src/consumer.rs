@@ -18,9 +18,7 @@ use futures::FutureExt;
 use futures::StreamExt;
 use futures::future::Shared;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, options::ConfirmSelectOptions};
 use tokio::sync::{Semaphore, oneshot};
@@ -106,18 +104,12 @@ impl Instance {
         side.confirm_select(ConfirmSelectOptions::default()).await.map_err(transport)?;
         let event_types = self.handlers.keys().cloned().collect();
         match self.partitions {
-            None => topology::declare_group(&declarer, &self.config, &self.group, &event_types)
-                .await
-                .map_err(transport)?,
+            None => {
+                topology::declare_group(&declarer, &self.config, &self.group, &event_types).await.map_err(transport)?
+            }
             Some(partitions) => {
-                topology::declare_partitioned_group(
-                    &declarer,
-                    &self.config,
-                    &self.group,
-                    &event_types,
-                    partitions,
-                )
-                .await?
+                topology::declare_partitioned_group(&declarer, &self.config, &self.group, &event_types, partitions)
+                    .await?
             }
         }
         let _ = declarer.close(200, "OK".into()).await;
@@ -183,7 +175,7 @@ impl Instance {
                 }
                 () = lane.broken.cancelled() => {
                     break Err(BusError::Transport(
-                        "a delivery could not be moved to the retry or dead-letter queue; consuming again".into(),
+                        "a delivery could not be settled (acknowledgement, retry or dead-letter publish failed); consuming again".into(),
                     ));
                 }
                 _ = health.tick() => {
@@ -200,6 +192,12 @@ impl Instance {
                 None => break Err(BusError::Transport("the broker ended the consumer".into())),
             }
         };
+        if outcome.is_err() {
+            // Nothing taken from this channel can be acknowledged any more and the broker gives it all to the
+            // next consumer: deliveries not started yet must not run here (their effects could land after the
+            // next consumer's, out of order). Handlings already running finish; the inbox fences them.
+            lane.broken.cancel();
+        }
         tasks.close();
         if outcome.is_ok() {
             tasks.wait().await;
@@ -236,7 +234,8 @@ impl Instance {
             // order, when the channel closes (the consumer is stopping or restarting).
             let settled = predecessor_settled && {
                 let permit = lane.permits.clone().acquire_owned().await;
-                let settled = this.handle(delivery, decoded, &lane).await;
+                // A broken lane's deliveries go back to the queue: never start one.
+                let settled = !lane.broken.is_cancelled() && this.handle(delivery, decoded, &lane).await;
                 drop(permit);
                 settled
             };
@@ -266,7 +265,7 @@ impl Instance {
             let error = match self.run_handler(&envelope, attempt).await {
                 Ok(()) => {
                     self.stats.handled();
-                    ack(&delivery).await;
+                    ack(&delivery, lane).await;
                     return true;
                 }
                 Err(error) => error,
@@ -305,7 +304,7 @@ impl Instance {
                 return false;
             }
             self.stats.retried();
-            ack(&delivery).await;
+            ack(&delivery, lane).await;
             return true;
         }
     }
@@ -333,7 +332,14 @@ impl Instance {
             })
     }
 
-    async fn dead_letter(&self, delivery: &Delivery, lane: &Lane, attempt: u32, reason: &str, kind: FailureKind) -> bool {
+    async fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        lane: &Lane,
+        attempt: u32,
+        reason: &str,
+        kind: FailureKind,
+    ) -> bool {
         let kind = match kind {
             FailureKind::Permanent => "permanent",
             FailureKind::Transient => "attempts exhausted",
@@ -352,7 +358,7 @@ impl Instance {
             return false;
         }
         self.stats.dead_lettered();
-        ack(delivery).await;
+        ack(delivery, lane).await;
         true
     }
 }
@@ -413,9 +419,11 @@ pub(crate) async fn confirmed_publish_to(
     }
 }
 
-async fn ack(delivery: &Delivery) {
+/// Acknowledges `delivery`. If that fails the channel is dead: the broker redelivers the delivery (the inbox
+/// drops the duplicate) and everything else this channel took, so the lane is marked broken at once.
+async fn ack(delivery: &Delivery, lane: &Lane) {
     if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
-        // The channel died: the broker redelivers it, the inbox drops the duplicate.
         tracing::debug!(%error, "ack failed; the message will be redelivered");
+        lane.broken.cancel();
     }
 }

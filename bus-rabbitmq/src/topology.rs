@@ -56,14 +56,18 @@ pub(crate) async fn declare_group(
     Ok(())
 }
 
-/// The consistent-hash exchange that spreads a partitioned group's events over its partitions.
+/// The headers exchange that spreads a partitioned group's events over its partitions by `partition-bucket`.
 pub(crate) fn partition_exchange(group: &GroupName) -> String {
     format!("{group}.partitions")
 }
 
-/// The queue of partition `index` of a partitioned group: `<group>.p007`. Three digits whatever the count, so
-/// that the names sort in partition order: RabbitMQ rebuilds the hash ring after a restart from the bindings in
-/// name order, and only this keeps every key on its partition across broker restarts.
+/// The alternate exchange of [`partition_exchange`]: takes the events without a `partition-bucket` header (no
+/// partition key, or a publisher that does not set it) to partition 0, so that none is lost.
+fn unbucketed_exchange(group: &GroupName) -> String {
+    format!("{group}.partitions.unbucketed")
+}
+
+/// The queue of partition `index` of a partitioned group: `<group>.p007`.
 pub(crate) fn partition_queue(group: &GroupName, index: u16) -> String {
     format!("{group}.p{index:03}")
 }
@@ -78,15 +82,14 @@ pub(crate) fn membership_exchange(group: &GroupName) -> String {
     format!("{group}.members")
 }
 
-/// The exchange type of the `rabbitmq_consistent_hash_exchange` plugin.
-const CONSISTENT_HASH: &str = "x-consistent-hash";
-
-/// Declares a partitioned group: `<group>.partitions` (consistent hash on the `x-partition-key` header) bound to
-/// the bus exchange for each handled event type; `partitions` queues `<group>.pNNN` with a single active
-/// consumer, bound to it with equal weight, in name order; and `<group>.dlq` (a partitioned group retries in
-/// place, so it has no retry queue). Refuses a group that was declared with another partition count (the mapping of
-/// keys to partitions would change under queued events; with fewer, the extra partitions would keep taking
-/// events nobody consumes) and a broker without the plugin, naming the setting.
+/// Declares a partitioned group: `<group>.partitions`, a headers exchange bound to the bus exchange for each
+/// handled event type, routing bucket `b` (the `partition-bucket` header) to partition `b mod partitions`;
+/// `partitions` queues `<group>.pNNN` with a single active consumer; `<group>.partitions.unbucketed`, its
+/// alternate exchange, to partition 0; and `<group>.dlq` (a partitioned group retries in place, so it has no
+/// retry queue). The mapping depends on nothing but the key and the count, so it survives broker restarts.
+/// Refuses a group that was declared with another partition count (the keys would move between partitions under
+/// queued events; with fewer, the extra partitions would keep taking events nobody consumes), naming the
+/// setting.
 pub(crate) async fn declare_partitioned_group(
     channel: &Channel,
     config: &RabbitConfig,
@@ -119,28 +122,50 @@ pub(crate) async fn declare_partitioned_group(
         }
         return Err(transport(error));
     }
-    let exchange = partition_exchange(group);
-    let mut hash = FieldTable::default();
-    hash.insert("hash-header".into(), text(crate::wire::H_PARTITION_KEY));
-    let declared = channel
-        .exchange_declare(
-            exchange.as_str().into(),
-            ExchangeKind::Custom(CONSISTENT_HASH.into()),
-            ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() },
-            hash,
-        )
-        .await;
-    if let Err(error) = declared {
-        // 503 COMMAND_INVALID "invalid exchange type": the plugin is not enabled.
-        if error.to_string().contains(CONSISTENT_HASH) || error.to_string().contains("exchange type") {
-            return Err(BusError::invalid_config(
-                "partitions",
-                "need the RabbitMQ plugin rabbitmq_consistent_hash_exchange, which ships with RabbitMQ: \
-                 rabbitmq-plugins enable rabbitmq_consistent_hash_exchange",
-            ));
-        }
-        return Err(transport(error));
+    let durable_exchange = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
+    let (exchange, unbucketed) = (partition_exchange(group), unbucketed_exchange(group));
+    channel
+        .exchange_declare(unbucketed.as_str().into(), ExchangeKind::Fanout, durable_exchange, FieldTable::default())
+        .await
+        .map_err(transport)?;
+    let mut alternate = FieldTable::default();
+    alternate.insert("alternate-exchange".into(), text(&unbucketed));
+    channel
+        .exchange_declare(exchange.as_str().into(), ExchangeKind::Headers, durable_exchange, alternate)
+        .await
+        .map_err(transport)?;
+    for index in 0..partitions {
+        let mut args = arguments(config);
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        channel.queue_declare(partition_queue(group, index).as_str().into(), durable, args).await.map_err(transport)?;
     }
+    let first = partition_queue(group, 0);
+    channel
+        .queue_bind(
+            first.as_str().into(),
+            unbucketed.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(transport)?;
+    for bucket in 0..crate::wire::PARTITION_BUCKETS {
+        let mut matches = FieldTable::default();
+        matches.insert("x-match".into(), text("all"));
+        matches.insert(crate::wire::H_PARTITION_BUCKET.into(), text(&bucket.to_string()));
+        channel
+            .queue_bind(
+                partition_queue(group, bucket % partitions).as_str().into(),
+                exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                matches,
+            )
+            .await
+            .map_err(transport)?;
+    }
+    // Bound last: no event reaches the partitions before every bucket has its partition.
     for event_type in event_types {
         channel
             .exchange_bind(
@@ -153,23 +178,6 @@ pub(crate) async fn declare_partitioned_group(
             .await
             .map_err(transport)?;
     }
-    for index in 0..partitions {
-        let queue = partition_queue(group, index);
-        let mut args = arguments(config);
-        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
-        channel.queue_declare(queue.as_str().into(), durable, args).await.map_err(transport)?;
-        // Weight 1 each: equal shares. Re-binding is a no-op, so the ring never changes once built.
-        channel
-            .queue_bind(
-                queue.as_str().into(),
-                exchange.as_str().into(),
-                "1".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(transport)?;
-    }
     channel
         .queue_declare(dead_letter_queue(group).as_str().into(), durable, arguments(config))
         .await
@@ -177,8 +185,12 @@ pub(crate) async fn declare_partitioned_group(
     Ok(())
 }
 
-/// True if `group` is partitioned on the broker (its `<group>.partitions` exchange exists).
-pub(crate) async fn is_partitioned(connection: &lapin::Connection, group: &GroupName) -> Result<bool, bus_core::BusError> {
+/// True if `group` is partitioned on the broker (its `<group>.partitions` exchange exists; a passive declare, on
+/// a channel of its own, as a miss closes the channel).
+pub(crate) async fn is_partitioned(
+    connection: &lapin::Connection,
+    group: &GroupName,
+) -> Result<bool, bus_core::BusError> {
     use lapin::ExchangeKind;
     use lapin::options::ExchangeDeclareOptions;
     let channel = connection.create_channel().await.map_err(crate::link::transport)?;
@@ -186,7 +198,7 @@ pub(crate) async fn is_partitioned(connection: &lapin::Connection, group: &Group
     let exists = channel
         .exchange_declare(
             partition_exchange(group).as_str().into(),
-            ExchangeKind::Custom(CONSISTENT_HASH.into()),
+            ExchangeKind::Headers,
             passive,
             FieldTable::default(),
         )
@@ -203,12 +215,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn partition_queues_sort_in_partition_order() {
+    fn partition_names() {
         let group = GroupName::new("catalog").unwrap();
-        let names: Vec<String> = (0..bus_core::MAX_PARTITIONS).map(|i| partition_queue(&group, i)).collect();
-        let mut sorted = names.clone();
-        sorted.sort();
-        assert_eq!(names, sorted);
         assert_eq!(partition_queue(&group, 7), "catalog.p007");
+        assert_eq!(partition_exchange(&group), "catalog.partitions");
+        // The longest group name still gives valid AMQP names (at most 255 bytes).
+        let longest = GroupName::new("g".repeat(bus_core::MAX_NAME_LEN)).unwrap();
+        for name in [unbucketed_exchange(&longest), partition_count_marker(&longest), partition_queue(&longest, 63)] {
+            assert!(name.len() <= 255, "{name}");
+        }
     }
 }

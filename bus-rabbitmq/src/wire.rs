@@ -14,6 +14,9 @@ pub(crate) const H_VERSION: &str = "x-event-version";
 pub(crate) const H_OCCURRED_AT: &str = "x-occurred-at";
 pub(crate) const H_CAUSATION: &str = "x-causation-id";
 pub(crate) const H_PARTITION_KEY: &str = "x-partition-key";
+/// The partition key's bucket, for partitioned groups. Not `x-` prefixed: RabbitMQ's headers exchange ignores
+/// such headers when it matches.
+pub(crate) const H_PARTITION_BUCKET: &str = "partition-bucket";
 pub(crate) const H_TRACEPARENT: &str = "traceparent";
 pub(crate) const H_TRACESTATE: &str = "tracestate";
 pub(crate) const H_OUTBOX_SEQ: &str = "x-outbox-seq";
@@ -40,6 +43,7 @@ pub(crate) fn properties(envelope: &Envelope) -> BasicProperties {
     }
     if let Some(key) = envelope.partition_key() {
         headers.insert(H_PARTITION_KEY.into(), long(key));
+        headers.insert(H_PARTITION_BUCKET.into(), long(&partition_bucket(key).to_string()));
     }
     if let Some(tp) = &envelope.trace().traceparent {
         headers.insert(H_TRACEPARENT.into(), long(tp));
@@ -63,6 +67,20 @@ pub(crate) fn properties(envelope: &Envelope) -> BasicProperties {
         properties = properties.with_app_id(source.into());
     }
     properties
+}
+
+/// Buckets a partition key falls into: partitioned groups map buckets to partitions (`bucket mod partitions`).
+pub const PARTITION_BUCKETS: u16 = 64;
+
+const _: () = assert!(bus_core::MAX_PARTITIONS <= PARTITION_BUCKETS);
+
+/// The bucket of partition key `key`: CRC-32 (the zlib/PNG/Ethernet one, as `zlib.crc32` in Python or
+/// `java.util.zip.CRC32`) of its UTF-8 bytes, modulo [`PARTITION_BUCKETS`]. Sent as the `partition-bucket`
+/// header (a decimal string) with every keyed event; fixed forever, so that a key never changes partition.
+pub fn partition_bucket(key: &str) -> u16 {
+    const CRC32: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
+    // The remainder is below 64: the cast cannot truncate.
+    (CRC32.checksum(key.as_bytes()) % u32::from(PARTITION_BUCKETS)) as u16
 }
 
 /// Adds or replaces headers in `properties`.
@@ -186,6 +204,19 @@ mod tests {
         let back = envelope(&props, original.payload(), 1024).unwrap();
         assert_eq!(back, original);
         assert_eq!(attempt(&props), 1);
+    }
+
+    #[test]
+    fn partition_buckets_are_crc32_mod_64_as_other_languages_compute_them() {
+        // Python: zlib.crc32(key.encode()) % 64
+        for (key, bucket) in [("key-1", 58), ("order-9", 29), ("o-17", 7), ("", 0), ("ünïcode", 42)] {
+            assert_eq!(partition_bucket(key), bucket, "{key}");
+        }
+        let keyed = Envelope::builder(EventTypeName::new("T").unwrap(), &b"{}"[..])
+            .partition_key(Some("order-9".into()))
+            .build()
+            .unwrap();
+        assert_eq!(header_str(&properties(&keyed), H_PARTITION_BUCKET).as_deref(), Some("29"));
     }
 
     #[test]

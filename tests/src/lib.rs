@@ -74,20 +74,8 @@ async fn postgres_container() -> Result<String, String> {
 
 async fn rabbitmq_container() -> Result<String, String> {
     use testcontainers_modules::testcontainers::ImageExt;
-    use testcontainers_modules::testcontainers::core::ExecCommand;
-    use testcontainers_modules::testcontainers::runners::AsyncRunner;
     let request = testcontainers_modules::rabbitmq::RabbitMq::default().with_tag("3.10-management");
-    let container = request.start().await.map_err(|e| e.to_string())?;
-    // Partitioned groups need the consistent-hash exchange plugin (it ships with the image).
-    let mut enable = container
-        .exec(ExecCommand::new(["rabbitmq-plugins", "enable", "rabbitmq_consistent_hash_exchange"]))
-        .await
-        .map_err(|e| format!("enabling rabbitmq_consistent_hash_exchange: {e}"))?;
-    // Read to the end: the command has finished then.
-    let _ = enable.stdout_to_vec().await;
-    let host = container.get_host().await.map_err(|e| e.to_string())?;
-    let port = container.get_host_port_ipv4(5672).await.map_err(|e| e.to_string())?;
-    keep(container);
+    let (host, port) = start_container(request, 5672).await?;
     Ok(format!("amqp://guest:guest@{host}:{port}/%2f"))
 }
 
@@ -181,15 +169,15 @@ pub async fn delete_topology(exchange: &str, groups: &[&str]) {
 pub async fn delete_partitioned_topology(exchange: &str, group: &str, partitions: u16) {
     let channel = plain_amqp().await;
     for index in 0..partitions {
-        for queue in [format!("{group}.p{index:03}"), format!("{group}.p{index:03}.retry")] {
-            let _ = channel.queue_delete(queue.as_str().into(), lapin::options::QueueDeleteOptions::default()).await;
-        }
+        let queue = format!("{group}.p{index:03}");
+        let _ = channel.queue_delete(queue.as_str().into(), lapin::options::QueueDeleteOptions::default()).await;
     }
     for queue in [format!("{group}.dlq"), format!("{group}.partition-count")] {
         let _ = channel.queue_delete(queue.as_str().into(), lapin::options::QueueDeleteOptions::default()).await;
     }
-    for name in [format!("{group}.partitions"), format!("{group}.members"), exchange.to_owned()] {
-        let _ = channel.exchange_delete(name.as_str().into(), lapin::options::ExchangeDeleteOptions::default()).await;
+    let exchanges = ["partitions", "partitions.unbucketed", "members"].map(|suffix| format!("{group}.{suffix}"));
+    for name in exchanges.iter().map(String::as_str).chain([exchange]) {
+        let _ = channel.exchange_delete(name.into(), lapin::options::ExchangeDeleteOptions::default()).await;
     }
 }
 

@@ -72,7 +72,11 @@ impl ConsumerSettings {
 /// When the database refuses.
 pub async fn create_consumer_schema(pool: &PgPool, schema: &str, group: &str) {
     sqlx::query(&format!("CREATE SCHEMA \"{schema}\"")).execute(pool).await.expect("create schema");
-    Outbox::new(pool.clone(), OutboxConfig::new(group).schema(schema)).expect("outbox config").migrate().await.expect("migrate");
+    Outbox::new(pool.clone(), OutboxConfig::new(group).schema(schema))
+        .expect("outbox config")
+        .migrate()
+        .await
+        .expect("migrate");
     sqlx::query(&format!(
         "CREATE TABLE \"{schema}\".handled (id BIGSERIAL PRIMARY KEY, event_id UUID NOT NULL, key TEXT NOT NULL, \
          seq INTEGER NOT NULL, instance TEXT NOT NULL)"
@@ -122,7 +126,28 @@ async fn run_consumer(settings: ConsumerSettings) -> Result<(), String> {
     let outbox = Outbox::new(pool.clone(), OutboxConfig::new(&settings.group).schema(&settings.schema))
         .map_err(|e| e.to_string())?;
     let inbox = Inbox::new(outbox, InboxConfig::default(), &bus.config().retry).map_err(|e| e.to_string())?;
-    let (schema, instance) = (Arc::<str>::from(settings.schema.as_str()), Arc::<str>::from(settings.instance.as_str()));
+    let subscription =
+        ledger_subscription(&inbox, &settings.group, settings.partitions, &settings.schema, &settings.instance);
+    let handle = bus.subscribe(subscription).await.map_err(|e| e.to_string())?;
+    println!("partition-consumer {} listening on {}", settings.instance, settings.group);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("signal handler: {e}"))?;
+    term.recv().await;
+    handle.stop().await;
+    bus.shutdown().await;
+    Ok(())
+}
+
+/// The partitioned subscription of one instance, `instance`, of `group`: each [`Numbered`] event is handled
+/// through `inbox`, recording the handling in `handled` and `key_last` of `schema` (see the module docs).
+pub fn ledger_subscription(
+    inbox: &Inbox<Postgres>,
+    group: &str,
+    partitions: u16,
+    schema: &str,
+    instance: &str,
+) -> Subscription {
+    let (schema, instance) = (Arc::<str>::from(schema), Arc::<str>::from(instance));
     let handler = move |event: Numbered, ctx: InboxContext<Postgres>| {
         let (schema, instance) = (schema.clone(), instance.clone());
         async move {
@@ -151,16 +176,18 @@ async fn run_consumer(settings: ConsumerSettings) -> Result<(), String> {
             Ok(())
         }
     };
-    let subscription =
-        Subscription::new(&settings.group).partitions(settings.partitions).on_inbox::<Numbered, Postgres, _>(&inbox, handler);
-    let handle = bus.subscribe(subscription).await.map_err(|e| e.to_string())?;
-    println!("partition-consumer {} listening on {}", settings.instance, settings.group);
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| format!("signal handler: {e}"))?;
-    term.recv().await;
-    handle.stop().await;
-    bus.shutdown().await;
-    Ok(())
+    Subscription::new(group).partitions(partitions).on_inbox::<Numbered, Postgres, _>(inbox, handler)
+}
+
+/// Distinct events the consumer in `schema` handled.
+///
+/// # Panics
+/// When the database refuses.
+pub async fn handled_events(pool: &PgPool, schema: &str) -> i64 {
+    sqlx::query_scalar(&format!("SELECT count(DISTINCT event_id) FROM \"{schema}\".handled"))
+        .fetch_one(pool)
+        .await
+        .expect("count handled")
 }
 
 /// What the instances of a partitioned consumer did, from its database.
@@ -189,7 +216,8 @@ impl PartitionLedger {
         let one = |sql: String| async move { sqlx::query_scalar::<_, i64>(&sql).fetch_one(pool).await.expect(&sql) };
         let handlings = one(format!("SELECT count(*) FROM \"{schema}\".handled")).await;
         let distinct = one(format!("SELECT count(DISTINCT event_id) FROM \"{schema}\".handled")).await;
-        let out_of_order = one(format!("SELECT coalesce(sum(out_of_order), 0)::bigint FROM \"{schema}\".key_last")).await;
+        let out_of_order =
+            one(format!("SELECT coalesce(sum(out_of_order), 0)::bigint FROM \"{schema}\".key_last")).await;
         // Rows of one key are committed one after the other (the key_last row lock), so id order is commit order.
         let keys_not_in_sequence = one(format!(
             "SELECT count(*) FROM (SELECT key, bool_and(seq = pos) AS ok FROM (SELECT key, seq, \

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bus_core::{
     BusError, DeadLetterQueue, DeliveryContext, EventBus, GroupName, HandlerError, RetryPolicy, Subscription,
 };
-use integration_tests::partitioned::{ConsumerSettings, PartitionLedger, create_consumer_schema};
+use integration_tests::partitioned::{ConsumerSettings, PartitionLedger, create_consumer_schema, handled_events};
 use integration_tests::shop::ServiceProcess;
 use integration_tests::{
     Numbered, amqp_url, database_url, delete_partitioned_topology, init_tracing, rabbit_bus, unique, wait_until,
@@ -57,9 +57,8 @@ async fn three_instances_keep_order_per_key_when_one_is_killed() {
         instances.push(ServiceProcess::spawn_until(program, &[], &settings.env(), " listening on ").await);
     }
 
-    let relay = outbox.relay(Arc::new(bus.clone()), RelayConfig { batch_size: 500, ..RelayConfig::default() })
-        .unwrap()
-        .spawn();
+    let relay =
+        outbox.relay(Arc::new(bus.clone()), RelayConfig { batch_size: 500, ..RelayConfig::default() }).unwrap().spawn();
     let started = Instant::now();
     // Round by round, so that every key's events are spread over the whole run; in the background, so that the
     // kill lands while events are still being published and handled.
@@ -78,13 +77,13 @@ async fn three_instances_keep_order_per_key_when_one_is_killed() {
         })
     };
     let (p, s) = (&pool, consumer_schema.as_str());
-    wait_until("a third of the events handled", WAIT, || async move { handled(p, s).await >= TOTAL / 3 }).await;
+    wait_until("a third of the events handled", WAIT, || async move { handled_events(p, s).await >= TOTAL / 3 }).await;
     let before_kill = PartitionLedger::read(&pool, &consumer_schema).await;
     let victim = 1; // instance "b"
     instances[victim].kill().await;
-    let killed_at = handled(p, s).await;
+    let killed_at = handled_events(p, s).await;
     wait_until("every event handled after the kill", Duration::from_secs(300), || async move {
-        handled(p, s).await >= TOTAL
+        handled_events(p, s).await >= TOTAL
     })
     .await;
     let elapsed = started.elapsed();
@@ -133,14 +132,6 @@ async fn three_instances_keep_order_per_key_when_one_is_killed() {
     }
 }
 
-/// Distinct events the consumer in `schema` handled.
-async fn handled(pool: &PgPool, schema: &str) -> i64 {
-    sqlx::query_scalar(&format!("SELECT count(DISTINCT event_id) FROM \"{schema}\".handled"))
-        .fetch_one(pool)
-        .await
-        .expect("count handled")
-}
-
 /// One in-process instance's view of what it handled: (instance, key, seq), in handling order, and whether two
 /// handlings of one key ever overlapped (across instances).
 #[derive(Clone, Default)]
@@ -180,7 +171,11 @@ impl Journal {
         for (_, key, seq) in self.handled.lock().unwrap().iter() {
             per_key.entry(key.clone()).or_default().push(*seq);
         }
-        per_key.into_iter().filter(|(_, seqs)| seqs.iter().enumerate().any(|(i, s)| *s as usize != i)).map(|(k, _)| k).collect()
+        per_key
+            .into_iter()
+            .filter(|(_, seqs)| seqs.iter().enumerate().any(|(i, s)| *s as usize != i))
+            .map(|(k, _)| k)
+            .collect()
     }
 
     fn per_instance(&self) -> HashMap<usize, usize> {
@@ -201,10 +196,8 @@ async fn publish_rounds(bus: &bus_rabbitmq::RabbitBus, keys: u32, seqs: std::ops
     for seq in seqs {
         let mut confirmations = Vec::new();
         for key in 0..keys {
-            let envelope = bus_core::Envelope::for_event(&Numbered { key: format!("k{key}"), seq })
-                .unwrap()
-                .build()
-                .unwrap();
+            let envelope =
+                bus_core::Envelope::for_event(&Numbered { key: format!("k{key}"), seq }).unwrap().build().unwrap();
             confirmations.push(bus.publish(envelope).await.expect("publish"));
         }
         for confirmation in confirmations {
@@ -255,7 +248,10 @@ async fn partitions_move_in_order_when_instances_leave_and_join() {
     assert_eq!(journal.keys_out_of_sequence(), Vec::<String>::new(), "per-key order");
     assert_eq!(journal.overlaps.load(Ordering::SeqCst), 0, "a key handled by two instances at once");
     for instance in [0, 1, 2, 3] {
-        assert!(per_instance.get(&instance).copied().unwrap_or(0) > 0, "instance {instance} got partitions: {per_instance:?}");
+        assert!(
+            per_instance.get(&instance).copied().unwrap_or(0) > 0,
+            "instance {instance} got partitions: {per_instance:?}"
+        );
     }
 
     joined.stop().await;
@@ -307,7 +303,11 @@ async fn a_retried_event_is_never_overtaken_by_later_events_of_its_key() {
     wait_until("every event handled", WAIT, || async { journal.lock().unwrap().len() == 45 }).await;
     let journal = journal.lock().unwrap().clone();
     let slow: Vec<(u32, u32)> = journal.iter().filter(|(k, _, _)| k == "slow").map(|(_, s, a)| (*s, *a)).collect();
-    assert_eq!(slow, vec![(0, 3), (1, 1), (2, 1), (3, 1), (4, 1)], "the slow key in order, its first event on attempt 3");
+    assert_eq!(
+        slow,
+        vec![(0, 3), (1, 1), (2, 1), (3, 1), (4, 1)],
+        "the slow key in order, its first event on attempt 3"
+    );
     let first_slow = journal.iter().position(|(k, _, _)| k == "slow").unwrap();
     assert!(first_slow >= 20, "other keys went on while the slow key waited: {journal:?}");
     assert_eq!(bus.stats().retried, 2);
@@ -350,7 +350,11 @@ async fn retries_redrives_and_replays_stay_in_the_partition_of_their_key() {
     };
     bus.publish(publish("poisoned", 1)).await.unwrap().await.expect("confirmed");
     wait_until("retried, then dead-lettered", WAIT, || async { bus.stats().dead_lettered == 1 }).await;
-    assert_eq!(seen.lock().unwrap().iter().map(|(_, a)| *a).collect::<Vec<_>>(), vec![1, 2], "one retry, then given up");
+    assert_eq!(
+        seen.lock().unwrap().iter().map(|(_, a)| *a).collect::<Vec<_>>(),
+        vec![1, 2],
+        "one retry, then given up"
+    );
     assert_eq!(bus.stats().retried, 1);
 
     broken.store(false, Ordering::SeqCst);

@@ -77,10 +77,8 @@ async fn drain(instances: usize, count: u64, inbox: &Inbox<sqlx::Postgres>) -> a
         buses.push(instance_bus(&exchange).await?);
     }
     let start = Instant::now();
-    let handles: Vec<SubscriptionHandle> = futures::future::try_join_all(
-        buses.iter().map(|bus| bus.subscribe(subscription(&group, inbox))),
-    )
-    .await?;
+    let handles: Vec<SubscriptionHandle> =
+        futures::future::try_join_all(buses.iter().map(|bus| bus.subscribe(subscription(&group, inbox)))).await?;
     let handled = || handles.iter().map(|h| h.counters().snapshot().handled).sum::<u64>();
     while handled() < count {
         anyhow::ensure!(start.elapsed() < Duration::from_secs(600), "drain stalled at {} of {count}", handled());
@@ -109,8 +107,9 @@ async fn delete_topology(exchange: &str, group: &str) -> anyhow::Result<()> {
     for queue in queues {
         channel.queue_delete(queue.as_str().into(), Default::default()).await?;
     }
-    for name in [format!("{group}.partitions"), format!("{group}.members"), exchange.to_owned()] {
-        channel.exchange_delete(name.as_str().into(), Default::default()).await?;
+    let exchanges = ["partitions", "partitions.unbucketed", "members"].map(|suffix| format!("{group}.{suffix}"));
+    for name in exchanges.iter().map(String::as_str).chain([exchange]) {
+        channel.exchange_delete(name.into(), Default::default()).await?;
     }
     let _ = connection.close(200, "OK".into()).await;
     Ok(())
@@ -129,7 +128,9 @@ pub async fn run(quick: bool) -> anyhow::Result<Vec<Figure>> {
         let one = drain(1, count, &inbox).await?;
         sqlx::query("TRUNCATE handled").execute(&scratch.pool).await?;
         let three = drain(INSTANCES, count, &inbox).await?;
-        eprintln!("partitioned_throughput run {run}: {INSTANCES} instances {three:>7.0} events/s   1 instance {one:>7.0} events/s");
+        eprintln!(
+            "partitioned_throughput run {run}: {INSTANCES} instances {three:>7.0} events/s   1 instance {one:>7.0} events/s"
+        );
         ours_runs.push(three);
         base_runs.push(one);
     }

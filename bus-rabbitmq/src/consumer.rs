@@ -400,30 +400,45 @@ pub(crate) async fn confirmed_publish_to(
 ) -> bool {
     let queue = routing_key;
     let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
-    match channel.basic_publish(exchange.into(), routing_key.into(), options, body, properties).await {
-        Ok(confirm) => match confirm.await {
-            Ok(lapin::Confirmation::Ack(None)) => true,
-            Ok(other) => {
-                tracing::warn!(queue, confirmation = ?other.is_ack(), "broker did not take the message");
-                false
-            }
+    let published = async {
+        match channel.basic_publish(exchange.into(), routing_key.into(), options, body, properties).await {
+            Ok(confirm) => match confirm.await {
+                Ok(lapin::Confirmation::Ack(None)) => true,
+                Ok(other) => {
+                    tracing::warn!(queue, confirmation = ?other.is_ack(), "broker did not take the message");
+                    false
+                }
+                Err(error) => {
+                    tracing::warn!(queue, %error, "publish confirm failed");
+                    false
+                }
+            },
             Err(error) => {
-                tracing::warn!(queue, %error, "publish confirm failed");
+                tracing::warn!(queue, %error, "publish failed");
                 false
             }
-        },
-        Err(error) => {
-            tracing::warn!(queue, %error, "publish failed");
-            false
         }
-    }
+    };
+    // A dead connection may leave the confirm unanswered forever: bound it.
+    tokio::time::timeout(SIDE_PUBLISH_TIMEOUT, published).await.unwrap_or_else(|_| {
+        tracing::warn!(queue, "no confirm within {SIDE_PUBLISH_TIMEOUT:?}");
+        false
+    })
 }
+
+/// How long a retry or dead-letter publish may wait for its confirm.
+const SIDE_PUBLISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Acknowledges `delivery`. If that fails the channel is dead: the broker redelivers the delivery (the inbox
 /// drops the duplicate) and everything else this channel took, so the lane is marked broken at once.
 async fn ack(delivery: &Delivery, lane: &Lane) {
-    if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
-        tracing::debug!(%error, "ack failed; the message will be redelivered");
+    // On a connection that died without a clean close the ack may never complete: bound it.
+    let acked = tokio::time::timeout(ACK_TIMEOUT, delivery.ack(BasicAckOptions::default())).await;
+    if !matches!(acked, Ok(Ok(_))) {
+        tracing::debug!(?acked, "ack failed; the message will be redelivered");
         lane.broken.cancel();
     }
 }
+
+/// How long an acknowledgement may take before the channel is taken for dead.
+const ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);

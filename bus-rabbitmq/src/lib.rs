@@ -18,9 +18,17 @@
 //! - **Reconnection.** When the broker restarts or closes the connection, the bus reconnects with backoff,
 //!   re-declares, and resumes publishing and consuming. Deliveries that were not acknowledged come again; the
 //!   inbox makes their effect single.
+//! - **Partitions.** A group subscribed with [`Subscription::partitions`](bus_core::Subscription::partitions)
+//!   gets `<group>.p000`… queues with a single active consumer each, fed by the headers exchange
+//!   `<group>.partitions` by the `partition-bucket` header ([`partition_bucket`]: CRC-32 of the key mod 64, so
+//!   a key never changes partition); its instances share the partitions through heartbeats on `<group>.members`,
+//!   hand a partition over only after finishing what they took from it, and retry in place, so events of one key
+//!   are handled in order however many instances run and whichever of them dies. See `docs/partitions.md`.
+//! - **Publish order.** A keyed publish lost with a connection holds back the later publishes of its key until it
+//!   is published again, so no event overtakes an earlier one of its key across a reconnection.
 //! - **Limits.** The retry queue delays by per-message TTL, which RabbitMQ applies at the head of the queue: a
-//!   message may wait behind one with a longer delay (never less than its own). Order per key holds within an
-//!   instance; across instances competing on a queue it needs partitions.
+//!   message may wait behind one with a longer delay (never less than its own). Without partitions, order per
+//!   key holds within an instance only: instances compete on the group's queue.
 //! - **Secrets.** The URL's password never appears in `Debug`, `Display`, errors or logs.
 
 #![warn(missing_docs)]

@@ -15,6 +15,7 @@ import json
 import sys
 import time
 import uuid
+import zlib
 
 import pika
 
@@ -41,6 +42,8 @@ def publish(args):
     }
     if args.partition_key:
         headers["x-partition-key"] = args.partition_key
+        # Spreads the key over partitioned consumer groups' partitions (docs/partitions.md): CRC-32 mod 64.
+        headers["partition-bucket"] = str(zlib.crc32(args.partition_key.encode("utf-8")) % 64)
     properties = pika.BasicProperties(
         message_id=event_id,
         type=args.type,

@@ -189,10 +189,10 @@ async fn partitioned_group_keeps_order_per_key_through_a_broker_restart() {
         publisher.stats().reconnects
     );
     if ledger.out_of_order > 0 {
+        let producer_schema = fixture.schema.as_deref().unwrap_or("public");
         let retried: Vec<(String, String, i32)> = sqlx::query_as(&format!(
-            "SELECT partition_key, convert_from(payload, 'UTF8')::json->>'seq', attempts FROM {} WHERE attempts > 0 \
-             ORDER BY seq LIMIT 40",
-            format!("\"{}\".bus_outbox", fixture.schema.as_deref().unwrap_or("public"))
+            "SELECT partition_key, convert_from(payload, 'UTF8')::json->>'seq', attempts \
+             FROM \"{producer_schema}\".bus_outbox WHERE attempts > 0 ORDER BY seq LIMIT 40"
         ))
         .fetch_all(pool)
         .await

@@ -50,3 +50,13 @@ impl Scratch {
         Ok(())
     }
 }
+
+/// The business row the consumer scenarios write per handled event, into their `handled` table.
+pub async fn insert_handled(conn: &mut sqlx::PgConnection, event_id: uuid::Uuid, seq: u64) -> sqlx::Result<()> {
+    sqlx::query("INSERT INTO handled (event_id, seq) VALUES ($1, $2)")
+        .bind(event_id)
+        .bind(i64::try_from(seq).unwrap_or(i64::MAX))
+        .execute(conn)
+        .await?;
+    Ok(())
+}

@@ -1,9 +1,21 @@
 //! The benchmark message: a 1 KiB JSON payload, as DESIGN.md fixes.
 
-use bus_core::{Envelope, EventTypeName};
+use bus_core::{Envelope, EventTypeName, IntegrationEvent};
+use serde::{Deserialize, Serialize};
 
 /// The event type name used by every scenario.
 pub const EVENT_TYPE: &str = "BenchEvent";
+
+/// The benchmark event, as a typed handler decodes it.
+#[derive(Serialize, Deserialize)]
+pub struct BenchEvent {
+    pub seq: u64,
+    pub data: String,
+}
+
+impl IntegrationEvent for BenchEvent {
+    const TYPE_NAME: &'static str = EVENT_TYPE;
+}
 
 /// A 1 KiB JSON object (`{"seq":N,"data":"xxx…"}` padded to exactly 1024 bytes).
 pub fn payload(seq: u64) -> Vec<u8> {

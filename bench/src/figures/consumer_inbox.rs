@@ -7,36 +7,16 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use bus_core::{DeliveryContext, EnvelopeHandler, EventBus, HandlerError, IntegrationEvent, RetryPolicy, Subscription};
+use bus_core::{DeliveryContext, EnvelopeHandler, EventBus, HandlerError, RetryPolicy, Subscription};
 use bus_inproc::{ConfirmOn, InProcBus, InProcConfig};
 use outbox::{Inbox, InboxConfig, InboxContext, Outbox, OutboxConfig, SubscriptionInboxExt};
-use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
-use crate::database::Scratch;
-use crate::payload::{EVENT_TYPE, envelopes};
+use crate::database::{Scratch, insert_handled};
+use crate::payload::{BenchEvent, EVENT_TYPE, envelopes};
 use crate::report::{Figure, median};
 
 const CONCURRENCY: usize = 8;
-
-#[derive(Serialize, Deserialize)]
-struct BenchEvent {
-    seq: u64,
-    data: String,
-}
-
-impl IntegrationEvent for BenchEvent {
-    const TYPE_NAME: &'static str = EVENT_TYPE;
-}
-
-async fn business_row(conn: &mut sqlx::PgConnection, event_id: uuid::Uuid, seq: u64) -> sqlx::Result<()> {
-    sqlx::query("INSERT INTO handled (event_id, seq) VALUES ($1, $2)")
-        .bind(event_id)
-        .bind(i64::try_from(seq).unwrap_or(i64::MAX))
-        .execute(conn)
-        .await?;
-    Ok(())
-}
 
 /// The baseline handler: the same transaction, no inbox row.
 struct PlainTx(PgPool);
@@ -46,7 +26,7 @@ impl EnvelopeHandler for PlainTx {
     async fn handle(&self, ctx: DeliveryContext) -> Result<(), HandlerError> {
         let event: BenchEvent = ctx.envelope().decode().map_err(HandlerError::permanent)?;
         let mut tx = self.0.begin().await.map_err(HandlerError::transient)?;
-        business_row(&mut tx, ctx.event_id(), event.seq).await.map_err(HandlerError::transient)?;
+        insert_handled(&mut tx, ctx.event_id(), event.seq).await.map_err(HandlerError::transient)?;
         tx.commit().await.map_err(HandlerError::transient)
     }
 }
@@ -90,7 +70,7 @@ pub async fn run(quick: bool) -> anyhow::Result<Vec<Figure>> {
             &inbox,
             |event: BenchEvent, ctx: InboxContext<sqlx::Postgres>| async move {
                 let mut tx = ctx.tx().await?;
-                business_row(&mut tx, ctx.delivery().event_id(), event.seq).await.map_err(HandlerError::transient)
+                insert_handled(&mut tx, ctx.delivery().event_id(), event.seq).await.map_err(HandlerError::transient)
             },
         );
         let o = drive(with_inbox, &bus()?, count).await?;

@@ -10,29 +10,18 @@
 
 use std::time::{Duration, Instant};
 
-use bus_core::{EventBus, HandlerError, IntegrationEvent, RetryPolicy, Subscription, SubscriptionHandle};
+use bus_core::{EventBus, HandlerError, RetryPolicy, Subscription, SubscriptionHandle};
 use bus_rabbitmq::{RabbitBus, RabbitConfig};
 use outbox::{Inbox, InboxConfig, InboxContext, Outbox, OutboxConfig, SubscriptionInboxExt};
-use serde::{Deserialize, Serialize};
 
 use crate::broker::url;
-use crate::database::Scratch;
-use crate::payload::{EVENT_TYPE, envelopes};
+use crate::database::{Scratch, insert_handled};
+use crate::payload::{BenchEvent, envelopes};
 use crate::report::{Figure, median};
 
 const PARTITIONS: u16 = 12;
 const KEYS: u64 = 200;
 const INSTANCES: usize = 3;
-
-#[derive(Serialize, Deserialize)]
-struct BenchEvent {
-    seq: u64,
-    data: String,
-}
-
-impl IntegrationEvent for BenchEvent {
-    const TYPE_NAME: &'static str = EVENT_TYPE;
-}
 
 async fn instance_bus(exchange: &str) -> anyhow::Result<RabbitBus> {
     let mut config = RabbitConfig::new(&url())?;
@@ -47,13 +36,7 @@ fn subscription(group: &str, inbox: &Inbox<sqlx::Postgres>) -> Subscription {
         inbox,
         |event: BenchEvent, ctx: InboxContext<sqlx::Postgres>| async move {
             let mut tx = ctx.tx().await?;
-            sqlx::query("INSERT INTO handled (event_id, seq) VALUES ($1, $2)")
-                .bind(ctx.delivery().event_id())
-                .bind(i64::try_from(event.seq).unwrap_or(i64::MAX))
-                .execute(&mut *tx)
-                .await
-                .map_err(HandlerError::transient)?;
-            Ok(())
+            insert_handled(&mut tx, ctx.delivery().event_id(), event.seq).await.map_err(HandlerError::transient)
         },
     )
 }

@@ -77,7 +77,10 @@ async fn three_instances_keep_order_per_key_when_one_is_killed() {
         })
     };
     let (p, s) = (&pool, consumer_schema.as_str());
-    wait_until("a third of the events handled", WAIT, || async move { handled_events(p, s).await >= TOTAL / 3 }).await;
+    wait_until("a third of the events handled, by all three instances", WAIT, || async move {
+        handled_events(p, s).await >= TOTAL / 3 && PartitionLedger::read(p, s).await.per_instance.len() == 3
+    })
+    .await;
     let before_kill = PartitionLedger::read(&pool, &consumer_schema).await;
     let victim = 1; // instance "b"
     instances[victim].kill().await;
@@ -206,6 +209,24 @@ async fn publish_rounds(bus: &bus_rabbitmq::RabbitBus, keys: u32, seqs: std::ops
     }
 }
 
+/// Publishes rounds (one event per key, next position) until `at_least` rounds are out and every one of
+/// `instances` has handled something.
+async fn publish_until(
+    publisher: &bus_rabbitmq::RabbitBus,
+    journal: &Journal,
+    keys: u32,
+    instances: &[usize],
+    rounds: &mut u32,
+    at_least: u32,
+) {
+    while *rounds < at_least || !instances.iter().all(|i| journal.per_instance().get(i).is_some_and(|n| *n > 0)) {
+        assert!(*rounds < 1_000, "instances {instances:?} never got partitions: {:?}", journal.per_instance());
+        publish_rounds(publisher, keys, *rounds..*rounds + 1).await;
+        *rounds += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Instances leave gracefully and join while events flow: the partitions move between them and each key is
 /// still handled once, in order, never by two instances at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,20 +252,24 @@ async fn partitions_move_in_order_when_instances_leave_and_join() {
         handles.push(Some(bus.subscribe(journal.subscription(&group, PARTITIONS, instance)).await.expect("subscribe")));
         buses.push(bus);
     }
-    publish_rounds(&publisher, KEYS, 0..30).await;
-    wait_until("the first rounds handled", WAIT, || async { journal.count() >= 600 }).await;
+    // Rounds go on until the instances share the partitions (membership settles within a few heartbeats).
+    let mut rounds = 0;
+    publish_until(&publisher, &journal, KEYS, &[0, 1, 2], &mut rounds, 30).await;
     // Instance 1 leaves while events are in flight; a fourth joins later.
     let leaving = handles[1].take().unwrap().stop();
-    let more = publish_rounds(&publisher, KEYS, 30..60);
+    let more = publish_rounds(&publisher, KEYS, rounds..rounds + 30);
     tokio::join!(leaving, more);
+    rounds += 30;
     let joiner = instance_bus().await;
     let joined = joiner.subscribe(journal.subscription(&group, PARTITIONS, 3)).await.expect("subscribe");
-    publish_rounds(&publisher, KEYS, 60..100).await;
-    wait_until("every event handled", WAIT, || async { journal.count() >= (KEYS * 100) as usize }).await;
+    let at_least = rounds + 30;
+    publish_until(&publisher, &journal, KEYS, &[0, 2, 3], &mut rounds, at_least).await;
+    let total = (KEYS * rounds) as usize;
+    wait_until("every event handled", WAIT, || async { journal.count() >= total }).await;
     tokio::time::sleep(Duration::from_millis(300)).await; // anything handled twice would show now
 
     let per_instance = journal.per_instance();
-    assert_eq!(journal.count(), (KEYS * 100) as usize, "each event handled exactly once: {per_instance:?}");
+    assert_eq!(journal.count(), total, "each event handled exactly once: {per_instance:?}");
     assert_eq!(journal.keys_out_of_sequence(), Vec::<String>::new(), "per-key order");
     assert_eq!(journal.overlaps.load(Ordering::SeqCst), 0, "a key handled by two instances at once");
     for instance in [0, 1, 2, 3] {

@@ -19,6 +19,9 @@ use crate::publish_order::{Answer, PublishOrder};
 use crate::stats::{RabbitStats, Stats};
 use crate::{dead_letters, topology, wire};
 
+/// How long a publish waits for the broker's answer before it counts as lost.
+const CONFIRM_GIVE_UP: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The longest retry schedule of a partitioned group (retries in place), well within RabbitMQ's default
 /// `consumer_timeout` of 30 minutes.
 pub const MAX_IN_PLACE_RETRY_HORIZON: std::time::Duration = std::time::Duration::from_secs(10 * 60);
@@ -188,20 +191,30 @@ impl RabbitBus {
         // back when the broker answers, even if the caller publishes a whole batch before awaiting any of them.
         let (answer_tx, confirmation) = Confirmation::channel();
         tokio::spawn(async move {
-            let answer = confirm.await;
+            // Bounded: a confirm that never comes (a half-dead connection) must still resolve, or the publish
+            // order fence would hold the next connection's publishes for good.
+            let answer = tokio::time::timeout(CONFIRM_GIVE_UP, confirm).await;
             drop(permit);
             let result = match answer {
-                Ok(lapin::Confirmation::Ack(None)) => {
-                    stats.published();
-                    Ok(())
-                }
-                Ok(lapin::Confirmation::Ack(Some(_))) => Err(BusError::Unroutable { event_type }),
-                Ok(lapin::Confirmation::Nack(_)) => Err(BusError::Nacked { event_id: id, reason: "basic.nack".into() }),
-                Ok(_) => Err(BusError::ConfirmationLost("publisher confirms are not enabled".into())),
-                Err(error) => {
+                Err(_) => {
                     link.report_trouble();
-                    Err(BusError::ConfirmationLost(error.to_string()))
+                    Err(BusError::ConfirmationLost(format!("no answer from the broker within {CONFIRM_GIVE_UP:?}")))
                 }
+                Ok(answer) => match answer {
+                    Ok(lapin::Confirmation::Ack(None)) => {
+                        stats.published();
+                        Ok(())
+                    }
+                    Ok(lapin::Confirmation::Ack(Some(_))) => Err(BusError::Unroutable { event_type }),
+                    Ok(lapin::Confirmation::Nack(_)) => {
+                        Err(BusError::Nacked { event_id: id, reason: "basic.nack".into() })
+                    }
+                    Ok(_) => Err(BusError::ConfirmationLost("publisher confirms are not enabled".into())),
+                    Err(error) => {
+                        link.report_trouble();
+                        Err(BusError::ConfirmationLost(error.to_string()))
+                    }
+                },
             };
             let answer = match &result {
                 Ok(()) => Answer::Confirmed,

@@ -5,7 +5,8 @@
 //! be lost with it while a later one, sent on the new connection, arrives. The outbox relay publishes an event's
 //! successors before the event is confirmed (pipelining), so it relies on this fence:
 //! - a publish about to go out on a newer connection first waits until every publish sent on an older one has
-//!   its answer (a lost connection answers at once: its pending confirms fail);
+//!   its answer (a lost connection answers at once: its pending confirms fail; a confirm that never comes counts
+//!   as lost after 30 s);
 //! - a publish whose confirmation was lost, or that could not be sent (no connection, or refused by this
 //!   fence), marks its partition key: until that very event has been published again and confirmed, other
 //!   events of the key are refused, unsent, and hold it back in their turn

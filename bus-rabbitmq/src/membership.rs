@@ -29,6 +29,8 @@ use crate::link::{Session, transport};
 use crate::topology;
 
 const H_MEMBER: &str = "x-member";
+/// How long leaving may take on a connection that may be dead.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(1);
 const H_LEAVING: &str = "x-leaving";
 
 /// This instance's membership in its group, for as long as the session lives.
@@ -122,10 +124,11 @@ impl Membership {
     /// Tells the others this instance is leaving, so they take over its partitions without waiting for the
     /// timeout; then stops the heartbeat.
     pub(crate) async fn leave(self, member_timeout: Duration) {
-        // Announce before stopping the listener: its queue (auto-delete) and then the exchange may go with it.
-        self.announce(true, member_timeout).await;
+        // Announce before stopping the listener (its queue goes with it). Bounded: on a connection that died
+        // without a clean close, neither would ever complete.
+        let _ = tokio::time::timeout(LEAVE_TIMEOUT, self.announce(true, member_timeout)).await;
         self.stop.cancel();
-        let _ = self.channel.close(200, "OK".into()).await;
+        let _ = tokio::time::timeout(LEAVE_TIMEOUT, self.channel.close(200, "OK".into())).await;
     }
 
     async fn announce(&self, leaving: bool, member_timeout: Duration) {

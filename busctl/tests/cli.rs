@@ -63,7 +63,12 @@ async fn replay_rebuilds_ordering_s_product_view_and_reaches_no_other_queue() {
         [(Service::Catalog, &catalog_name, &catalog_url), (Service::Ordering, &ordering_name, &ordering_url)]
     {
         let running = service
-            .start(bus_core::GroupName::new(name.as_str()).unwrap(), &DatabaseUrl::parse(db).unwrap(), shared.clone())
+            .start(
+                bus_core::GroupName::new(name.as_str()).unwrap(),
+                &DatabaseUrl::parse(db).unwrap(),
+                shared.clone(),
+                None,
+            )
             .await
             .expect("service starts");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -1,11 +1,12 @@
 //! A service's configuration from the environment (CONTRACT §2): `DATABASE_URL`, `AMQP_URL`, `HTTP_ADDR`,
-//! and `SERVICE_NAME` / `BUS_EXCHANGE` to run side-by-side copies (tests). Every value is checked here, before
+//! `SERVICE_NAME` / `BUS_EXCHANGE` to run side-by-side copies (tests), and `BUS_PARTITIONS` to partition the
+//! service's consumer group (per-key order across many instances, see `docs/partitions.md`). Every value is checked here, before
 //! anything starts; a bad one is refused with an error naming the variable, and no error or log ever shows a
 //! password.
 
 use std::net::SocketAddr;
 
-use bus_core::GroupName;
+use bus_core::{GroupName, MAX_PARTITIONS};
 use bus_rabbitmq::{AmqpUrl, RabbitConfig};
 pub use outbox::DatabaseUrl;
 
@@ -36,6 +37,9 @@ pub struct ServiceEnv {
     pub rabbit: RabbitConfig,
     /// `HTTP_ADDR`.
     pub http_addr: SocketAddr,
+    /// `BUS_PARTITIONS`: the consumer group's partition count, if partitioned (1 to 64; fixed for the life of the
+    /// group on the broker).
+    pub partitions: Option<u16>,
 }
 
 /// The local broker, used when `AMQP_URL` is not set.
@@ -76,7 +80,18 @@ impl ServiceEnv {
         let http_addr = addr
             .parse()
             .map_err(|_| ConfigError::new("HTTP_ADDR", format!("{addr:?} is not an address like 127.0.0.1:5101")))?;
-        Ok(Self { service, database, rabbit, http_addr })
+        let partitions = match var("BUS_PARTITIONS") {
+            None => None,
+            Some(value) => Some(
+                value.trim().parse::<u16>().ok().filter(|n| (1..=MAX_PARTITIONS).contains(n)).ok_or_else(|| {
+                    ConfigError::new(
+                        "BUS_PARTITIONS",
+                        format!("{value:?} is not a partition count from 1 to {MAX_PARTITIONS}"),
+                    )
+                })?,
+            ),
+        };
+        Ok(Self { service, database, rabbit, http_addr, partitions })
     }
 
     /// The broker URL, password hidden.

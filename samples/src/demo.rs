@@ -89,7 +89,7 @@ impl Demo {
             let url = format!("sqlite://{}", data_dir.join(format!("{}.db", service.default_name())).display());
             let database = DatabaseUrl::parse(&url)
                 .map_err(|reason| StartError::Config(crate::config::ConfigError::new("--data-dir", reason)))?;
-            let started = service.start(name, &database, shared.clone()).await?;
+            let started = service.start(name, &database, shared.clone(), None).await?;
             running.push((started, listener));
         }
         let stop = CancellationToken::new();

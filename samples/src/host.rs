@@ -66,6 +66,7 @@ pub struct ServiceHost<DB: Backend> {
     /// The bus it publishes to and consumes from.
     pub bus: Arc<dyn EventBus>,
     retry: RetryPolicy,
+    partitions: Option<u16>,
 }
 
 impl<DB: Backend> ServiceHost<DB> {
@@ -80,13 +81,23 @@ impl<DB: Backend> ServiceHost<DB> {
         // The inbox must remember events longer than the bus may redeliver them: checked here.
         let retry = RetryPolicy::default();
         let inbox = Inbox::new(outbox.clone(), InboxConfig::default(), &retry)?;
-        Ok(Self { name, pool, outbox, inbox, bus, retry })
+        Ok(Self { name, pool, outbox, inbox, bus, retry, partitions: None })
+    }
+
+    /// Partitions the service's consumer group into `partitions` (none: instances compete on one queue).
+    pub fn partitioned(mut self, partitions: Option<u16>) -> Self {
+        self.partitions = partitions;
+        self
     }
 
     /// An empty subscription of this service's consumer group, with the retry policy the inbox was checked
     /// against. Add one handler per event type the service consumes.
     pub fn subscription(&self) -> Subscription {
-        Subscription::new(self.name.as_str()).retry(self.retry.clone())
+        let subscription = Subscription::new(self.name.as_str()).retry(self.retry.clone());
+        match self.partitions {
+            Some(partitions) => subscription.partitions(partitions),
+            None => subscription,
+        }
     }
 
     /// Subscribes, starts the relay and the inbox cleanup, and returns the service ready to serve `api`

@@ -58,7 +58,8 @@ impl Service {
         }
     }
 
-    /// Opens `database`, runs the migrations and starts the service named `name` on `bus`.
+    /// Opens `database`, runs the migrations and starts the service named `name` on `bus`, its consumer group
+    /// split into `partitions` if set.
     ///
     /// # Errors
     /// The database cannot be opened or migrated, or the bus refused the subscription.
@@ -67,20 +68,21 @@ impl Service {
         name: GroupName,
         database: &DatabaseUrl,
         bus: Arc<dyn EventBus>,
+        partitions: Option<u16>,
     ) -> Result<RunningService, StartError> {
         match database {
             DatabaseUrl::Postgres(options) => {
                 let pool = database::postgres(options.clone()).await?;
                 match self {
-                    Self::Catalog => catalog::start(name, pool, bus).await,
-                    Self::Ordering => ordering::start(name, pool, bus).await,
+                    Self::Catalog => catalog::start(name, pool, bus, partitions).await,
+                    Self::Ordering => ordering::start(name, pool, bus, partitions).await,
                 }
             }
             DatabaseUrl::Sqlite(options) => {
                 let pool = database::sqlite(options.clone()).await?;
                 match self {
-                    Self::Catalog => catalog::start(name, pool, bus).await,
-                    Self::Ordering => ordering::start(name, pool, bus).await,
+                    Self::Catalog => catalog::start(name, pool, bus, partitions).await,
+                    Self::Ordering => ordering::start(name, pool, bus, partitions).await,
                 }
             }
         }
@@ -141,11 +143,12 @@ pub async fn run_from_env(service: Service) -> Result<(), StartError> {
         database = %env.database.describe(),
         broker = %env.amqp_url(),
         exchange = %env.rabbit.exchange,
+        partitions = ?env.partitions,
         "starting"
     );
     let listener = host::listen(env.http_addr).await?;
     let bus = bus_rabbitmq::RabbitBus::connect(env.rabbit.clone()).await?;
-    let running = service.start(env.service.clone(), &env.database, Arc::new(bus.clone())).await?;
+    let running = service.start(env.service.clone(), &env.database, Arc::new(bus.clone()), env.partitions).await?;
     let addr =
         listener.local_addr().map_err(|source| StartError::Listen { addr: env.http_addr.to_string(), source })?;
     println!("{} listening on http://{addr}", env.service);

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::process::Stdio;
 use std::time::Duration;
 
-use integration_tests::{amqp_url, database_url, delete_topology, unique};
+use integration_tests::{amqp_url, database_url, delete_partitioned_topology, unique};
 use samples::client::{ShopClient, metric_value};
 use samples::demo::{Demo, DemoConfig, place_orders, seed};
 use serde_json::Value;
@@ -223,6 +223,9 @@ async fn drop_database(admin_url: &str, name: &str) {
     }
 }
 
+/// Partitions of each service's consumer group in the distributed flow.
+const PARTITIONS: u16 = 4;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn distributed_flow_survives_a_killed_service() {
     integration_tests::init_tracing();
@@ -238,6 +241,8 @@ async fn distributed_flow_survives_a_killed_service() {
             ("DATABASE_URL", db.to_owned()),
             ("AMQP_URL", amqp.clone()),
             ("BUS_EXCHANGE", exchange.clone()),
+            // Both groups partitioned: the whole flow, and the SIGKILL below, through partitions.
+            ("BUS_PARTITIONS", PARTITIONS.to_string()),
         ]
     };
     let catalog_env = env(&catalog_name, &catalog_db);
@@ -261,7 +266,9 @@ async fn distributed_flow_survives_a_killed_service() {
     check_health_and_metrics(&client).await;
 
     drop((catalog, ordering));
-    delete_topology(&exchange, &[&catalog_name, &ordering_name]).await;
+    for group in [&catalog_name, &ordering_name] {
+        delete_partitioned_topology(&exchange, group, PARTITIONS).await;
+    }
     drop_database(&admin_url, &format!("catalog_{id}")).await;
     drop_database(&admin_url, &format!("ordering_{id}")).await;
 }
@@ -275,6 +282,9 @@ async fn a_bad_setting_stops_start_up_naming_the_variable() {
         ("HTTP_ADDR", "localhost:http"),
         ("SERVICE_NAME", "bad name"),
         ("BUS_EXCHANGE", "bad exchange!"),
+        ("BUS_PARTITIONS", "0"),
+        ("BUS_PARTITIONS", "65"),
+        ("BUS_PARTITIONS", "many"),
     ];
     for (variable, value) in cases {
         let output = Command::new(env!("CARGO_BIN_EXE_catalog"))

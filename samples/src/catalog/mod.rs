@@ -26,7 +26,8 @@ use crate::host::{RunningService, ServiceHost, StartError};
 /// The default `HTTP_ADDR`.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:5101";
 
-/// Migrates `pool`'s database and starts the catalog named `name` on `bus`.
+/// Migrates `pool`'s database and starts the catalog named `name` on `bus`, its consumer
+/// group split into `partitions` if set.
 ///
 /// # Errors
 /// A migration failed or the bus refused the subscription.
@@ -34,9 +35,10 @@ pub async fn start<DB: CatalogStore>(
     name: GroupName,
     pool: Pool<DB>,
     bus: Arc<dyn EventBus>,
+    partitions: Option<u16>,
 ) -> Result<RunningService, StartError> {
     DB::migrate_schema(&pool).await?;
-    let host = ServiceHost::new(name, pool, bus).await?;
+    let host = ServiceHost::new(name, pool, bus).await?.partitioned(partitions);
     let subscription = host
         .subscription()
         .on_inbox::<OrderStatusChangedToAwaitingValidation, DB, _>(&host.inbox, handlers::reserve_stock::<DB>)

@@ -60,3 +60,15 @@ pub async fn insert_handled(conn: &mut sqlx::PgConnection, event_id: uuid::Uuid,
         .await?;
     Ok(())
 }
+
+/// A scratch schema with the `handled` table and an inbox (outbox crate's tables, service `bench`): the setup of
+/// the consumer scenarios.
+pub async fn inbox_scratch(connections: u32) -> anyhow::Result<(Scratch, outbox::Inbox<sqlx::Postgres>)> {
+    let scratch = Scratch::new(connections).await?;
+    sqlx::query("CREATE TABLE handled (event_id UUID PRIMARY KEY, seq BIGINT NOT NULL)").execute(&scratch.pool).await?;
+    let outbox =
+        outbox::Outbox::new(scratch.pool.clone(), outbox::OutboxConfig::new("bench").schema(scratch.schema.clone()))?;
+    outbox.migrate().await?;
+    let inbox = outbox::Inbox::new(outbox, outbox::InboxConfig::default(), &bus_core::RetryPolicy::default())?;
+    Ok((scratch, inbox))
+}

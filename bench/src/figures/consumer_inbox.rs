@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use bus_core::{DeliveryContext, EnvelopeHandler, EventBus, HandlerError, RetryPolicy, Subscription};
+use bus_core::{DeliveryContext, EnvelopeHandler, EventBus, HandlerError, Subscription};
 use bus_inproc::{ConfirmOn, InProcBus, InProcConfig};
-use outbox::{Inbox, InboxConfig, InboxContext, Outbox, OutboxConfig, SubscriptionInboxExt};
+use outbox::{InboxContext, SubscriptionInboxExt};
 use sqlx::PgPool;
 
-use crate::database::{Scratch, insert_handled};
+use crate::database::{inbox_scratch, insert_handled};
 use crate::payload::{BenchEvent, EVENT_TYPE, envelopes};
 use crate::report::{Figure, median};
 
@@ -55,11 +55,7 @@ fn bus() -> anyhow::Result<InProcBus> {
 
 pub async fn run(quick: bool) -> anyhow::Result<Vec<Figure>> {
     let count = if quick { 2_000 } else { 10_000 };
-    let scratch = Scratch::new(CONCURRENCY as u32 + 2).await?;
-    sqlx::query("CREATE TABLE handled (event_id UUID PRIMARY KEY, seq BIGINT NOT NULL)").execute(&scratch.pool).await?;
-    let outbox = Outbox::new(scratch.pool.clone(), OutboxConfig::new("bench").schema(scratch.schema.clone()))?;
-    outbox.migrate().await?;
-    let inbox = Inbox::new(outbox, InboxConfig::default(), &RetryPolicy::default())?;
+    let (scratch, inbox) = inbox_scratch(CONCURRENCY as u32 + 2).await?;
     let (mut ours_runs, mut base_runs) = (Vec::new(), Vec::new());
     for run in 1..=3 {
         sqlx::query("TRUNCATE handled").execute(&scratch.pool).await?;

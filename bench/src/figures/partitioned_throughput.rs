@@ -10,12 +10,12 @@
 
 use std::time::{Duration, Instant};
 
-use bus_core::{EventBus, HandlerError, RetryPolicy, Subscription, SubscriptionHandle};
+use bus_core::{EventBus, HandlerError, Subscription, SubscriptionHandle};
 use bus_rabbitmq::{RabbitBus, RabbitConfig};
-use outbox::{Inbox, InboxConfig, InboxContext, Outbox, OutboxConfig, SubscriptionInboxExt};
+use outbox::{Inbox, InboxContext, SubscriptionInboxExt};
 
 use crate::broker::url;
-use crate::database::{Scratch, insert_handled};
+use crate::database::{inbox_scratch, insert_handled};
 use crate::payload::{BenchEvent, envelopes};
 use crate::report::{Figure, median};
 
@@ -100,11 +100,7 @@ async fn delete_topology(exchange: &str, group: &str) -> anyhow::Result<()> {
 
 pub async fn run(quick: bool) -> anyhow::Result<Vec<Figure>> {
     let count = if quick { 4_000 } else { 20_000 };
-    let scratch = Scratch::new(8 * INSTANCES as u32 + 2).await?;
-    sqlx::query("CREATE TABLE handled (event_id UUID PRIMARY KEY, seq BIGINT NOT NULL)").execute(&scratch.pool).await?;
-    let outbox = Outbox::new(scratch.pool.clone(), OutboxConfig::new("bench").schema(scratch.schema.clone()))?;
-    outbox.migrate().await?;
-    let inbox = Inbox::new(outbox, InboxConfig::default(), &RetryPolicy::default())?;
+    let (scratch, inbox) = inbox_scratch(8 * INSTANCES as u32 + 2).await?;
     let (mut ours_runs, mut base_runs) = (Vec::new(), Vec::new());
     for run in 1..=3 {
         sqlx::query("TRUNCATE handled").execute(&scratch.pool).await?;

@@ -180,13 +180,7 @@ impl RabbitBus {
                 return Err(transport(error));
             }
         };
-        let (id, event_type, stats, link, inner_ref) = (
-            envelope.id(),
-            envelope.event_type().to_string(),
-            inner.stats.clone(),
-            inner.link.clone(),
-            self.inner.clone(),
-        );
+        let (event_type, inner) = (envelope.event_type().to_string(), self.inner.clone());
         // The broker's answer is awaited here, not by whoever holds the confirmation: the window permit must come
         // back when the broker answers, even if the caller publishes a whole batch before awaiting any of them.
         let (answer_tx, confirmation) = Confirmation::channel();
@@ -196,32 +190,30 @@ impl RabbitBus {
             let answer = tokio::time::timeout(CONFIRM_GIVE_UP, confirm).await;
             drop(permit);
             let result = match answer {
+                Ok(Ok(lapin::Confirmation::Ack(None))) => {
+                    inner.stats.published();
+                    Ok(())
+                }
+                Ok(Ok(lapin::Confirmation::Ack(Some(_)))) => Err(BusError::Unroutable { event_type }),
+                Ok(Ok(lapin::Confirmation::Nack(_))) => {
+                    Err(BusError::Nacked { event_id: id, reason: "basic.nack".into() })
+                }
+                Ok(Ok(_)) => Err(BusError::ConfirmationLost("publisher confirms are not enabled".into())),
+                Ok(Err(error)) => {
+                    inner.link.report_trouble();
+                    Err(BusError::ConfirmationLost(error.to_string()))
+                }
                 Err(_) => {
-                    link.report_trouble();
+                    inner.link.report_trouble();
                     Err(BusError::ConfirmationLost(format!("no answer from the broker within {CONFIRM_GIVE_UP:?}")))
                 }
-                Ok(answer) => match answer {
-                    Ok(lapin::Confirmation::Ack(None)) => {
-                        stats.published();
-                        Ok(())
-                    }
-                    Ok(lapin::Confirmation::Ack(Some(_))) => Err(BusError::Unroutable { event_type }),
-                    Ok(lapin::Confirmation::Nack(_)) => {
-                        Err(BusError::Nacked { event_id: id, reason: "basic.nack".into() })
-                    }
-                    Ok(_) => Err(BusError::ConfirmationLost("publisher confirms are not enabled".into())),
-                    Err(error) => {
-                        link.report_trouble();
-                        Err(BusError::ConfirmationLost(error.to_string()))
-                    }
-                },
             };
             let answer = match &result {
                 Ok(()) => Answer::Confirmed,
                 Err(BusError::ConfirmationLost(_)) => Answer::Lost,
                 Err(_) => Answer::Other,
             };
-            inner_ref.order.resolved(generation, key.as_deref(), id, answer);
+            inner.order.resolved(generation, key.as_deref(), id, answer);
             let _ = answer_tx.send(result);
         });
         Ok(confirmation)
@@ -229,7 +221,7 @@ impl RabbitBus {
 }
 
 /// Where a publish goes: the topic exchange (every subscribed group), one group's queue, or one partitioned
-/// group's consistent-hash exchange (the partition of the event's key).
+/// group's headers exchange (the partition of the event's key).
 #[derive(Clone, Copy)]
 enum Route<'a> {
     Exchange,

@@ -155,7 +155,6 @@ impl Instance {
             .map_err(transport)?;
         let tasks = TaskTracker::new();
         let lane = Arc::new(Lane {
-            queue: Arc::from(queue),
             side: side.clone(),
             permits: permits.clone(),
             tails: KeyTails::default(),
@@ -298,8 +297,7 @@ impl Instance {
             )
             .with_expiration(delay.as_millis().max(1).to_string().into());
             tracing::debug!(group = %self.group, event_id = %envelope.id(), attempt, ?delay, %error, "handling failed; retrying later");
-            let retry_queue = format!("{}.retry", lane.queue);
-            if !confirmed_publish(&lane.side, &retry_queue, &delivery.data, properties).await {
+            if !confirmed_publish(&lane.side, &topology::retry_queue(&self.group), &delivery.data, properties).await {
                 lane.broken.cancel();
                 return false;
             }
@@ -365,8 +363,6 @@ impl Instance {
 
 /// What the deliveries of one queue consumption share.
 struct Lane {
-    /// The queue consumed (its `.retry` queue takes the retries of a non-partitioned group).
-    queue: Arc<str>,
     /// The confirm-mode channel for retry and dead-letter publishes.
     side: Channel,
     /// Handlers running at once, across the instance.

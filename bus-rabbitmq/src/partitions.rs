@@ -1,8 +1,8 @@
 //! A partitioned group's instance: consumes the partitions its [`Membership`] view assigns to it, and gives up
 //! the ones it no longer owns in order ([`Handover::InOrder`]).
 //!
-//! Per-key order across instances rests on three facts: a key always hashes to the same partition (the
-//! consistent-hash exchange, whose ring never changes once built); a partition queue delivers to one consumer at
+//! Per-key order across instances rests on three facts: a key always goes to the same partition (its
+//! `partition-bucket` header, routed by a fixed headers-exchange binding per bucket); a partition queue delivers to one consumer at
 //! a time (single active consumer); and an instance lets go of a partition only after every delivery it took
 //! from it is finished, by closing the channel, which returns the rest to their places before the next consumer
 //! is activated. A crashed instance's connection closes, which does the same. Within an instance, deliveries of

@@ -115,8 +115,8 @@ async fn broker_stopped_and_started_mid_stream() {
 }
 
 /// A partitioned group (2 instances, 6 partitions) through a broker restart with a backlog in its partitions:
-/// the consistent-hash ring comes back as it was (the partition queues' names sort in partition order), every
-/// key stays on its partition, and the instances resume; per-key order and exactly-once effects hold.
+/// every key stays on its partition (the bucket bindings do not depend on broker state), publishes lost with the
+/// connection are not overtaken, and the instances resume; per-key order and exactly-once effects hold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitioned_group_keeps_order_per_key_through_a_broker_restart() {
     use integration_tests::partitioned::{

@@ -41,15 +41,16 @@ async fn outbox(global: &Global, command: OutboxCommand) -> Result<()> {
             let oldest = s.oldest_pending_ms.map(|ms| ms as f64 / 1000.0);
             let value = json!({
                 "pending": s.pending, "in_flight": s.in_flight, "failed": s.failed, "published": s.published,
-                "oldest_pending_seconds": oldest,
+                "oldest_pending_seconds": oldest, "parked_keys": s.parked_keys,
             });
             emit(global.json, value, || {
                 table(
-                    &["pending", "in flight", "failed", "published (retained)", "oldest pending"],
+                    &["pending", "in flight", "failed", "parked keys", "published (retained)", "oldest pending"],
                     &[vec![
                         s.pending.to_string(),
                         s.in_flight.to_string(),
                         s.failed.to_string(),
+                        s.parked_keys.to_string(),
                         s.published.to_string(),
                         oldest.map_or_else(|| "-".to_owned(), |o| format!("{o:.1} s")),
                     ]],
@@ -63,7 +64,7 @@ async fn outbox(global: &Global, command: OutboxCommand) -> Result<()> {
                     .iter()
                     .map(|f| json!({
                         "seq": f.seq, "event_id": f.event_id, "type": f.event_type, "attempts": f.attempts,
-                        "last_error": f.last_error,
+                        "partition_key": f.partition_key, "last_error": f.last_error,
                     }))
                     .collect::<Vec<_>>()
             );

@@ -200,8 +200,9 @@ async fn outbox_status_failed_and_retry() {
     };
     let status = ok(&["outbox", "status", "--database-url", &db, "--json"]).await.json();
     assert_eq!((status["failed"].as_i64(), status["pending"].as_i64()), (Some(2), Some(0)), "{status}");
+    assert_eq!(status["parked_keys"].as_i64(), Some(2), "each failed keyed event parks its key: {status}");
     let human = ok(&["outbox", "status", "--database-url", &db]).await.stdout;
-    assert!(human.contains("failed") && human.contains("oldest pending"), "{human}");
+    assert!(human.contains("failed") && human.contains("parked keys") && human.contains("oldest pending"), "{human}");
     let failed = ok(&["outbox", "failed", "--database-url", &db, "--json"]).await.json();
     assert_eq!(failed.as_array().unwrap().len(), 2);
     assert!(failed[0]["last_error"].as_str().unwrap().contains("unroutable"), "{failed}");

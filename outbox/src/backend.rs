@@ -43,38 +43,64 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
         handler: &str,
     ) -> Result<bool, OutboxError>;
 
+    /// Claims up to `batch` eligible rows (and at most `max_bytes` of payload, one row at least) for `owner`,
+    /// counting an attempt on each.
     #[doc(hidden)]
     async fn claim(
         pool: &Pool<Self>,
         sql: &Sql,
-        relay: Uuid,
+        owner: &Owner,
         batch: usize,
+        max_bytes: usize,
         lease: Duration,
     ) -> Result<Vec<OutboxRow>, OutboxError>;
 
-    /// Extends this relay's lease on `seqs`; returns how many rows it still held.
+    /// Extends `owner`'s lease on `seqs` (and points them at its current liveness key); returns how many rows it
+    /// still held.
     #[doc(hidden)]
     async fn renew_lease(
         pool: &Pool<Self>,
         sql: &Sql,
-        relay: Uuid,
+        owner: &Owner,
         seqs: &[i64],
         lease: Duration,
     ) -> Result<u64, OutboxError>;
 
+    /// Marks `owner`'s rows `seqs` published; rows it no longer holds are left alone. Returns how many it marked.
     #[doc(hidden)]
-    async fn mark_published(pool: &Pool<Self>, sql: &Sql, seqs: &[i64]) -> Result<(), OutboxError>;
+    async fn mark_published(pool: &Pool<Self>, sql: &Sql, owner: &Owner, seqs: &[i64]) -> Result<u64, OutboxError>;
 
-    /// Records a failed publish: back to pending with `retry_in`, or `failed` when `give_up`.
+    /// Records a failed attempt on `owner`'s row: back to pending after `retry_in`, or `failed` when `give_up`.
+    /// Returns whether the row was still `owner`'s.
     #[doc(hidden)]
     async fn record_failure(
         pool: &Pool<Self>,
         sql: &Sql,
+        owner: &Owner,
         seq: i64,
         error: &str,
         give_up: bool,
         retry_in: Duration,
-    ) -> Result<(), OutboxError>;
+    ) -> Result<bool, OutboxError>;
+
+    /// Gives `owner`'s rows `seqs` back unpublished, refunding the attempt their claim counted (they were not
+    /// tried, or only transport trouble stopped them). Returns how many it still held.
+    #[doc(hidden)]
+    async fn release(pool: &Pool<Self>, sql: &Sql, owner: &Owner, seqs: &[i64]) -> Result<u64, OutboxError>;
+
+    /// Makes `relay` known as alive, for as long as the returned [`Ownership`] is kept (PostgreSQL: a session
+    /// advisory lock on a connection of its own; SQLite: a heartbeat row).
+    #[doc(hidden)]
+    async fn hold_ownership(pool: &Pool<Self>, sql: &Sql, relay: Uuid) -> Result<Ownership, OutboxError>;
+
+    /// Proves `owner` is still alive (PostgreSQL: the lock's connection answers; SQLite: a heartbeat). An error
+    /// means the relay may have lost its rows to others: it must stop claiming until it holds a new ownership.
+    #[doc(hidden)]
+    async fn keep_ownership(pool: &Pool<Self>, sql: &Sql, owner: &mut Ownership) -> Result<(), OutboxError>;
+
+    /// Gives up `owner` (a relay that stops): its remaining rows are free at once.
+    #[doc(hidden)]
+    async fn drop_ownership(pool: &Pool<Self>, sql: &Sql, owner: Ownership);
 
     #[doc(hidden)]
     async fn status(pool: &Pool<Self>, sql: &Sql) -> Result<OutboxStatus, OutboxError>;
@@ -127,6 +153,34 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
         listening: tokio::sync::watch::Sender<bool>,
         stop: tokio_util::sync::CancellationToken,
     );
+}
+
+/// A relay's proof of liveness: while it is held, other relays leave the relay's leased rows alone until their
+/// lease ends; once it is gone (process killed, connection lost), they take the rows over at once.
+#[doc(hidden)]
+pub struct Ownership {
+    /// Who the relay is, as its rows name it.
+    pub(crate) owner: Owner,
+    /// PostgreSQL: the connection that holds the session lock, for the relay's life.
+    pub(crate) connection: Option<sqlx::PgConnection>,
+}
+
+impl std::fmt::Debug for Ownership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ownership").field("owner", &self.owner).finish_non_exhaustive()
+    }
+}
+
+/// How a relay's rows name it: what claims write and what results are fenced by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[doc(hidden)]
+pub struct Owner {
+    /// The relay's id, written as `locked_by` in the rows it claims; results only touch rows it still holds.
+    pub(crate) relay: Uuid,
+    /// PostgreSQL: the advisory lock's key (second half; the first is `namespace`), written as `locked_key`.
+    pub(crate) key: i32,
+    /// PostgreSQL: the advisory lock namespace of this outbox table.
+    pub(crate) namespace: i32,
 }
 
 /// A JSON array of sequence numbers, for SQLite's `json_each`.

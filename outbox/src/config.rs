@@ -109,6 +109,9 @@ pub struct RelayConfig {
     pub cleanup_interval: Duration,
     /// Rows deleted per cleanup statement (small batches keep locks short). Default 1,000.
     pub cleanup_batch: usize,
+    /// Payload bytes one batch may claim (a batch always takes at least one row). With two batches in flight,
+    /// this bounds the relay's memory for events. Default 8 MiB.
+    pub batch_bytes: usize,
 }
 
 impl Default for RelayConfig {
@@ -128,6 +131,7 @@ impl Default for RelayConfig {
             retention: Duration::from_secs(7 * 24 * 3600),
             cleanup_interval: Duration::from_secs(60),
             cleanup_batch: 1_000,
+            batch_bytes: 8 << 20,
         }
     }
 }
@@ -151,6 +155,9 @@ impl RelayConfig {
         }
         if self.cleanup_interval.is_zero() {
             return Err(OutboxError::config("relay.cleanup_interval", "must be more than zero"));
+        }
+        if self.batch_bytes == 0 {
+            return Err(OutboxError::config("relay.batch_bytes", "must be at least 1"));
         }
         self.retry.validate().map_err(|e| OutboxError::config("relay.retry", e.to_string()))
     }

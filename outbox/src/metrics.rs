@@ -10,6 +10,7 @@
 //! | `bus_outbox_pending` | gauge | events committed and not yet published (in flight included) |
 //! | `bus_outbox_in_flight` | gauge | pending events claimed by a relay right now |
 //! | `bus_outbox_failed` | gauge | events the relay gave up on (kept; `busctl outbox retry`) |
+//! | `bus_outbox_parked_keys` | gauge | partition keys held behind a failed event (their later events wait) |
 //! | `bus_outbox_retained` | gauge | published events still kept for replay |
 //! | `bus_outbox_oldest_pending_seconds` | gauge | age of the oldest pending event, 0 when none |
 //! | `bus_published_total` | counter | events the relays published (bus confirmed) and marked |
@@ -167,6 +168,11 @@ impl<DB: Backend> ServiceMetrics<DB> {
         gauge("bus_outbox_pending", "Events committed and not yet published (in flight included)", status.pending);
         gauge("bus_outbox_in_flight", "Pending events claimed by a relay right now", status.in_flight);
         gauge("bus_outbox_failed", "Events the relay gave up on, kept until re-queued", status.failed);
+        gauge(
+            "bus_outbox_parked_keys",
+            "Partition keys held behind a failed event: their later events wait until it is re-queued",
+            status.parked_keys,
+        );
         gauge("bus_outbox_retained", "Published events still kept for replay", status.published);
         registry.register(
             "bus_outbox_oldest_pending_seconds",

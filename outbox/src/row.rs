@@ -28,24 +28,29 @@ pub struct OutboxRow {
 impl OutboxRow {
     /// Rebuilds the envelope exactly as it was enqueued (the payload limit was checked then).
     pub(crate) fn to_envelope(&self) -> Result<Envelope, OutboxError> {
+        self.clone().into_envelope()
+    }
+
+    /// [`to_envelope`](Self::to_envelope), moving the payload instead of copying it.
+    pub(crate) fn into_envelope(self) -> Result<Envelope, OutboxError> {
         let corrupt = |e: bus_core::BusError| OutboxError::CorruptRow { seq: self.seq, reason: e.to_string() };
         let event_type = EventTypeName::new(&self.event_type).map_err(corrupt)?;
         let version = u32::try_from(self.version).map_err(|_| OutboxError::CorruptRow {
             seq: self.seq,
             reason: format!("negative version {}", self.version),
         })?;
-        let mut builder = Envelope::builder(event_type, self.payload.clone())
+        let mut builder = Envelope::builder(event_type, self.payload)
             .id(self.event_id)
             .version(version)
             .occurred_at(self.occurred_at)
-            .correlation_id(self.correlation_id.clone())
+            .correlation_id(self.correlation_id)
             .causation_id(self.causation_id)
-            .partition_key(self.partition_key.clone())
+            .partition_key(self.partition_key)
             .sequence(Some(self.seq))
-            .trace(TraceContext { traceparent: self.traceparent.clone(), tracestate: self.tracestate.clone() })
+            .trace(TraceContext { traceparent: self.traceparent, tracestate: self.tracestate })
             .max_payload_bytes(usize::MAX);
-        if let Some(source) = &self.source {
-            builder = builder.source(source.clone());
+        if let Some(source) = self.source {
+            builder = builder.source(source);
         }
         builder.build().map_err(corrupt)
     }
@@ -62,6 +67,9 @@ pub struct FailedEvent {
     pub event_type: String,
     /// Publish attempts made.
     pub attempts: i32,
+    /// The event's partition key: while this row is failed, the key is parked (none of its later events is
+    /// published).
+    pub partition_key: Option<String>,
     /// The last publish error.
     pub last_error: Option<String>,
     /// When the event occurred.
@@ -75,6 +83,7 @@ impl FailedEvent {
             event_id: row.event_id,
             event_type: row.event_type,
             attempts: row.attempts,
+            partition_key: row.partition_key,
             last_error,
             occurred_at: row.occurred_at,
         }
@@ -94,4 +103,7 @@ pub struct OutboxStatus {
     pub published: i64,
     /// Age of the oldest pending row, in milliseconds (`None` when nothing is pending).
     pub oldest_pending_ms: Option<i64>,
+    /// Partition keys parked behind a `failed` row: none of their later events is published until the failed
+    /// row is re-queued (`retry_failed`) or skipped.
+    pub parked_keys: i64,
 }

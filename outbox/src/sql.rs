@@ -22,11 +22,34 @@ pub enum Dialect {
 /// value bound earlier: a statement that waited for the lock would otherwise work with a stale time.
 pub(crate) const NOW: &str = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
 
-// The claim: `picked` is the lowest claimable pending rows; a keyed row among them is `eligible` only if every
-// pending row of its key up to it is picked too (its rank among the picked rows of the key equals the number of
-// pending rows of the key up to it, leaving out rows this relay has in flight, which it sent earlier on the
-// same channel), so that no earlier event of the key is left to another relay or to a retry: per-key order
-// across relays. The count walks the (partition_key, seq) index of pending rows.
+// The claim. A row is claimable when it is pending, due, and its lease is free: never leased, expired, or held by
+// a relay that is gone (PostgreSQL: its session advisory lock is free; SQLite: its heartbeat stopped). A keyed
+// row is eligible only when every earlier unpublished row of its key (pending or failed) is claimable too, and
+// this filter runs before the LIMIT, so a key that is blocked (head in backoff, failed, or in flight anywhere,
+// this relay included) never takes the places of other keys' rows. On PostgreSQL, `FOR UPDATE SKIP LOCKED`
+// may skip an earlier row of a key that a concurrent claim is taking: `eligible` then drops the key's later
+// rows, so at most one relay holds a key's rows at a time, and it holds a prefix of them. `sized` keeps the
+// batch under its byte budget (always at least one row). Claiming counts the attempt.
+
+/// How long a SQLite relay's heartbeat may be silent before its rows are free, in milliseconds.
+pub(crate) const SQLITE_RELAY_DEAD_AFTER_MS: i64 = 2_000;
+
+/// PostgreSQL limits identifiers (and so NOTIFY channel names) to 63 bytes.
+const MAX_IDENTIFIER_BYTES: usize = 63;
+
+/// The NOTIFY channel: `[schema_]<prefix>outbox`, or, when that is longer than PostgreSQL allows, a prefix of it
+/// followed by a hash of the whole name (stable across processes, so that producers and relays agree).
+fn channel_name(full: String) -> String {
+    if full.len() <= MAX_IDENTIFIER_BYTES {
+        return full;
+    }
+    // FNV-1a: stable across processes and Rust versions (unlike `DefaultHasher`).
+    let hash = full.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    let suffix = format!("_{hash:016x}");
+    let keep = MAX_IDENTIFIER_BYTES - suffix.len();
+    // Identifiers are ASCII, so any byte index is a character boundary.
+    format!("{}{suffix}", &full[..keep])
+}
 
 /// Column list shared by every statement that reads rows back.
 const COLUMNS: &str = "seq, event_id, event_type, version, occurred_at, correlation_id, causation_id, partition_key, \
@@ -45,10 +68,18 @@ pub struct Sql {
     pub schema: Option<String>,
     pub insert_outbox: String,
     pub insert_inbox: String,
+    /// The relays' liveness table (SQLite; PostgreSQL uses session advisory locks instead).
+    pub relays: String,
+    /// This outbox instance's mark on the NOTIFYs it sends, so that its own relays (woken in-process already)
+    /// ignore them.
+    pub origin: String,
     pub claim: String,
     pub mark_published: String,
     pub renew_lease: String,
     pub record_failure: String,
+    pub release: String,
+    pub heartbeat: String,
+    pub forget_relay: String,
     pub status: String,
     pub failed: String,
     pub requeue_failed: String,
@@ -70,9 +101,13 @@ impl Sql {
             Some(schema) => format!("{}.{}", quote(schema), quote(&format!("{prefix}{name}"))),
             None => quote(&format!("{prefix}{name}")),
         };
-        let (outbox, inbox, migrations) = (qualify("outbox"), qualify("inbox"), qualify("migrations"));
-        let channel =
-            format!("{}{prefix}outbox", config.schema.as_deref().map(|s| format!("{s}_")).unwrap_or_default());
+        let (outbox, inbox, migrations, relays) =
+            (qualify("outbox"), qualify("inbox"), qualify("migrations"), qualify("relays"));
+        let channel = channel_name(format!(
+            "{}{prefix}outbox",
+            config.schema.as_deref().map(|s| format!("{s}_")).unwrap_or_default()
+        ));
+        let origin = uuid::Uuid::new_v4().simple().to_string();
         let t = &outbox;
         match dialect {
             Dialect::Postgres => Self {
@@ -82,46 +117,67 @@ impl Sql {
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
                 ),
                 insert_inbox: format!("INSERT INTO {inbox} (event_id, handler) VALUES ($1, $2) ON CONFLICT DO NOTHING"),
-                claim: format!(
-                    "WITH picked AS ( \
-                       SELECT seq, partition_key FROM {t} \
-                       WHERE status = {PENDING} AND next_attempt_at <= now() \
-                         AND (locked_until IS NULL OR locked_until < now()) \
-                       ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED \
-                     ), ranked AS ( \
-                       SELECT seq, partition_key, \
-                         row_number() OVER (PARTITION BY partition_key ORDER BY seq) AS rank FROM picked \
-                     ), eligible AS ( \
-                       SELECT o.seq FROM ranked o \
-                       WHERE o.partition_key IS NULL OR o.rank = ( \
-                         SELECT count(*) FROM {t} p \
-                         WHERE p.status = {PENDING} AND p.partition_key = o.partition_key AND p.seq <= o.seq \
-                           AND NOT coalesce(p.locked_by = $2 AND p.locked_until >= now(), false)) \
-                     ) \
-                     UPDATE {t} t SET locked_by = $2, locked_until = now() + $3 * interval '1 millisecond' \
-                     FROM eligible e WHERE t.seq = e.seq \
-                     RETURNING {}",
-                    COLUMNS.split(", ").map(|c| format!("t.{c}")).collect::<Vec<_>>().join(", ")
-                ),
+                claim: {
+                    // $1 rows, $2 relay id, $3 lease ms, $4 the relay's lock key, $5 byte budget, $6 lock namespace.
+                    let free = |r: &str| {
+                        format!(
+                            "CASE WHEN {r}.locked_until IS NULL OR {r}.locked_until < now() THEN true \
+                               WHEN {r}.locked_by = $2 THEN false \
+                               ELSE coalesce(pg_try_advisory_xact_lock($6, {r}.locked_key), false) END"
+                        )
+                    };
+                    let (free_o, free_r) = (free("o"), free("r"));
+                    format!(
+                        "WITH picked AS ( \
+                           SELECT o.seq, o.partition_key FROM {t} o \
+                           WHERE o.status = {PENDING} AND o.next_attempt_at <= now() AND {free_o} \
+                             AND (o.partition_key IS NULL OR NOT EXISTS ( \
+                               SELECT 1 FROM {t} r WHERE r.partition_key = o.partition_key AND r.seq < o.seq \
+                                 AND r.status IN ({PENDING}, {FAILED}) \
+                                 AND NOT (r.status = {PENDING} AND r.next_attempt_at <= now() AND {free_r}))) \
+                           ORDER BY o.seq LIMIT $1 FOR UPDATE OF o SKIP LOCKED \
+                         ), eligible AS ( \
+                           SELECT p.seq FROM picked p WHERE p.partition_key IS NULL OR NOT EXISTS ( \
+                             SELECT 1 FROM {t} r WHERE r.partition_key = p.partition_key AND r.seq < p.seq \
+                               AND r.status IN ({PENDING}, {FAILED}) AND r.seq NOT IN (SELECT seq FROM picked)) \
+                         ), sized AS ( \
+                           SELECT e.seq, sum(octet_length(x.payload)) OVER (ORDER BY e.seq) \
+                             - octet_length(x.payload) AS before FROM eligible e JOIN {t} x ON x.seq = e.seq \
+                         ) \
+                         UPDATE {t} t SET locked_by = $2, locked_key = $4, attempts = t.attempts + 1, \
+                           locked_until = now() + $3 * interval '1 millisecond' \
+                         FROM sized s WHERE t.seq = s.seq AND (s.before = 0 OR s.before < $5) \
+                         RETURNING {}",
+                        COLUMNS.split(", ").map(|c| format!("t.{c}")).collect::<Vec<_>>().join(", ")
+                    )
+                },
                 mark_published: format!(
-                    "UPDATE {t} SET status = {PUBLISHED}, published_at = now(), locked_by = NULL, locked_until = NULL \
-                     WHERE seq = ANY($1)"
+                    "UPDATE {t} SET status = {PUBLISHED}, published_at = now(), locked_by = NULL, locked_until = NULL, \
+                     locked_key = NULL WHERE seq = ANY($1) AND locked_by = $2 AND status = {PENDING}"
                 ),
                 renew_lease: format!(
-                    "UPDATE {t} SET locked_until = now() + $3 * interval '1 millisecond' \
+                    "UPDATE {t} SET locked_until = now() + $3 * interval '1 millisecond', locked_key = $4 \
                      WHERE seq = ANY($1) AND locked_by = $2 AND status = {PENDING}"
                 ),
                 record_failure: format!(
-                    "UPDATE {t} SET attempts = attempts + 1, last_error = $2, locked_by = NULL, locked_until = NULL, \
-                     status = CASE WHEN $3 THEN {FAILED} ELSE {PENDING} END, \
-                     next_attempt_at = now() + $4 * interval '1 millisecond' WHERE seq = $1"
+                    "UPDATE {t} SET last_error = $3, locked_by = NULL, locked_until = NULL, locked_key = NULL, \
+                     status = CASE WHEN $4 THEN {FAILED} ELSE {PENDING} END, \
+                     next_attempt_at = now() + $5 * interval '1 millisecond' \
+                     WHERE seq = $1 AND locked_by = $2 AND status = {PENDING}"
                 ),
+                release: format!(
+                    "UPDATE {t} SET attempts = greatest(attempts - 1, 0), locked_by = NULL, locked_until = NULL, \
+                     locked_key = NULL WHERE seq = ANY($1) AND locked_by = $2 AND status = {PENDING}"
+                ),
+                heartbeat: String::new(),
+                forget_relay: String::new(),
                 status: format!(
                     "SELECT count(*) FILTER (WHERE status = {PENDING}), \
                        count(*) FILTER (WHERE status = {PENDING} AND locked_until > now()), \
                        count(*) FILTER (WHERE status = {FAILED}), \
                        count(*) FILTER (WHERE status = {PUBLISHED}), \
-                       (EXTRACT(EPOCH FROM now() - min(created_at) FILTER (WHERE status = {PENDING})) * 1000)::bigint \
+                       (EXTRACT(EPOCH FROM now() - min(created_at) FILTER (WHERE status = {PENDING})) * 1000)::bigint, \
+                       count(DISTINCT partition_key) FILTER (WHERE status = {FAILED}) \
                      FROM {t}"
                 ),
                 failed: format!("SELECT {COLUMNS}, last_error FROM {t} WHERE status = {FAILED} ORDER BY seq LIMIT $1"),
@@ -145,6 +201,8 @@ impl Sql {
                 outbox,
                 inbox,
                 migrations,
+                relays,
+                origin,
                 channel,
                 prefix,
                 schema: config.schema.clone(),
@@ -158,45 +216,65 @@ impl Sql {
                 insert_inbox: format!(
                     "INSERT INTO {inbox} (event_id, handler, handled_at) VALUES (?1, ?2, {NOW}) ON CONFLICT DO NOTHING"
                 ),
-                claim: format!(
-                    "WITH picked AS ( \
-                       SELECT seq, partition_key FROM {t} \
-                       WHERE status = {PENDING} AND next_attempt_at <= {NOW} \
-                         AND (locked_until IS NULL OR locked_until < {NOW}) \
-                       ORDER BY seq LIMIT ?1 \
-                     ), ranked AS ( \
-                       SELECT seq, partition_key, \
-                         row_number() OVER (PARTITION BY partition_key ORDER BY seq) AS rank FROM picked \
-                     ), eligible AS ( \
-                       SELECT o.seq FROM ranked o \
-                       WHERE o.partition_key IS NULL OR o.rank = ( \
-                         SELECT count(*) FROM {t} p \
-                         WHERE p.status = {PENDING} AND p.partition_key = o.partition_key AND p.seq <= o.seq \
-                           AND NOT coalesce(p.locked_by = ?2 AND p.locked_until >= {NOW}, 0)) \
-                     ) \
-                     UPDATE {t} SET locked_by = ?2, locked_until = {NOW} + ?3 \
-                     WHERE seq IN (SELECT seq FROM eligible) \
-                     RETURNING {COLUMNS}"
-                ),
+                claim: {
+                    // ?1 rows, ?2 relay id, ?3 lease ms, ?4 the relay's lock key (unused), ?5 byte budget.
+                    let free = |r: &str| {
+                        format!(
+                            "({r}.locked_until IS NULL OR {r}.locked_until < {NOW} OR ({r}.locked_by <> ?2 AND \
+                               NOT EXISTS (SELECT 1 FROM {relays} h WHERE h.id = {r}.locked_by \
+                                 AND h.heartbeat_at > {NOW} - {SQLITE_RELAY_DEAD_AFTER_MS})))"
+                        )
+                    };
+                    let (free_o, free_r) = (free("o"), free("r"));
+                    format!(
+                        "WITH picked AS ( \
+                           SELECT o.seq, length(o.payload) AS size FROM {t} o \
+                           WHERE o.status = {PENDING} AND o.next_attempt_at <= {NOW} AND {free_o} \
+                             AND (o.partition_key IS NULL OR NOT EXISTS ( \
+                               SELECT 1 FROM {t} r WHERE r.partition_key = o.partition_key AND r.seq < o.seq \
+                                 AND r.status IN ({PENDING}, {FAILED}) \
+                                 AND NOT (r.status = {PENDING} AND r.next_attempt_at <= {NOW} AND {free_r}))) \
+                           ORDER BY o.seq LIMIT ?1 \
+                         ), sized AS ( \
+                           SELECT seq, sum(size) OVER (ORDER BY seq) - size AS before FROM picked \
+                         ) \
+                         UPDATE {t} SET locked_by = ?2, locked_key = ?4, attempts = attempts + 1, \
+                           locked_until = {NOW} + ?3 \
+                         WHERE seq IN (SELECT seq FROM sized WHERE before = 0 OR before < ?5) \
+                         RETURNING {COLUMNS}"
+                    )
+                },
                 mark_published: format!(
-                    "UPDATE {t} SET status = {PUBLISHED}, published_at = {NOW}, locked_by = NULL, locked_until = NULL \
-                     WHERE seq IN (SELECT value FROM json_each(?1))"
+                    "UPDATE {t} SET status = {PUBLISHED}, published_at = {NOW}, locked_by = NULL, locked_until = NULL, \
+                     locked_key = NULL \
+                     WHERE seq IN (SELECT value FROM json_each(?1)) AND locked_by = ?2 AND status = {PENDING}"
                 ),
                 renew_lease: format!(
-                    "UPDATE {t} SET locked_until = {NOW} + ?3 \
+                    "UPDATE {t} SET locked_until = {NOW} + ?3, locked_key = ?4 \
                      WHERE seq IN (SELECT value FROM json_each(?1)) AND locked_by = ?2 AND status = {PENDING}"
                 ),
                 record_failure: format!(
-                    "UPDATE {t} SET attempts = attempts + 1, last_error = ?2, locked_by = NULL, locked_until = NULL, \
-                     status = CASE WHEN ?3 THEN {FAILED} ELSE {PENDING} END, next_attempt_at = {NOW} + ?4 \
-                     WHERE seq = ?1"
+                    "UPDATE {t} SET last_error = ?3, locked_by = NULL, locked_until = NULL, locked_key = NULL, \
+                     status = CASE WHEN ?4 THEN {FAILED} ELSE {PENDING} END, next_attempt_at = {NOW} + ?5 \
+                     WHERE seq = ?1 AND locked_by = ?2 AND status = {PENDING}"
                 ),
+                release: format!(
+                    "UPDATE {t} SET attempts = max(attempts - 1, 0), locked_by = NULL, locked_until = NULL, \
+                     locked_key = NULL \
+                     WHERE seq IN (SELECT value FROM json_each(?1)) AND locked_by = ?2 AND status = {PENDING}"
+                ),
+                heartbeat: format!(
+                    "INSERT INTO {relays} (id, heartbeat_at) VALUES (?1, {NOW}) \
+                     ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at"
+                ),
+                forget_relay: format!("DELETE FROM {relays} WHERE id = ?1 OR heartbeat_at < {NOW} - 86400000"),
                 status: format!(
                     "SELECT coalesce(sum(status = {PENDING}), 0), \
                        coalesce(sum(status = {PENDING} AND locked_until > {NOW}), 0), \
                        coalesce(sum(status = {FAILED}), 0), \
                        coalesce(sum(status = {PUBLISHED}), 0), \
-                       {NOW} - min(CASE WHEN status = {PENDING} THEN created_at END) \
+                       {NOW} - min(CASE WHEN status = {PENDING} THEN created_at END), \
+                       count(DISTINCT CASE WHEN status = {FAILED} THEN partition_key END) \
                      FROM {t}"
                 ),
                 failed: format!("SELECT {COLUMNS}, last_error FROM {t} WHERE status = {FAILED} ORDER BY seq LIMIT ?1"),
@@ -219,6 +297,8 @@ impl Sql {
                 outbox,
                 inbox,
                 migrations,
+                relays,
+                origin,
                 channel,
                 prefix,
                 schema: config.schema.clone(),
@@ -230,6 +310,14 @@ impl Sql {
     pub(crate) fn index(&self, name: &str) -> String {
         quote(&format!("{}{name}", self.prefix))
     }
+
+    /// A quoted index name qualified with the tables' schema (for `DROP INDEX`).
+    pub(crate) fn qualified_index(&self, name: &str) -> String {
+        match &self.schema {
+            Some(schema) => format!("{}.{}", quote(schema), self.index(name)),
+            None => self.index(name),
+        }
+    }
 }
 
 /// One migration: a version, what it does, and its DDL per dialect.
@@ -240,21 +328,22 @@ pub(crate) struct Migration {
 }
 
 /// Every migration, oldest first. Never edit one that shipped: add a new one.
-pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "outbox and inbox tables",
-    sql: |s, dialect| {
-        let (t, i) = (&s.outbox, &s.inbox);
-        let (pending, pending_key, published, failed, handled) = (
-            s.index("outbox_pending"),
-            s.index("outbox_pending_key"),
-            s.index("outbox_published"),
-            s.index("outbox_failed"),
-            s.index("inbox_handled_at"),
-        );
-        match dialect {
-            Dialect::Postgres => format!(
-                "CREATE TABLE IF NOT EXISTS {t} ( \
+pub(crate) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "outbox and inbox tables",
+        sql: |s, dialect| {
+            let (t, i) = (&s.outbox, &s.inbox);
+            let (pending, pending_key, published, failed, handled) = (
+                s.index("outbox_pending"),
+                s.index("outbox_pending_key"),
+                s.index("outbox_published"),
+                s.index("outbox_failed"),
+                s.index("inbox_handled_at"),
+            );
+            match dialect {
+                Dialect::Postgres => format!(
+                    "CREATE TABLE IF NOT EXISTS {t} ( \
                    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
                    event_id UUID NOT NULL, event_type TEXT NOT NULL, version INTEGER NOT NULL, \
                    occurred_at TIMESTAMPTZ NOT NULL, correlation_id TEXT NOT NULL, causation_id UUID, \
@@ -270,9 +359,9 @@ pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
                  CREATE TABLE IF NOT EXISTS {i} (event_id UUID NOT NULL, handler TEXT NOT NULL, \
                    handled_at TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (event_id, handler)); \
                  CREATE INDEX IF NOT EXISTS {handled} ON {i} (handled_at);"
-            ),
-            Dialect::Sqlite => format!(
-                "CREATE TABLE IF NOT EXISTS {t} ( \
+                ),
+                Dialect::Sqlite => format!(
+                    "CREATE TABLE IF NOT EXISTS {t} ( \
                    seq INTEGER PRIMARY KEY AUTOINCREMENT, \
                    event_id TEXT NOT NULL, event_type TEXT NOT NULL, version INTEGER NOT NULL, \
                    occurred_at INTEGER NOT NULL, correlation_id TEXT NOT NULL, causation_id TEXT, \
@@ -288,7 +377,32 @@ pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
                  CREATE TABLE IF NOT EXISTS {i} (event_id TEXT NOT NULL, handler TEXT NOT NULL, \
                    handled_at INTEGER NOT NULL, PRIMARY KEY (event_id, handler)); \
                  CREATE INDEX IF NOT EXISTS {handled} ON {i} (handled_at);"
-            ),
-        }
+                ),
+            }
+        },
     },
-}];
+    Migration {
+        version: 2,
+        description: "relay ownership by liveness; key order through failed rows",
+        sql: |s, dialect| {
+            let t = &s.outbox;
+            let unpublished_key = s.index("outbox_unpublished_key");
+            let old_pending_key = s.qualified_index("outbox_pending_key");
+            let key_index = format!(
+                "CREATE INDEX IF NOT EXISTS {unpublished_key} ON {t} (partition_key, seq) \
+                 WHERE status IN ({PENDING}, {FAILED}) AND partition_key IS NOT NULL; \
+                 DROP INDEX IF EXISTS {old_pending_key};"
+            );
+            match dialect {
+                Dialect::Postgres => {
+                    format!("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS locked_key INTEGER; {key_index}")
+                }
+                Dialect::Sqlite => format!(
+                    "ALTER TABLE {t} ADD COLUMN locked_key INTEGER; {key_index} \
+                     CREATE TABLE IF NOT EXISTS {} (id TEXT PRIMARY KEY, heartbeat_at INTEGER NOT NULL);",
+                    s.relays
+                ),
+            }
+        },
+    },
+];

@@ -217,6 +217,15 @@ impl<DB: Backend> Fixture<DB> {
             None => config,
         }
     }
+
+    /// The quoted, qualified name of `table` of the outbox built from [`outbox_config`](Self::outbox_config)
+    /// (`"outbox"`, `"inbox"`, ...), for tests that look at or tamper with the rows themselves.
+    pub fn table(&self, table: &str) -> String {
+        match &self.schema {
+            Some(schema) => format!("\"{schema}\".\"bus_{table}\""),
+            None => format!("\"bus_{table}\""),
+        }
+    }
 }
 
 /// What the tests need of each database beyond the outbox itself.
@@ -230,6 +239,10 @@ pub trait TestDb: Backend + Sized {
     async fn effects(pool: &Pool<Self>, effects: &str) -> Vec<String>;
     /// A pool on the same database with its own connections (as another process would have).
     async fn second_pool(fixture: &Fixture<Self>) -> Pool<Self>;
+    /// Runs a statement (test-written SQL, no parameters); returns the rows affected.
+    async fn execute(pool: &Pool<Self>, sql: &str) -> u64;
+    /// The first column of every row of a query (test-written SQL), as integers.
+    async fn integers(pool: &Pool<Self>, sql: &str) -> Vec<i64>;
 }
 
 #[async_trait]
@@ -262,6 +275,14 @@ impl TestDb for Postgres {
 
     async fn second_pool(_fixture: &Fixture<Self>) -> Pool<Self> {
         connect_pg(&database_url().await).await
+    }
+
+    async fn execute(pool: &Pool<Self>, sql: &str) -> u64 {
+        sqlx::query(sql).execute(pool).await.unwrap_or_else(|e| panic!("{sql}: {e}")).rows_affected()
+    }
+
+    async fn integers(pool: &Pool<Self>, sql: &str) -> Vec<i64> {
+        sqlx::query_scalar(sql).fetch_all(pool).await.unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 }
 
@@ -313,6 +334,14 @@ impl TestDb for Sqlite {
     async fn second_pool(fixture: &Fixture<Self>) -> Pool<Self> {
         let dir = fixture._dir.as_ref().expect("sqlite fixture has a directory");
         sqlite_pool(&dir.path().join("test.db")).await
+    }
+
+    async fn execute(pool: &Pool<Self>, sql: &str) -> u64 {
+        sqlx::query(sql).execute(pool).await.unwrap_or_else(|e| panic!("{sql}: {e}")).rows_affected()
+    }
+
+    async fn integers(pool: &Pool<Self>, sql: &str) -> Vec<i64> {
+        sqlx::query_scalar(sql).fetch_all(pool).await.unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 }
 

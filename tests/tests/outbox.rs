@@ -34,7 +34,7 @@ macro_rules! on_both_databases {
 on_both_databases!(
     rolled_back_events_are_never_published,
     relay_killed_between_confirm_and_mark_redelivers_and_the_inbox_keeps_the_effect_single,
-    relay_killed_before_publishing_releases_its_rows_when_the_lease_expires,
+    relay_killed_before_publishing_leaves_its_rows_to_the_next_relay,
     two_relays_publish_ten_thousand_events_once_each_in_key_order,
     concurrent_duplicate_deliveries_run_the_handler_once,
     unpublishable_events_become_failed_after_their_attempts_and_can_be_retried,
@@ -195,7 +195,10 @@ async fn relay_killed_between_confirm_and_mark_redelivers_and_the_inbox_keeps_th
     let one_batch = RelayConfig { batch_size: 500, ..fast_relay() };
     let doomed = outbox.relay(Arc::new(withholding), one_batch).unwrap().spawn();
 
-    let ids = enqueue_committed(&outbox, numbered("k", 0..200)).await;
+    // 200 keys: a relay sends a key's next event only once the previous one is confirmed, and here no
+    // confirmation ever comes back.
+    let events = (0..200).map(|seq| Numbered { key: format!("k{seq}"), seq });
+    let ids = enqueue_committed(&outbox, events).await;
     wait_until("the bus confirmed all 200 events", SETTLE, || async { confirmed.load(Ordering::SeqCst) == 200 }).await;
     bus.settled().await;
     doomed.kill().await; // between the confirm and the mark
@@ -205,9 +208,17 @@ async fn relay_killed_between_confirm_and_mark_redelivers_and_the_inbox_keeps_th
     let survivor = outbox.relay(Arc::new(bus.clone()), fast_relay()).unwrap().spawn();
     settle(&outbox, &bus).await;
 
-    let effects = DB::effects(&fixture.pool, &fixture.effects).await;
-    let expected: Vec<String> = ids.iter().map(ToString::to_string).collect();
-    assert_eq!(effects, expected, "each event's effect exactly once, in order");
+    let mut effects = DB::effects(&fixture.pool, &fixture.effects).await;
+    let mut expected: Vec<String> = ids.iter().map(ToString::to_string).collect();
+    // 200 keys are handled concurrently: the effects' order is not the events' order.
+    effects.sort();
+    expected.sort();
+    assert!(
+        effects == expected,
+        "each event's effect exactly once: {} effects of {} events",
+        effects.len(),
+        expected.len()
+    );
     assert_eq!(bus.stats().published, 400, "every event was delivered twice");
     let stats = inbox.stats();
     assert_eq!((stats.handled, stats.duplicates), (200, 200), "the inbox dropped the 200 redeliveries");
@@ -234,7 +245,7 @@ impl EventBus for HangingBus {
     }
 }
 
-async fn relay_killed_before_publishing_releases_its_rows_when_the_lease_expires<DB: TestDb>() {
+async fn relay_killed_before_publishing_leaves_its_rows_to_the_next_relay<DB: TestDb>() {
     let fixture = DB::fixture().await;
     let outbox = outbox(&fixture).await;
     let bus = InProcBus::new();
@@ -244,11 +255,9 @@ async fn relay_killed_before_publishing_releases_its_rows_when_the_lease_expires
     wait_until("the stuck relay claimed the rows", SETTLE, || async { outbox.status().await.unwrap().in_flight == 50 })
         .await;
     stuck.kill().await;
-    let claimed_at = Instant::now();
 
     let survivor = outbox.relay(Arc::new(bus.clone()), fast_relay()).unwrap().spawn();
     settle(&outbox, &bus).await;
-    assert!(claimed_at.elapsed() >= Duration::from_millis(300), "the rows waited for the lease to expire");
     assert_eq!(consumer.seen.lock().unwrap().clone(), numbered("k", 0..50), "all delivered, in order");
     assert_eq!((inbox.stats().handled, inbox.stats().duplicates), (50, 0));
     assert_eq!(bus.stats().published, 50, "nothing was published twice");

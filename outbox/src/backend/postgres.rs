@@ -6,12 +6,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bus_core::Envelope;
 use sqlx::postgres::{PgConnection, PgListener, PgRow};
-use sqlx::{Executor, PgPool, Postgres, Row};
+use sqlx::{Connection, Executor, PgPool, Postgres, Row};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{Backend, millis};
+use super::{Backend, Owner, Ownership, millis};
+
+/// How long the liveness connection may take to answer a ping before the relay counts it as lost.
+const OWNERSHIP_PING_TIMEOUT: Duration = Duration::from_secs(5);
 use crate::error::OutboxError;
 use crate::row::{FailedEvent, OutboxRow, OutboxStatus};
 use crate::sql::{Dialect, MIGRATIONS, Sql};
@@ -114,14 +117,18 @@ impl Backend for Postgres {
     async fn claim(
         pool: &PgPool,
         sql: &Sql,
-        relay: Uuid,
+        owner: &Owner,
         batch: usize,
+        max_bytes: usize,
         lease: Duration,
     ) -> Result<Vec<OutboxRow>, OutboxError> {
         let rows = sqlx::query(&sql.claim)
             .bind(i64::try_from(batch).unwrap_or(i64::MAX))
-            .bind(relay)
+            .bind(owner.relay)
             .bind(millis(lease) as f64)
+            .bind(owner.key)
+            .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
+            .bind(owner.namespace)
             .fetch_all(pool)
             .await?;
         let mut rows = rows.iter().map(row).collect::<Result<Vec<_>, _>>()?;
@@ -132,36 +139,90 @@ impl Backend for Postgres {
     async fn renew_lease(
         pool: &PgPool,
         sql: &Sql,
-        relay: Uuid,
+        owner: &Owner,
         seqs: &[i64],
         lease: Duration,
     ) -> Result<u64, OutboxError> {
-        let done =
-            sqlx::query(&sql.renew_lease).bind(seqs).bind(relay).bind(millis(lease) as f64).execute(pool).await?;
+        let done = sqlx::query(&sql.renew_lease)
+            .bind(seqs)
+            .bind(owner.relay)
+            .bind(millis(lease) as f64)
+            .bind(owner.key)
+            .execute(pool)
+            .await?;
         Ok(done.rows_affected())
     }
 
-    async fn mark_published(pool: &PgPool, sql: &Sql, seqs: &[i64]) -> Result<(), OutboxError> {
-        sqlx::query(&sql.mark_published).bind(seqs).execute(pool).await?;
-        Ok(())
+    async fn mark_published(pool: &PgPool, sql: &Sql, owner: &Owner, seqs: &[i64]) -> Result<u64, OutboxError> {
+        Ok(sqlx::query(&sql.mark_published).bind(seqs).bind(owner.relay).execute(pool).await?.rows_affected())
     }
 
     async fn record_failure(
         pool: &PgPool,
         sql: &Sql,
+        owner: &Owner,
         seq: i64,
         error: &str,
         give_up: bool,
         retry_in: Duration,
-    ) -> Result<(), OutboxError> {
-        sqlx::query(&sql.record_failure)
+    ) -> Result<bool, OutboxError> {
+        let done = sqlx::query(&sql.record_failure)
             .bind(seq)
+            .bind(owner.relay)
             .bind(error)
             .bind(give_up)
             .bind(millis(retry_in) as f64)
             .execute(pool)
             .await?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn release(pool: &PgPool, sql: &Sql, owner: &Owner, seqs: &[i64]) -> Result<u64, OutboxError> {
+        Ok(sqlx::query(&sql.release).bind(seqs).bind(owner.relay).execute(pool).await?.rows_affected())
+    }
+
+    async fn hold_ownership(pool: &PgPool, sql: &Sql, relay: Uuid) -> Result<Ownership, OutboxError> {
+        // A connection of its own, outside the pool, for the relay's life: when the process dies or the
+        // connection drops, PostgreSQL frees the lock and other relays' claims see the rows as free.
+        let mut connection = PgConnection::connect_with(&pool.connect_options()).await?;
+        let namespace: i32 =
+            sqlx::query_scalar("SELECT hashtext($1)").bind(&sql.outbox).fetch_one(&mut connection).await?;
+        for _ in 0..16 {
+            let key = fastrand::i32(..);
+            let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+                .bind(namespace)
+                .bind(key)
+                .fetch_one(&mut connection)
+                .await?;
+            if locked {
+                return Ok(Ownership { owner: Owner { relay, key, namespace }, connection: Some(connection) });
+            }
+        }
+        Err(OutboxError::config("relay", "no free advisory lock key after 16 tries (too many relays?)"))
+    }
+
+    async fn keep_ownership(_pool: &PgPool, _sql: &Sql, owner: &mut Ownership) -> Result<(), OutboxError> {
+        let Some(connection) = owner.connection.as_mut() else {
+            return Err(OutboxError::Database(sqlx::Error::PoolClosed));
+        };
+        match tokio::time::timeout(OWNERSHIP_PING_TIMEOUT, connection.ping()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => {
+                owner.connection = None;
+                Err(error.into())
+            }
+            Err(_) => {
+                owner.connection = None;
+                Err(OutboxError::Database(sqlx::Error::PoolTimedOut))
+            }
+        }
+    }
+
+    async fn drop_ownership(_pool: &PgPool, _sql: &Sql, owner: Ownership) {
+        if let Some(connection) = owner.connection {
+            // Closing the session frees its advisory lock.
+            let _ = tokio::time::timeout(OWNERSHIP_PING_TIMEOUT, connection.close()).await;
+        }
     }
 
     async fn status(pool: &PgPool, sql: &Sql) -> Result<OutboxStatus, OutboxError> {
@@ -172,6 +233,7 @@ impl Backend for Postgres {
             failed: r.try_get(2)?,
             published: r.try_get(3)?,
             oldest_pending_ms: r.try_get(4)?,
+            parked_keys: r.try_get(5)?,
         })
     }
 
@@ -212,7 +274,7 @@ impl Backend for Postgres {
     }
 
     async fn notify(pool: &PgPool, sql: &Sql) -> Result<(), OutboxError> {
-        sqlx::query("SELECT pg_notify($1, '')").bind(&sql.channel).execute(pool).await?;
+        sqlx::query("SELECT pg_notify($1, $2)").bind(&sql.channel).bind(&sql.origin).execute(pool).await?;
         Ok(())
     }
 
@@ -251,6 +313,8 @@ impl Backend for Postgres {
                 tokio::select! {
                     () = stop.cancelled() => return,
                     received = listener.try_recv() => match received {
+                        // This outbox's own commits woke its relays in-process already.
+                        Ok(Some(notification)) if notification.payload() == sql.origin => {}
                         Ok(Some(_)) => wake.notify_one(),
                         Ok(None) => {
                             tracing::warn!("outbox LISTEN connection lost; reconnecting");

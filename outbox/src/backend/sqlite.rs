@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{Backend, from_ms, json_list, millis};
+use super::{Backend, Owner, Ownership, from_ms, json_list, millis};
 use crate::error::OutboxError;
 use crate::row::{FailedEvent, OutboxRow, OutboxStatus};
 use crate::sql::{Dialect, MIGRATIONS, NOW, Sql};
@@ -106,14 +106,17 @@ impl Backend for Sqlite {
     async fn claim(
         pool: &SqlitePool,
         sql: &Sql,
-        relay: Uuid,
+        owner: &Owner,
         batch: usize,
+        max_bytes: usize,
         lease: Duration,
     ) -> Result<Vec<OutboxRow>, OutboxError> {
         let rows = sqlx::query(&sql.claim)
             .bind(i64::try_from(batch).unwrap_or(i64::MAX))
-            .bind(relay.to_string())
+            .bind(owner.relay.to_string())
             .bind(millis(lease))
+            .bind(owner.key)
+            .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
             .fetch_all(pool)
             .await?;
         let mut rows = rows.iter().map(row).collect::<Result<Vec<_>, _>>()?;
@@ -124,40 +127,66 @@ impl Backend for Sqlite {
     async fn renew_lease(
         pool: &SqlitePool,
         sql: &Sql,
-        relay: Uuid,
+        owner: &Owner,
         seqs: &[i64],
         lease: Duration,
     ) -> Result<u64, OutboxError> {
         let done = sqlx::query(&sql.renew_lease)
             .bind(json_list(seqs))
-            .bind(relay.to_string())
+            .bind(owner.relay.to_string())
             .bind(millis(lease))
+            .bind(owner.key)
             .execute(pool)
             .await?;
         Ok(done.rows_affected())
     }
 
-    async fn mark_published(pool: &SqlitePool, sql: &Sql, seqs: &[i64]) -> Result<(), OutboxError> {
-        sqlx::query(&sql.mark_published).bind(json_list(seqs)).execute(pool).await?;
-        Ok(())
+    async fn mark_published(pool: &SqlitePool, sql: &Sql, owner: &Owner, seqs: &[i64]) -> Result<u64, OutboxError> {
+        let done =
+            sqlx::query(&sql.mark_published).bind(json_list(seqs)).bind(owner.relay.to_string()).execute(pool).await?;
+        Ok(done.rows_affected())
     }
 
     async fn record_failure(
         pool: &SqlitePool,
         sql: &Sql,
+        owner: &Owner,
         seq: i64,
         error: &str,
         give_up: bool,
         retry_in: Duration,
-    ) -> Result<(), OutboxError> {
-        sqlx::query(&sql.record_failure)
+    ) -> Result<bool, OutboxError> {
+        let done = sqlx::query(&sql.record_failure)
             .bind(seq)
+            .bind(owner.relay.to_string())
             .bind(error)
             .bind(give_up)
             .bind(millis(retry_in))
             .execute(pool)
             .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn release(pool: &SqlitePool, sql: &Sql, owner: &Owner, seqs: &[i64]) -> Result<u64, OutboxError> {
+        let done = sqlx::query(&sql.release).bind(json_list(seqs)).bind(owner.relay.to_string()).execute(pool).await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn hold_ownership(pool: &SqlitePool, sql: &Sql, relay: Uuid) -> Result<Ownership, OutboxError> {
+        sqlx::query(&sql.heartbeat).bind(relay.to_string()).execute(pool).await?;
+        Ok(Ownership { owner: Owner { relay, key: 0, namespace: 0 }, connection: None })
+    }
+
+    async fn keep_ownership(pool: &SqlitePool, sql: &Sql, owner: &mut Ownership) -> Result<(), OutboxError> {
+        sqlx::query(&sql.heartbeat).bind(owner.owner.relay.to_string()).execute(pool).await?;
         Ok(())
+    }
+
+    async fn drop_ownership(pool: &SqlitePool, sql: &Sql, owner: Ownership) {
+        // Also forgets heartbeats of relays that were killed long ago.
+        if let Err(error) = sqlx::query(&sql.forget_relay).bind(owner.owner.relay.to_string()).execute(pool).await {
+            tracing::debug!(%error, "could not remove the relay's heartbeat row (it expires by itself)");
+        }
     }
 
     async fn status(pool: &SqlitePool, sql: &Sql) -> Result<OutboxStatus, OutboxError> {
@@ -168,6 +197,7 @@ impl Backend for Sqlite {
             failed: r.try_get(2)?,
             published: r.try_get(3)?,
             oldest_pending_ms: r.try_get(4)?,
+            parked_keys: r.try_get(5)?,
         })
     }
 

@@ -1,0 +1,448 @@
+//! The relay under trouble, against real PostgreSQL and SQLite: a bus that goes down, events the bus refuses,
+//! one key that keeps failing, relays that die or lose their rows. Each scenario runs on both databases.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bus_core::{
+    BusError, Confirmation, DeliveryContext, Envelope, EventBus, RetryPolicy, Subscription, SubscriptionHandle,
+};
+use bus_inproc::InProcBus;
+use integration_tests::{Fixture, Numbered, TestDb, wait_until};
+use outbox::{Outbox, RelayConfig};
+
+const SETTLE: Duration = Duration::from_secs(60);
+
+macro_rules! on_both_databases {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$name::<sqlx::Postgres>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name::<sqlx::Sqlite>().await
+            }
+        }
+    )*};
+}
+
+on_both_databases!(
+    a_bus_outage_longer_than_the_retry_schedule_fails_nothing_and_costs_no_attempt,
+    a_permanent_error_fails_the_row_at_once,
+    a_blocked_key_never_stalls_other_keys_and_its_failed_head_parks_it,
+    a_failure_inside_a_batch_keeps_the_key_in_order,
+    a_killed_relays_rows_are_taken_over_long_before_its_lease_ends,
+    late_results_of_a_relay_that_lost_its_rows_change_nothing,
+    a_row_that_keeps_killing_the_relay_becomes_failed,
+);
+
+fn fast_relay() -> RelayConfig {
+    RelayConfig {
+        batch_size: 100,
+        lease: Duration::from_millis(500),
+        poll_interval: Duration::from_millis(50),
+        retry: RetryPolicy::exponential(3, Duration::from_millis(20)).with_jitter(0.0),
+        ..RelayConfig::default()
+    }
+}
+
+async fn outbox<DB: TestDb>(fixture: &Fixture<DB>) -> Outbox<DB> {
+    let outbox = Outbox::new(fixture.pool.clone(), fixture.outbox_config("producer")).expect("valid outbox config");
+    outbox.migrate().await.expect("migrate");
+    outbox
+}
+
+async fn enqueue<DB: TestDb>(outbox: &Outbox<DB>, events: impl IntoIterator<Item = Numbered>) {
+    let mut tx = outbox.begin().await.expect("begin");
+    for event in events {
+        tx.enqueue(&event).await.expect("enqueue");
+    }
+    tx.commit().await.expect("commit");
+}
+
+fn numbered(key: &str, range: std::ops::Range<u32>) -> Vec<Numbered> {
+    range.map(|seq| Numbered { key: key.into(), seq }).collect()
+}
+
+/// What a test bus does with one event: `None` passes it to the real bus.
+type Rule = Box<dyn FnMut(&Numbered) -> Option<BusError> + Send>;
+
+/// An [`InProcBus`] behind a switch and a rule: while `down`, health fails and every publish fails as a
+/// transport error would; otherwise `rule` may refuse an event with the error it returns (through its
+/// confirmation, as a broker's nack or return arrives).
+#[derive(Clone)]
+struct ScriptedBus {
+    inner: InProcBus,
+    down: Arc<AtomicBool>,
+    rule: Arc<Mutex<Rule>>,
+    publishes: Arc<AtomicUsize>,
+}
+
+impl ScriptedBus {
+    fn new(inner: &InProcBus) -> Self {
+        Self {
+            inner: inner.clone(),
+            down: Arc::default(),
+            rule: Arc::new(Mutex::new(Box::new(|_| None))),
+            publishes: Arc::default(),
+        }
+    }
+
+    fn rule(&self, rule: impl FnMut(&Numbered) -> Option<BusError> + Send + 'static) {
+        *self.rule.lock().unwrap() = Box::new(rule);
+    }
+}
+
+#[async_trait]
+impl EventBus for ScriptedBus {
+    async fn publish(&self, envelope: Envelope) -> Result<Confirmation, BusError> {
+        self.publishes.fetch_add(1, Ordering::SeqCst);
+        if self.down.load(Ordering::SeqCst) {
+            return Err(BusError::Transport("connection refused (test)".into()));
+        }
+        let event: Numbered = serde_json::from_slice(envelope.payload()).expect("a Numbered event");
+        if let Some(error) = (self.rule.lock().unwrap())(&event) {
+            return Ok(Confirmation::failed(error));
+        }
+        self.inner.publish(envelope).await
+    }
+
+    async fn subscribe(&self, subscription: Subscription) -> Result<SubscriptionHandle, BusError> {
+        self.inner.subscribe(subscription).await
+    }
+
+    async fn health(&self) -> Result<(), BusError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(BusError::Transport("connection refused (test)".into()));
+        }
+        self.inner.health().await
+    }
+}
+
+/// A consumer that records every event it receives, per key, in arrival order.
+struct Received {
+    per_key: Arc<Mutex<HashMap<String, Vec<u32>>>>,
+    _handle: SubscriptionHandle,
+}
+
+impl Received {
+    async fn subscribe(bus: &InProcBus) -> Self {
+        let per_key: Arc<Mutex<HashMap<String, Vec<u32>>>> = Arc::default();
+        let seen = per_key.clone();
+        let handle = bus
+            .subscribe(Subscription::new("consumer").concurrency(4).on::<Numbered, _>(
+                move |e: Numbered, _ctx: DeliveryContext| {
+                    let seen = seen.clone();
+                    async move {
+                        seen.lock().unwrap().entry(e.key).or_default().push(e.seq);
+                        Ok(())
+                    }
+                },
+            ))
+            .await
+            .expect("subscribe");
+        Self { per_key, _handle: handle }
+    }
+
+    fn of(&self, key: &str) -> Vec<u32> {
+        self.per_key.lock().unwrap().get(key).cloned().unwrap_or_default()
+    }
+
+    fn total(&self) -> usize {
+        self.per_key.lock().unwrap().values().map(Vec::len).sum()
+    }
+}
+
+/// The attempts recorded on every row, oldest first.
+async fn attempts<DB: TestDb>(fixture: &Fixture<DB>) -> Vec<i64> {
+    DB::integers(
+        &fixture.pool,
+        &format!("SELECT CAST(attempts AS BIGINT) FROM {} ORDER BY seq", fixture.table("outbox")),
+    )
+    .await
+}
+
+async fn a_bus_outage_longer_than_the_retry_schedule_fails_nothing_and_costs_no_attempt<DB: TestDb>() {
+    let fixture = DB::fixture().await;
+    let outbox = outbox(&fixture).await;
+    let bus = InProcBus::new();
+    let received = Received::subscribe(&bus).await;
+    let scripted = ScriptedBus::new(&bus);
+    scripted.down.store(true, Ordering::SeqCst);
+    let relay = outbox.relay(Arc::new(scripted.clone()), fast_relay()).unwrap().spawn();
+    enqueue(&outbox, numbered("a", 0..20).into_iter().chain(numbered("b", 0..20))).await;
+
+    // The whole retry schedule (3 attempts, 20 ms then 40 ms apart) fits many times into this outage.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let status = outbox.status().await.unwrap();
+    assert_eq!((status.pending, status.failed), (40, 0), "an outage turns nothing into failed: {status:?}");
+    assert!(attempts(&fixture).await.iter().all(|&a| a == 0), "no attempt spent: {:?}", attempts(&fixture).await);
+    let tried = scripted.publishes.load(Ordering::SeqCst);
+    assert!(tried <= 200, "the relay waits for the bus to be healthy instead of hammering it: {tried} publishes");
+    assert_eq!(relay.stats().gave_up, 0);
+
+    let back = Instant::now();
+    scripted.down.store(false, Ordering::SeqCst);
+    wait_until("everything delivered once the bus is back", SETTLE, || async { received.total() == 40 }).await;
+    let settled_in = back.elapsed();
+    eprintln!("settled {settled_in:?} after the bus came back ({tried} publishes tried during the outage)");
+    assert!(settled_in < Duration::from_secs(3), "the relay resumes at once: {settled_in:?}");
+    assert_eq!(received.of("a"), (0..20).collect::<Vec<_>>());
+    assert_eq!(received.of("b"), (0..20).collect::<Vec<_>>());
+    wait_until("all marked", SETTLE, || async { outbox.status().await.unwrap().published == 40 }).await;
+    relay.shutdown().await;
+    bus.shutdown(Duration::from_secs(5)).await;
+}
+
+async fn a_permanent_error_fails_the_row_at_once<DB: TestDb>() {
+    let fixture = DB::fixture().await;
+    let outbox = outbox(&fixture).await;
+    let bus = InProcBus::new();
+    let received = Received::subscribe(&bus).await;
+    let scripted = ScriptedBus::new(&bus);
+    scripted.rule(|e| {
+        (e.key == "big").then(|| BusError::PayloadTooLarge {
+            event_type: "Numbered".into(),
+            size: 1 << 30,
+            limit: 1 << 20,
+        })
+    });
+    let relay = outbox.relay(Arc::new(scripted.clone()), fast_relay()).unwrap().spawn();
+    enqueue(&outbox, numbered("big", 0..1).into_iter().chain(numbered("ok", 0..5))).await;
+    wait_until("the refused row is failed", SETTLE, || async { outbox.status().await.unwrap().failed == 1 }).await;
+    wait_until("the others delivered", SETTLE, || async { received.of("ok").len() == 5 }).await;
+
+    let failed = outbox.failed(10).await.unwrap();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].attempts, 1, "a permanent error is not retried: {failed:?}");
+    assert!(failed[0].last_error.as_deref().unwrap_or("").contains("payload limit"), "{failed:?}");
+    assert_eq!(relay.stats().publish_failures, 1);
+    relay.shutdown().await;
+    bus.shutdown(Duration::from_secs(5)).await;
+}
+
+async fn a_blocked_key_never_stalls_other_keys_and_its_failed_head_parks_it<DB: TestDb>() {
+    let fixture = DB::fixture().await;
+    let outbox = outbox(&fixture).await;
+    let bus = InProcBus::new();
+    let received = Received::subscribe(&bus).await;
+    let scripted = ScriptedBus::new(&bus);
+    let broken = Arc::new(AtomicBool::new(true));
+    let b = broken.clone();
+    // The head of key "stuck" is refused (a broker nack while healthy: retryable) until the cause is fixed.
+    scripted.rule(move |e| {
+        (e.key == "stuck" && e.seq == 0 && b.load(Ordering::SeqCst))
+            .then(|| BusError::Nacked { event_id: uuid::Uuid::nil(), reason: "test".into() })
+    });
+    // Claims of 10 rows; the key's 30 rows come first in the outbox; 2 attempts, 300 ms apart.
+    let config = RelayConfig {
+        batch_size: 10,
+        retry: RetryPolicy::exponential(2, Duration::from_millis(300)).with_jitter(0.0),
+        ..fast_relay()
+    };
+    let relay = outbox.relay(Arc::new(scripted.clone()), config).unwrap().spawn();
+    enqueue(&outbox, numbered("stuck", 0..30)).await;
+    let others = Instant::now();
+    for key in 0..10 {
+        enqueue(&outbox, numbered(&format!("other-{key}"), 0..10)).await;
+    }
+    wait_until("the other keys flow while one key is blocked", Duration::from_secs(10), || async {
+        received.total() == 100
+    })
+    .await;
+    let others_in = others.elapsed();
+    eprintln!("100 events of 10 other keys delivered in {others_in:?} while key \"stuck\" was blocked");
+    assert!(others_in < Duration::from_secs(3), "other keys were held back: {others_in:?}");
+
+    wait_until("the head is failed", SETTLE, || async { outbox.status().await.unwrap().failed == 1 }).await;
+    // Parked: nothing after the failed head goes out, however long we wait.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(received.of("stuck").is_empty(), "no later event of a parked key is published: {:?}", received.of("stuck"));
+    let status = outbox.status().await.unwrap();
+    assert_eq!((status.failed, status.pending, status.parked_keys), (1, 29, 1), "{status:?}");
+
+    broken.store(false, Ordering::SeqCst);
+    assert_eq!(outbox.retry_failed(None).await.unwrap(), 1);
+    wait_until("the key drains", SETTLE, || async { received.of("stuck").len() == 30 }).await;
+    assert_eq!(received.of("stuck"), (0..30).collect::<Vec<_>>(), "in order, each once");
+    let status = outbox.status().await.unwrap();
+    assert_eq!((status.failed, status.parked_keys), (0, 0));
+    relay.shutdown().await;
+    bus.shutdown(Duration::from_secs(5)).await;
+}
+
+async fn a_failure_inside_a_batch_keeps_the_key_in_order<DB: TestDb>() {
+    let fixture = DB::fixture().await;
+    let outbox = outbox(&fixture).await;
+    let bus = InProcBus::new();
+    let received = Received::subscribe(&bus).await;
+    let scripted = ScriptedBus::new(&bus);
+    // Event 5 of key "k" and event 3 of key "j" are refused once each, in the middle of one batch.
+    let mut refused = std::collections::HashSet::new();
+    scripted.rule(move |e| {
+        ((e.key == "k" && e.seq == 5) || (e.key == "j" && e.seq == 3))
+            .then(|| refused.insert((e.key.clone(), e.seq)))
+            .filter(|first| *first)
+            .map(|_| BusError::Unroutable { event_type: "Numbered".into() })
+    });
+    let relay = outbox.relay(Arc::new(scripted.clone()), fast_relay()).unwrap().spawn();
+    let mut events = Vec::new();
+    for seq in 0..20 {
+        events.push(Numbered { key: "k".into(), seq });
+        events.push(Numbered { key: "j".into(), seq });
+    }
+    enqueue(&outbox, events).await;
+    wait_until("all delivered", SETTLE, || async { received.total() == 40 }).await;
+    assert_eq!(received.of("k"), (0..20).collect::<Vec<_>>(), "a retried event never lands after its successors");
+    assert_eq!(received.of("j"), (0..20).collect::<Vec<_>>());
+    relay.shutdown().await;
+    bus.shutdown(Duration::from_secs(5)).await;
+}
+
+/// Passes publishes to the real bus but never answers their confirmations: the relay holds its rows.
+struct WithholdingBus {
+    inner: InProcBus,
+    release: Arc<tokio::sync::Notify>,
+}
+
+#[async_trait]
+impl EventBus for WithholdingBus {
+    async fn publish(&self, envelope: Envelope) -> Result<Confirmation, BusError> {
+        let inner = self.inner.publish(envelope).await?;
+        let release = self.release.clone();
+        Ok(Confirmation::from_future(async move {
+            inner.await?;
+            release.notified().await;
+            Ok(())
+        }))
+    }
+
+    async fn subscribe(&self, subscription: Subscription) -> Result<SubscriptionHandle, BusError> {
+        self.inner.subscribe(subscription).await
+    }
+
+    async fn health(&self) -> Result<(), BusError> {
+        self.inner.health().await
+    }
+}
+
+async fn a_killed_relays_rows_are_taken_over_long_before_its_lease_ends<DB: TestDb>() {
+    let fixture = DB::fixture().await;
+    let outbox = outbox(&fixture).await;
+    // The survivor works as another process would: its own pool and outbox instance.
+    let other_process = Outbox::new(DB::second_pool(&fixture).await, fixture.outbox_config("producer")).unwrap();
+    let bus = InProcBus::new();
+    let received = Received::subscribe(&bus).await;
+    let long_lease = RelayConfig { lease: Duration::from_secs(30), ..fast_relay() };
+    let withholding = WithholdingBus { inner: bus.clone(), release: Arc::default() };
+    let doomed = outbox.relay(Arc::new(withholding), long_lease.clone()).unwrap().spawn();
+    enqueue(&outbox, numbered("k", 0..50)).await;
+    wait_until("the doomed relay holds the rows", SETTLE, || async { outbox.status().await.unwrap().in_flight == 50 })
+        .await;
+    bus.settled().await;
+    let sent_by_the_doomed = received.of("k").len();
+    let survivor = other_process.relay(Arc::new(bus.clone()), long_lease).unwrap().spawn();
+    doomed.kill().await;
+    let killed = Instant::now();
+    wait_until("the survivor published them all", SETTLE, || async {
+        other_process.status().await.unwrap().published == 50
+    })
+    .await;
+    let takeover = killed.elapsed();
+    eprintln!("rows of a killed relay (30 s lease) taken over in {takeover:?}");
+    assert!(takeover < Duration::from_secs(5), "a dead relay's rows wait for its lease: {takeover:?}");
+    wait_until("delivered", SETTLE, || async { received.of("k").len() == sent_by_the_doomed + 50 }).await;
+    let seen = received.of("k");
+    assert_eq!(seen[sent_by_the_doomed..], (0..50).collect::<Vec<_>>(), "all again, in order, by the survivor");
+    survivor.shutdown().await;
+    bus.shutdown(Duration::from_secs(5)).await;
+}
+
+async fn late_results_of_a_relay_that_lost_its_rows_change_nothing<DB: TestDb>() {
+    let fixture = DB::fixture().await;
+    let outbox = outbox(&fixture).await;
+    let bus = InProcBus::new();
+    let _received = Received::subscribe(&bus).await;
+    let withholding = WithholdingBus { inner: bus.clone(), release: Arc::default() };
+    let release = withholding.release.clone();
+    let config = RelayConfig { lease: Duration::from_secs(30), ..fast_relay() };
+    let slow = outbox.relay(Arc::new(withholding), config).unwrap().spawn();
+    enqueue(&outbox, numbered("k", 0..10)).await;
+    wait_until("the slow relay holds the rows", SETTLE, || async { outbox.status().await.unwrap().in_flight == 10 })
+        .await;
+    // Another relay took the rows over (as after an expired lease) and holds them now.
+    let table = fixture.table("outbox");
+    let other = "00000000-0000-7000-8000-000000000001";
+    let taken = DB::execute(&fixture.pool, &format!("UPDATE {table} SET locked_by = '{other}'")).await;
+    assert_eq!(taken, 10);
+    if fixture.schema.is_none() {
+        // SQLite: the other relay's heartbeat says it is alive (PostgreSQL: the rows keep the slow relay's live lock).
+        let relays = fixture.table("relays");
+        DB::execute(
+            &fixture.pool,
+            &format!("INSERT INTO {relays} (id, heartbeat_at) VALUES ('{other}', {})", i64::MAX / 2),
+        )
+        .await;
+    }
+    // The slow relay's confirmations arrive now: its marks must not touch rows it no longer owns.
+    release.notify_waiters();
+    for _ in 0..50 {
+        release.notify_waiters();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = outbox.status().await.unwrap();
+    assert_eq!((status.published, status.pending), (0, 10), "a late result overwrote another relay's rows: {status:?}");
+    let owners = DB::integers(
+        &fixture.pool,
+        &format!("SELECT count(*) FROM {table} WHERE locked_by = '{other}' AND status = 0"),
+    )
+    .await;
+    assert_eq!(owners, vec![10]);
+    slow.kill().await;
+    bus.shutdown(Duration::from_secs(5)).await;
+}
+
+/// A bus whose publish never returns, like a relay that hangs or crashes on an event.
+struct HangingBus;
+
+#[async_trait]
+impl EventBus for HangingBus {
+    async fn publish(&self, _envelope: Envelope) -> Result<Confirmation, BusError> {
+        futures::future::pending().await
+    }
+
+    async fn subscribe(&self, _subscription: Subscription) -> Result<SubscriptionHandle, BusError> {
+        Err(BusError::Closed)
+    }
+
+    async fn health(&self) -> Result<(), BusError> {
+        Ok(())
+    }
+}
+
+async fn a_row_that_keeps_killing_the_relay_becomes_failed<DB: TestDb>() {
+    let fixture = DB::fixture().await;
+    let outbox = outbox(&fixture).await;
+    let bus = InProcBus::new();
+    let received = Received::subscribe(&bus).await;
+    enqueue(&outbox, numbered("k", 0..1)).await;
+    // Three relays in turn claim the row and die on it (max_attempts is 3).
+    for round in 1..=3 {
+        let relay = outbox.relay(Arc::new(HangingBus), fast_relay()).unwrap().spawn();
+        // Each claim counts as an attempt.
+        wait_until("claimed once more", SETTLE, || async { attempts(&fixture).await == vec![round] }).await;
+        relay.kill().await;
+    }
+    let relay = outbox.relay(Arc::new(bus.clone()), fast_relay()).unwrap().spawn();
+    wait_until("the row is failed", SETTLE, || async { outbox.status().await.unwrap().failed == 1 }).await;
+    let failed = outbox.failed(10).await.unwrap();
+    assert!(failed[0].last_error.as_deref().unwrap_or("").contains("without an outcome"), "{failed:?}");
+    assert_eq!(received.total(), 0, "the row that killed three relays is not tried a fourth time");
+    relay.shutdown().await;
+    bus.shutdown(Duration::from_secs(5)).await;
+}

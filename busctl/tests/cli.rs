@@ -67,7 +67,7 @@ async fn replay_rebuilds_ordering_s_product_view_and_reaches_no_other_queue() {
                 bus_core::GroupName::new(name.as_str()).unwrap(),
                 &DatabaseUrl::parse(db).unwrap(),
                 shared.clone(),
-                None,
+                samples::host::ServiceOptions::default(),
             )
             .await
             .expect("service starts");

@@ -145,6 +145,8 @@ fn spawn_claim<DB: Backend>(
 impl<DB: Backend> Relay<DB> {
     pub(crate) fn new(outbox: Outbox<DB>, bus: Arc<dyn EventBus>, config: RelayConfig) -> Result<Self, OutboxError> {
         config.validate()?;
+        #[cfg(feature = "failpoints")]
+        let bus = crate::failpoint::refusing_bus(bus);
         let wake = outbox.register_relay();
         Ok(Self {
             outbox,

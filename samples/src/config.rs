@@ -1,6 +1,8 @@
 //! A service's configuration from the environment (CONTRACT §2): `DATABASE_URL`, `AMQP_URL`, `HTTP_ADDR`,
 //! `SERVICE_NAME` / `BUS_EXCHANGE` to run side-by-side copies (tests), and `BUS_PARTITIONS` to partition the
-//! service's consumer group (per-key order across many instances, see `docs/partitions.md`). Every value is checked here, before
+//! service's consumer group (per-key order across many instances, see `docs/partitions.md`), `RELAY_MAX_ATTEMPTS` and
+//! `RELAY_RETRY_DELAY_MS` for the relay's retry schedule (events the broker refuses while healthy; transport
+//! trouble never spends an attempt). Every value is checked here, before
 //! anything starts; a bad one is refused with an error naming the variable, and no error or log ever shows a
 //! password.
 
@@ -9,6 +11,7 @@ use std::net::SocketAddr;
 use bus_core::{GroupName, MAX_PARTITIONS};
 use bus_rabbitmq::{AmqpUrl, RabbitConfig};
 pub use outbox::DatabaseUrl;
+use outbox::RelayConfig;
 
 /// A refused setting: which variable, and why.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +43,9 @@ pub struct ServiceEnv {
     /// `BUS_PARTITIONS`: the consumer group's partition count, if partitioned (1 to 64; fixed for the life of the
     /// group on the broker).
     pub partitions: Option<u16>,
+    /// The relay's settings: `RELAY_MAX_ATTEMPTS` (default 10) attempts for an event the broker refuses while
+    /// healthy, the first retry after `RELAY_RETRY_DELAY_MS` (default 500), doubling up to 5 minutes.
+    pub relay: RelayConfig,
 }
 
 /// The local broker, used when `AMQP_URL` is not set.
@@ -91,7 +97,20 @@ impl ServiceEnv {
                 })?,
             ),
         };
-        Ok(Self { service, database, rabbit, http_addr, partitions })
+        let mut relay = RelayConfig::default();
+        if let Some(value) = var("RELAY_MAX_ATTEMPTS") {
+            relay.retry.max_attempts = value.trim().parse::<u32>().ok().filter(|n| (1..=1_000).contains(n)).ok_or_else(|| {
+                ConfigError::new("RELAY_MAX_ATTEMPTS", format!("{value:?} is not a number of attempts from 1 to 1000"))
+            })?;
+        }
+        if let Some(value) = var("RELAY_RETRY_DELAY_MS") {
+            let ms = value.trim().parse::<u64>().ok().filter(|ms| (1..=3_600_000).contains(ms)).ok_or_else(|| {
+                ConfigError::new("RELAY_RETRY_DELAY_MS", format!("{value:?} is not a delay in milliseconds from 1 to 3600000"))
+            })?;
+            relay.retry.initial_delay = std::time::Duration::from_millis(ms);
+            relay.retry.max_delay = relay.retry.max_delay.max(relay.retry.initial_delay);
+        }
+        Ok(Self { service, database, rabbit, http_addr, partitions, relay })
     }
 
     /// The broker URL, password hidden.

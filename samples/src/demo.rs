@@ -9,6 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use crate::host::ServiceOptions;
+
 use bus_core::{EventBus, GroupName};
 use bus_inproc::InProcBus;
 use futures::StreamExt;
@@ -89,7 +91,7 @@ impl Demo {
             let url = format!("sqlite://{}", data_dir.join(format!("{}.db", service.default_name())).display());
             let database = DatabaseUrl::parse(&url)
                 .map_err(|reason| StartError::Config(crate::config::ConfigError::new("--data-dir", reason)))?;
-            let started = service.start(name, &database, shared.clone(), None).await?;
+            let started = service.start(name, &database, shared.clone(), ServiceOptions::default()).await?;
             running.push((started, listener));
         }
         let stop = CancellationToken::new();

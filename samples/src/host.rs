@@ -53,6 +53,16 @@ pub enum StartError {
     },
 }
 
+/// How a service runs, beyond its name, database and bus.
+#[derive(Clone, Debug, Default)]
+pub struct ServiceOptions {
+    /// Splits the service's consumer group into this many partitions (`BUS_PARTITIONS`); none: instances
+    /// compete on one queue.
+    pub partitions: Option<u16>,
+    /// The relay's settings (`RELAY_MAX_ATTEMPTS`, `RELAY_RETRY_DELAY_MS`; the rest at their defaults).
+    pub relay: RelayConfig,
+}
+
 /// A service's database, outbox, inbox and bus, before it starts consuming and serving.
 pub struct ServiceHost<DB: Backend> {
     /// The service's name: its consumer group (queue) and the `source` of its events.
@@ -66,7 +76,7 @@ pub struct ServiceHost<DB: Backend> {
     /// The bus it publishes to and consumes from.
     pub bus: Arc<dyn EventBus>,
     retry: RetryPolicy,
-    partitions: Option<u16>,
+    options: ServiceOptions,
 }
 
 impl<DB: Backend> ServiceHost<DB> {
@@ -81,12 +91,12 @@ impl<DB: Backend> ServiceHost<DB> {
         // The inbox must remember events longer than the bus may redeliver them: checked here.
         let retry = RetryPolicy::default();
         let inbox = Inbox::new(outbox.clone(), InboxConfig::default(), &retry)?;
-        Ok(Self { name, pool, outbox, inbox, bus, retry, partitions: None })
+        Ok(Self { name, pool, outbox, inbox, bus, retry, options: ServiceOptions::default() })
     }
 
-    /// Partitions the service's consumer group into `partitions` (none: instances compete on one queue).
-    pub fn partitioned(mut self, partitions: Option<u16>) -> Self {
-        self.partitions = partitions;
+    /// Runs the service with `options` (partitions, relay settings).
+    pub fn options(mut self, options: ServiceOptions) -> Self {
+        self.options = options;
         self
     }
 
@@ -94,7 +104,7 @@ impl<DB: Backend> ServiceHost<DB> {
     /// against. Add one handler per event type the service consumes.
     pub fn subscription(&self) -> Subscription {
         let subscription = Subscription::new(self.name.as_str()).retry(self.retry.clone());
-        match self.partitions {
+        match self.options.partitions {
             Some(partitions) => subscription.partitions(partitions),
             None => subscription,
         }
@@ -107,7 +117,7 @@ impl<DB: Backend> ServiceHost<DB> {
     /// The bus refused the subscription.
     pub async fn start(self, subscription: Subscription, api: Router) -> Result<RunningService, StartError> {
         let subscription = self.bus.subscribe(subscription).await?;
-        let relay = self.outbox.relay(self.bus.clone(), RelayConfig::default())?.spawn();
+        let relay = self.outbox.relay(self.bus.clone(), self.options.relay.clone())?.spawn();
         let stop = CancellationToken::new();
         let cleanup = self.inbox.spawn_cleanup(stop.clone());
         let metrics =

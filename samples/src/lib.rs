@@ -30,7 +30,7 @@ use std::sync::Arc;
 use bus_core::{EventBus, GroupName};
 
 use crate::config::DatabaseUrl;
-use crate::host::{RunningService, StartError};
+use crate::host::{RunningService, ServiceOptions, StartError};
 
 /// One of the two sample services.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,7 +59,7 @@ impl Service {
     }
 
     /// Opens `database`, runs the migrations and starts the service named `name` on `bus`, its consumer group
-    /// split into `partitions` if set.
+    /// and relay set up by `options`.
     ///
     /// # Errors
     /// The database cannot be opened or migrated, or the bus refused the subscription.
@@ -68,21 +68,21 @@ impl Service {
         name: GroupName,
         database: &DatabaseUrl,
         bus: Arc<dyn EventBus>,
-        partitions: Option<u16>,
+        options: ServiceOptions,
     ) -> Result<RunningService, StartError> {
         match database {
-            DatabaseUrl::Postgres(options) => {
-                let pool = database::postgres(options.clone()).await?;
+            DatabaseUrl::Postgres(connect) => {
+                let pool = database::postgres(connect.clone()).await?;
                 match self {
-                    Self::Catalog => catalog::start(name, pool, bus, partitions).await,
-                    Self::Ordering => ordering::start(name, pool, bus, partitions).await,
+                    Self::Catalog => catalog::start(name, pool, bus, options).await,
+                    Self::Ordering => ordering::start(name, pool, bus, options).await,
                 }
             }
-            DatabaseUrl::Sqlite(options) => {
-                let pool = database::sqlite(options.clone()).await?;
+            DatabaseUrl::Sqlite(connect) => {
+                let pool = database::sqlite(connect.clone()).await?;
                 match self {
-                    Self::Catalog => catalog::start(name, pool, bus, partitions).await,
-                    Self::Ordering => ordering::start(name, pool, bus, partitions).await,
+                    Self::Catalog => catalog::start(name, pool, bus, options).await,
+                    Self::Ordering => ordering::start(name, pool, bus, options).await,
                 }
             }
         }
@@ -148,7 +148,8 @@ pub async fn run_from_env(service: Service) -> Result<(), StartError> {
     );
     let listener = host::listen(env.http_addr).await?;
     let bus = bus_rabbitmq::RabbitBus::connect(env.rabbit.clone()).await?;
-    let running = service.start(env.service.clone(), &env.database, Arc::new(bus.clone()), env.partitions).await?;
+    let options = ServiceOptions { partitions: env.partitions, relay: env.relay.clone() };
+    let running = service.start(env.service.clone(), &env.database, Arc::new(bus.clone()), options).await?;
     let addr =
         listener.local_addr().map_err(|source| StartError::Listen { addr: env.http_addr.to_string(), source })?;
     println!("{} listening on http://{addr}", env.service);

@@ -285,6 +285,10 @@ async fn a_bad_setting_stops_start_up_naming_the_variable() {
         ("BUS_PARTITIONS", "0"),
         ("BUS_PARTITIONS", "65"),
         ("BUS_PARTITIONS", "many"),
+        ("RELAY_MAX_ATTEMPTS", "0"),
+        ("RELAY_MAX_ATTEMPTS", "ten"),
+        ("RELAY_RETRY_DELAY_MS", "0"),
+        ("RELAY_RETRY_DELAY_MS", "-5"),
     ];
     for (variable, value) in cases {
         let output = Command::new(env!("CARGO_BIN_EXE_catalog"))

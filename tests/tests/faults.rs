@@ -361,3 +361,107 @@ async fn long_transaction_holds_back_xmin() {
     )
     .await;
 }
+
+/// The relays' retry schedule in the outage and blocked-key scenarios: 3 attempts, 50 ms then 100 ms apart, so
+/// that the whole schedule is over long before the fault is (the default schedule, 10 attempts over 8.5
+/// minutes, behaves the same, only slower to show).
+const SHORT_RETRY: [(&str, &str); 2] = [("RELAY_MAX_ATTEMPTS", "3"), ("RELAY_RETRY_DELAY_MS", "50")];
+
+async fn outbox_status(service: &integration_tests::shop::ShopService) -> outbox::OutboxStatus {
+    let outbox = Outbox::new(service.pool.clone(), OutboxConfig::new(service.name.as_str())).expect("outbox");
+    outbox.status().await.expect("outbox status")
+}
+
+/// RabbitMQ stopped for 8 s, far longer than the relays' whole retry schedule, while orders keep coming: no
+/// event becomes `failed`, none is lost, and everything settles within seconds of the broker's return, with no
+/// operator action.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn broker_outage_longer_than_the_retry_schedule() {
+    let env: Vec<(Service, &str, &str)> = [Service::Catalog, Service::Ordering]
+        .into_iter()
+        .flat_map(|service| SHORT_RETRY.iter().map(move |(k, v)| (service, *k, *v)))
+        .collect();
+    let failed_during = Arc::new(AtomicUsize::new(0));
+    let failed = failed_during.clone();
+    scenario(
+        "broker-outage",
+        &env,
+        async move |shop: &mut Shop| {
+            tokio::task::spawn_blocking(|| rabbitmqctl(&["stop_app"])).await.expect("broker stopped");
+            let down = Instant::now();
+            while down.elapsed() < Duration::from_secs(8) {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let (c, o) = (outbox_status(&shop.catalog).await, outbox_status(&shop.ordering).await);
+                failed.fetch_max((c.failed + o.failed) as usize, Ordering::SeqCst);
+            }
+            tokio::task::spawn_blocking(|| {
+                rabbitmqctl(&["start_app"]);
+                rabbitmqctl(&["await_startup"]);
+            })
+            .await
+            .expect("broker started");
+        },
+        async move |shop: &Shop, ledger: &mut Ledger| {
+            let (c, o) = (outbox_status(&shop.catalog).await, outbox_status(&shop.ordering).await);
+            let during = failed_during.load(Ordering::SeqCst);
+            ledger.extra.push(format!("outage_s=8 failed_rows_during_outage={during}"));
+            assert_eq!(during, 0, "an outage turns no event into failed");
+            assert_eq!((c.failed, o.failed), (0, 0), "no failed row after the outage: {c:?} {o:?}");
+        },
+    )
+    .await;
+}
+
+/// One order's events are refused by the ordering service's broker (a failpoint nacks its key) until its head
+/// event is `failed` and the key parked; the other orders flow meanwhile. Then the cause is fixed and the row
+/// retried (the operator's `busctl outbox retry`): the key's events follow in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn blocked_key_parks_its_events_while_the_others_flow() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let refuse = dir.path().join("refused-keys");
+    let refuse_path = refuse.to_string_lossy().into_owned();
+    let mut env: Vec<(Service, &str, &str)> = SHORT_RETRY.iter().map(|(k, v)| (Service::Ordering, *k, *v)).collect();
+    env.push((Service::Ordering, "BUS_FAILPOINT_REFUSE_KEYS", refuse_path.as_str()));
+    let figures: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let noted = figures.clone();
+    scenario(
+        "blocked-key",
+        &env,
+        async move |shop: &mut Shop| {
+            std::fs::write(&refuse, "next\n").expect("arm the failpoint");
+            let client = shop.client();
+            let parked_at = Instant::now();
+            let parked = async || client.metric(&client.ordering, "bus_outbox_parked_keys").await.ok().flatten();
+            while parked().await != Some(1.0) {
+                assert!(parked_at.elapsed() < Duration::from_secs(30), "the refused key was never parked");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let key = std::fs::read_to_string(&refuse).expect("the failpoint wrote the key").trim().to_owned();
+            // While the key is parked, the other orders go on.
+            let published = async || client.metric(&client.ordering, "bus_published_total").await.ok().flatten();
+            let before = published().await.unwrap_or(0.0);
+            let window = Instant::now();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let during = published().await.unwrap_or(0.0) - before;
+            let per_s = during / window.elapsed().as_secs_f64();
+            assert!(during > 0.0, "other keys kept flowing while one key was parked");
+            let status = outbox_status(&shop.ordering).await;
+            assert_eq!((status.failed, status.parked_keys), (1, 1), "{status:?}");
+            // The cause is fixed, then the operator re-queues the failed event.
+            std::fs::remove_file(&refuse).expect("disarm the failpoint");
+            let ordering =
+                Outbox::new(shop.ordering.pool.clone(), OutboxConfig::new(shop.ordering.name.as_str())).expect("outbox");
+            assert_eq!(ordering.retry_failed(None).await.expect("retry"), 1);
+            noted.lock().unwrap().push(format!(
+                "parked_key={key} parked_after_ms={} others_published_per_s_while_parked={per_s:.0}",
+                parked_at.elapsed().as_millis().saturating_sub(window.elapsed().as_millis())
+            ));
+        },
+        async move |shop: &Shop, ledger: &mut Ledger| {
+            ledger.extra.extend(figures.lock().unwrap().drain(..));
+            let status = outbox_status(&shop.ordering).await;
+            assert_eq!((status.failed, status.parked_keys), (0, 0), "{status:?}");
+        },
+    )
+    .await;
+}

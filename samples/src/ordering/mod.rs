@@ -21,13 +21,13 @@ use sqlx::Pool;
 pub use store::{Order, OrderItem, OrderingStore, Product};
 
 use crate::events::{OrderStockConfirmed, OrderStockRejected, ProductCreated, ProductPriceChanged};
-use crate::host::{RunningService, ServiceHost, StartError};
+use crate::host::{RunningService, ServiceHost, ServiceOptions, StartError};
 
 /// The default `HTTP_ADDR`.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:5102";
 
 /// Migrates `pool`'s database and starts the ordering service named `name` on `bus`, its consumer
-/// group split into `partitions` if set.
+/// group and relay set up by `options`.
 ///
 /// # Errors
 /// A migration failed or the bus refused the subscription.
@@ -35,10 +35,10 @@ pub async fn start<DB: OrderingStore>(
     name: GroupName,
     pool: Pool<DB>,
     bus: Arc<dyn EventBus>,
-    partitions: Option<u16>,
+    options: ServiceOptions,
 ) -> Result<RunningService, StartError> {
     DB::migrate_schema(&pool).await?;
-    let host = ServiceHost::new(name, pool, bus).await?.partitioned(partitions);
+    let host = ServiceHost::new(name, pool, bus).await?.options(options);
     let subscription = host
         .subscription()
         .on_inbox::<ProductCreated, DB, _>(&host.inbox, handlers::product_created::<DB>)

@@ -24,6 +24,7 @@ const SCENARIOS: &[&str] = &[
     "relay_throughput",
     "e2e_latency",
     "relay_rss",
+    "relay_takeover",
     "partitioned_throughput",
 ];
 
@@ -31,7 +32,7 @@ const SCENARIOS: &[&str] = &[
 #[command(about = "Measures the framework against raw baselines; one JSON line per figure on stdout.")]
 struct Args {
     /// `all`, or one scenario: inproc_dispatch, producer_commit_cost, consumer_inbox, two_relays,
-    /// relay_throughput (also gives backlog_drain), e2e_latency (p50 and p99), relay_rss,
+    /// relay_throughput (also gives backlog_drain), e2e_latency (p50 and p99), relay_rss, relay_takeover,
     /// partitioned_throughput.
     scenario: String,
     /// A short run (fewer events), for a quick look.
@@ -50,6 +51,12 @@ async fn main() -> anyhow::Result<()> {
             anyhow::bail!("usage: bench {} SCHEMA EXCHANGE COUNT", figures::relay_rss::CHILD);
         };
         return figures::relay_rss::child(schema, exchange, count.parse()?).await;
+    }
+    if raw.get(1).map(String::as_str) == Some(figures::relay_takeover::CHILD) {
+        let [_, _, schema] = raw.as_slice() else {
+            anyhow::bail!("usage: bench {} SCHEMA", figures::relay_takeover::CHILD);
+        };
+        return figures::relay_takeover::child(schema).await;
     }
     let args = Args::parse();
     let selected: Vec<&str> = match args.scenario.as_str() {
@@ -70,6 +77,7 @@ async fn main() -> anyhow::Result<()> {
             "relay_throughput" => figures::relay_throughput::run(args.quick).await?,
             "e2e_latency" => figures::e2e_latency::run(args.quick).await?,
             "relay_rss" => figures::relay_rss::run(args.quick).await?,
+            "relay_takeover" => figures::relay_takeover::run(args.quick).await?,
             "partitioned_throughput" => figures::partitioned_throughput::run(args.quick).await?,
             _ => unreachable!("every name in SCENARIOS has a branch"),
         };

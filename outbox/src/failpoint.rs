@@ -29,7 +29,9 @@ pub(crate) fn crash_point(point: &str) {
 /// fault suite's blocked-key scenario: one key kept failing while the others flow.
 pub(crate) fn refusing_bus(bus: std::sync::Arc<dyn EventBus>) -> std::sync::Arc<dyn EventBus> {
     match std::env::var_os("BUS_FAILPOINT_REFUSE_KEYS") {
-        Some(path) => std::sync::Arc::new(RefusingBus { inner: bus, path: path.into(), lock: std::sync::Mutex::new(()) }),
+        Some(path) => {
+            std::sync::Arc::new(RefusingBus { inner: bus, path: path.into(), lock: std::sync::Mutex::new(()) })
+        }
         None => bus,
     }
 }

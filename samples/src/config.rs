@@ -99,13 +99,20 @@ impl ServiceEnv {
         };
         let mut relay = RelayConfig::default();
         if let Some(value) = var("RELAY_MAX_ATTEMPTS") {
-            relay.retry.max_attempts = value.trim().parse::<u32>().ok().filter(|n| (1..=1_000).contains(n)).ok_or_else(|| {
-                ConfigError::new("RELAY_MAX_ATTEMPTS", format!("{value:?} is not a number of attempts from 1 to 1000"))
-            })?;
+            relay.retry.max_attempts =
+                value.trim().parse::<u32>().ok().filter(|n| (1..=1_000).contains(n)).ok_or_else(|| {
+                    ConfigError::new(
+                        "RELAY_MAX_ATTEMPTS",
+                        format!("{value:?} is not a number of attempts from 1 to 1000"),
+                    )
+                })?;
         }
         if let Some(value) = var("RELAY_RETRY_DELAY_MS") {
             let ms = value.trim().parse::<u64>().ok().filter(|ms| (1..=3_600_000).contains(ms)).ok_or_else(|| {
-                ConfigError::new("RELAY_RETRY_DELAY_MS", format!("{value:?} is not a delay in milliseconds from 1 to 3600000"))
+                ConfigError::new(
+                    "RELAY_RETRY_DELAY_MS",
+                    format!("{value:?} is not a delay in milliseconds from 1 to 3600000"),
+                )
             })?;
             relay.retry.initial_delay = std::time::Duration::from_millis(ms);
             relay.retry.max_delay = relay.retry.max_delay.max(relay.retry.initial_delay);

@@ -449,8 +449,8 @@ async fn blocked_key_parks_its_events_while_the_others_flow() {
             assert_eq!((status.failed, status.parked_keys), (1, 1), "{status:?}");
             // The cause is fixed, then the operator re-queues the failed event.
             std::fs::remove_file(&refuse).expect("disarm the failpoint");
-            let ordering =
-                Outbox::new(shop.ordering.pool.clone(), OutboxConfig::new(shop.ordering.name.as_str())).expect("outbox");
+            let ordering = Outbox::new(shop.ordering.pool.clone(), OutboxConfig::new(shop.ordering.name.as_str()))
+                .expect("outbox");
             assert_eq!(ordering.retry_failed(None).await.expect("retry"), 1);
             noted.lock().unwrap().push(format!(
                 "parked_key={key} parked_after_ms={} others_published_per_s_while_parked={per_s:.0}",

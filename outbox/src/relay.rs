@@ -35,15 +35,13 @@
 //!   (its own process's NOTIFYs are ignored), and polls as a fallback; it keeps claiming while there is a backlog.
 
 mod cleanup;
-mod publish;
+mod pipeline;
 mod stats;
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bus_core::{BusError, EventBus};
+use bus_core::{BusError, Confirmation, EventBus};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
@@ -52,7 +50,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use self::publish::{Ready, RowMeta, Settled};
+use self::pipeline::{Outcomes, Pipeline, Ready, RowMeta, Verdict};
 use self::stats::Counters;
 pub use self::stats::{RelayMonitor, RelayStats};
 use crate::backend::{Backend, Owner, Ownership};
@@ -62,7 +60,7 @@ use crate::outbox::Outbox;
 use crate::row::OutboxRow;
 use crate::sql::Dialect;
 
-/// Batches in flight at once.
+/// A relay holds at most this many claims' worth of rows (and bytes) at once.
 const PIPELINE: usize = 2;
 
 /// How often a paused relay asks the bus whether it is healthy again.
@@ -85,22 +83,14 @@ pub struct Relay<DB: Backend> {
     id: Uuid,
     wake: Arc<Notify>,
     stats: Arc<Counters>,
-    /// The rows of each batch in flight and when it started, for lease renewal.
-    leased: Mutex<HashMap<u64, (Vec<i64>, Instant)>>,
-    next_batch: AtomicU64,
-}
-
-/// What a finished batch tells the engine.
-struct BatchReport {
-    /// The transport error that stopped it, if one did.
-    transport: Option<BusError>,
 }
 
 /// What woke the engine.
 enum Event {
     Stop,
     Claimed(Result<Vec<OutboxRow>, OutboxError>),
-    BatchDone(BatchReport),
+    Confirmed(RowMeta, Verdict),
+    Written(Written),
     Wake,
     Heartbeat,
     Renew,
@@ -123,15 +113,19 @@ async fn pending_or<T>(future: Option<&mut BoxFuture<'_, T>>) -> T {
     }
 }
 
+/// A claim running in its task.
+type ClaimFuture = BoxFuture<'static, Result<Vec<OutboxRow>, OutboxError>>;
+
 /// Runs a claim in a task of its own, so that it always runs to its end even while the engine awaits something
 /// else: a claim's statement that nobody reads would hold SQLite's write lock (and PostgreSQL's row locks).
 fn spawn_claim<DB: Backend>(
     outbox: &Outbox<DB>,
     owner: Owner,
-    config: &RelayConfig,
-) -> BoxFuture<'static, Result<Vec<OutboxRow>, OutboxError>> {
+    batch: usize,
+    bytes: usize,
+    lease: Duration,
+) -> ClaimFuture {
     let (pool, sql) = (outbox.pool().clone(), outbox.sql_arc());
-    let (batch, bytes, lease) = (config.batch_size, config.batch_bytes, config.lease);
     let task = AbortOnDrop(tokio::spawn(async move { DB::claim(&pool, &sql, &owner, batch, bytes, lease).await }));
     Box::pin(async move {
         let mut task = task;
@@ -148,16 +142,7 @@ impl<DB: Backend> Relay<DB> {
         #[cfg(feature = "failpoints")]
         let bus = crate::failpoint::refusing_bus(bus);
         let wake = outbox.register_relay();
-        Ok(Self {
-            outbox,
-            bus,
-            config,
-            id: Uuid::new_v4(),
-            wake,
-            stats: Arc::default(),
-            leased: Mutex::default(),
-            next_batch: AtomicU64::new(0),
-        })
+        Ok(Self { outbox, bus, config, id: Uuid::new_v4(), wake, stats: Arc::default() })
     }
 
     /// This relay's id (the lease owner written in claimed rows).
@@ -191,10 +176,6 @@ impl<DB: Backend> Relay<DB> {
         RelayHandle { stop, join, stats, listening }
     }
 
-    fn lock_leased(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Vec<i64>, Instant)>> {
-        self.leased.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// How often the relay proves it is alive: PostgreSQL pings its lock connection (others see a dead one at
     /// once); SQLite writes a heartbeat that others read.
     fn heartbeat_every() -> Duration {
@@ -220,10 +201,18 @@ impl<DB: Backend> Relay<DB> {
         tracing::info!(relay = %self.id, table = %self.outbox.sql().outbox, "relay started");
 
         let (pool, sql) = (self.outbox.pool(), self.outbox.sql());
+        let retry = self.config.retry.clone();
+        let max_rows = self.config.batch_size * PIPELINE;
+        let max_bytes = self.config.batch_bytes.saturating_mul(PIPELINE);
+        let mut pipeline = Pipeline::default();
+        let mut confirms: FuturesUnordered<BoxFuture<'static, (RowMeta, Verdict)>> = FuturesUnordered::new();
         let mut ownership: Option<Ownership> = None;
+        // Writes are fenced by the relay's id, which survives a lost liveness proof.
+        let mut last_owner: Option<Owner> = None;
         let mut own_after = Instant::now();
-        let mut batches: FuturesUnordered<BoxFuture<'_, BatchReport>> = FuturesUnordered::new();
-        let mut claiming: Option<BoxFuture<'_, Result<Vec<OutboxRow>, OutboxError>>> = None;
+        // The claim running, with the write-backs it could see when it started.
+        let mut claiming: Option<(u64, ClaimFuture)> = None;
+        let mut writing: Option<BoxFuture<'static, Written>> = None;
         let mut want_claim = true;
         let mut not_before = Instant::now();
         let mut claim_backoff = CLAIM_BACKOFF.0;
@@ -239,16 +228,14 @@ impl<DB: Backend> Relay<DB> {
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
-            if stopping && claiming.is_none() && batches.is_empty() {
-                break;
-            }
             if ownership.is_none() && !stopping && Instant::now() >= own_after {
                 match DB::hold_ownership(pool, sql, self.id).await {
                     Ok(held) => {
                         tracing::debug!(relay = %self.id, owner = ?held.owner, "relay holds its liveness proof");
+                        // Rows held from before a lost proof now point at the new one.
+                        self.renew_leases(&held.owner, &pipeline).await;
+                        last_owner = Some(held.owner);
                         ownership = Some(held);
-                        // Rows in flight from before a lost proof now point at the new one.
-                        self.renew_leases(ownership.as_ref().map(|o| o.owner)).await;
                     }
                     Err(error) => {
                         tracing::warn!(relay = %self.id, %error, "relay cannot prove it is alive; not claiming");
@@ -257,12 +244,32 @@ impl<DB: Backend> Relay<DB> {
                 }
             }
             let owner = ownership.as_ref().map(|o| o.owner);
+            let healthy_now = Instant::now() >= not_before;
+            if stopping {
+                pipeline.give_back_unsent(false);
+            } else if healthy_now {
+                let ready = pipeline.sendable();
+                if !ready.is_empty() {
+                    self.send(ready, &mut confirms).await;
+                }
+            }
+            if writing.is_none()
+                && pipeline.has_outcomes()
+                && let Some(owner) = last_owner
+            {
+                let (id, outcomes) = pipeline.take_outcomes();
+                writing = Some(self.spawn_write(owner, id, outcomes));
+            }
+            if stopping && claiming.is_none() && writing.is_none() && confirms.is_empty() && !pipeline.has_outcomes() {
+                break;
+            }
             if let Some(owner) = owner
                 && !stopping
                 && want_claim
                 && claiming.is_none()
-                && batches.len() < PIPELINE
-                && Instant::now() >= not_before
+                && healthy_now
+                && pipeline.held_rows() < max_rows
+                && pipeline.held_bytes() < max_bytes
             {
                 match self.bus.health().await {
                     Ok(()) => {
@@ -270,7 +277,10 @@ impl<DB: Backend> Relay<DB> {
                             tracing::info!(relay = %self.id, "bus healthy again: relay resumes");
                             paused = false;
                         }
-                        claiming = Some(spawn_claim(&self.outbox, owner, &self.config));
+                        let rows = self.config.batch_size.min(max_rows - pipeline.held_rows());
+                        let bytes = self.config.batch_bytes.min(max_bytes - pipeline.held_bytes());
+                        let saw = pipeline.writes_done();
+                        claiming = Some((saw, spawn_claim(&self.outbox, owner, rows, bytes, self.config.lease)));
                     }
                     Err(error) => {
                         if !paused {
@@ -281,11 +291,12 @@ impl<DB: Backend> Relay<DB> {
                     }
                 }
             }
-            let timer_armed = want_claim && !stopping && Instant::now() < not_before;
+            let timer_armed = !stopping && Instant::now() < not_before;
             let event = tokio::select! {
                 () = stop.cancelled(), if !stopping => Event::Stop,
-                claimed = pending_or(claiming.as_mut()), if claiming.is_some() => Event::Claimed(claimed),
-                Some(report) = batches.next(), if !batches.is_empty() => Event::BatchDone(report),
+                claimed = pending_or(claiming.as_mut().map(|(_, f)| f)), if claiming.is_some() => Event::Claimed(claimed),
+                Some((meta, verdict)) = confirms.next(), if !confirms.is_empty() => Event::Confirmed(meta, verdict),
+                written = pending_or(writing.as_mut()), if writing.is_some() => Event::Written(written),
                 () = self.wake.notified(), if !stopping => Event::Wake,
                 _ = poll.tick(), if !stopping => Event::Wake,
                 _ = heartbeat.tick() => Event::Heartbeat,
@@ -295,14 +306,12 @@ impl<DB: Backend> Relay<DB> {
             match event {
                 Event::Stop => stopping = true,
                 Event::Claimed(claimed) => {
-                    claiming = None;
+                    let (saw, _) = claiming.take().expect("a claim was running");
                     match claimed {
                         Ok(rows) if rows.is_empty() => want_claim = false,
                         Ok(rows) => {
                             claim_backoff = CLAIM_BACKOFF.0;
-                            if let Some(owner) = owner {
-                                batches.push(Box::pin(self.run_batch(owner, rows)));
-                            }
+                            pipeline.accept(rows, saw, &retry);
                         }
                         Err(error) => {
                             tracing::warn!(relay = %self.id, %error, backoff = ?claim_backoff, "relay claim failed; retrying");
@@ -311,16 +320,34 @@ impl<DB: Backend> Relay<DB> {
                         }
                     }
                 }
-                Event::BatchDone(report) => {
-                    want_claim = true;
-                    match report.transport {
-                        Some(error) => {
+                Event::Confirmed(meta, verdict) => {
+                    if !matches!(verdict, Verdict::Published | Verdict::Transport(_)) {
+                        Counters::add(&self.stats.publish_failures, 1);
+                    }
+                    if let Some(error) = pipeline.settle(meta, verdict, &retry) {
+                        // Fail fast: nothing more goes out; what was not sent goes back with no attempt spent.
+                        pipeline.give_back_unsent(true);
+                        if Instant::now() >= not_before {
                             tracing::warn!(relay = %self.id, %error, backoff = ?transport_backoff, "publishing stopped by transport trouble; rows given back with no attempt spent");
-                            not_before = not_before.max(Instant::now() + transport_backoff);
+                            not_before = Instant::now() + transport_backoff;
                             transport_backoff = (transport_backoff * 2).min(TRANSPORT_BACKOFF.1);
                         }
-                        None => transport_backoff = TRANSPORT_BACKOFF.0,
+                    } else {
+                        transport_backoff = TRANSPORT_BACKOFF.0;
                     }
+                    want_claim = true;
+                }
+                Event::Written(written) => {
+                    writing = None;
+                    let finished = pipeline.written(written.id, &written.outcomes);
+                    if written.ok {
+                        Counters::add(&self.stats.published, written.marked);
+                        Counters::add(&self.stats.gave_up, written.gave_up);
+                        Counters::add(&self.stats.transport_failures, written.outcomes.transport_released);
+                    }
+                    Counters::add(&self.stats.batches, finished.claims);
+                    Counters::add(&self.stats.batch_micros, finished.claim_micros);
+                    want_claim = true;
                 }
                 Event::Wake | Event::Timer => want_claim = true,
                 Event::Heartbeat => {
@@ -333,10 +360,13 @@ impl<DB: Backend> Relay<DB> {
                         }
                     }
                 }
-                Event::Renew => self.renew_leases(owner).await,
+                Event::Renew => {
+                    if let Some(owner) = owner {
+                        self.renew_leases(&owner, &pipeline).await;
+                    }
+                }
             }
         }
-        drop(batches);
         if let Some(held) = ownership.take() {
             DB::drop_ownership(pool, sql, held).await;
         }
@@ -344,154 +374,118 @@ impl<DB: Backend> Relay<DB> {
         tracing::info!(relay = %self.id, "relay stopped");
     }
 
-    /// Renews the lease of the rows of every batch in flight that is still making progress; a batch older than
-    /// `confirm_timeout + lease` is stuck, and its rows are left to expire so that another relay takes them.
-    async fn renew_leases(&self, owner: Option<Owner>) {
-        let Some(owner) = owner else { return };
-        let stuck_after = self.config.confirm_timeout * 2 + self.config.lease;
-        let seqs: Vec<i64> = {
-            let leased = self.lock_leased();
-            for (seqs, started) in leased.values().filter(|(_, started)| started.elapsed() >= stuck_after) {
-                tracing::error!(relay = %self.id, rows = seqs.len(), age = ?started.elapsed(), "relay batch is stuck; its lease is left to expire so that another relay takes it over");
-            }
-            leased
-                .values()
-                .filter(|(_, started)| started.elapsed() < stuck_after)
-                .flat_map(|(s, _)| s.iter().copied())
-                .collect()
+    /// Hands `ready` to the bus; each confirmation (at most `confirm_timeout`) becomes a verdict in `confirms`.
+    async fn send(&self, ready: Vec<Ready>, confirms: &mut FuturesUnordered<BoxFuture<'static, (RowMeta, Verdict)>>) {
+        let timeout = self.config.confirm_timeout;
+        let lost = |what: &str| {
+            BusError::ConfirmationLost(format!("{what} did not finish within relay.confirm_timeout ({timeout:?})"))
         };
+        let (metas, envelopes): (Vec<RowMeta>, Vec<_>) = ready.into_iter().map(|r| (r.meta, r.envelope)).unzip();
+        let count = envelopes.len();
+        let confirmations = match tokio::time::timeout(timeout, self.bus.publish_batch(envelopes)).await {
+            Ok(confirmations) => confirmations,
+            Err(_) => (0..count).map(|_| Confirmation::failed(lost("publishing"))).collect(),
+        };
+        for (meta, confirmation) in metas.into_iter().zip(confirmations) {
+            let bus = self.bus.clone();
+            let lost = lost("the confirmation");
+            confirms.push(Box::pin(async move {
+                let result = tokio::time::timeout(timeout, confirmation).await.unwrap_or(Err(lost));
+                (meta, pipeline::verdict(bus.as_ref(), result).await)
+            }));
+        }
+    }
+
+    /// Writes outcomes back in a task of its own (fenced by owner; failures before releases, so that a failed
+    /// row blocks its key before the key's later rows are free).
+    fn spawn_write(&self, owner: Owner, id: u64, outcomes: Outcomes) -> BoxFuture<'static, Written> {
+        let (pool, sql, relay) = (self.outbox.pool().clone(), self.outbox.sql_arc(), self.id);
+        let task = AbortOnDrop(tokio::spawn(async move {
+            let (pool, sql) = (&pool, &*sql);
+            let mut written = Written { id, marked: 0, gave_up: 0, ok: true, outcomes: Outcomes::default() };
+            for failure in &outcomes.failures {
+                let done = retrying("record failure", || {
+                    DB::record_failure(
+                        pool,
+                        sql,
+                        &owner,
+                        failure.seq,
+                        &failure.reason,
+                        failure.give_up,
+                        failure.retry_in,
+                    )
+                })
+                .await;
+                match done {
+                    Some(true) if failure.give_up => written.gave_up += 1,
+                    Some(_) => {}
+                    None => written.ok = false,
+                }
+            }
+            if !outcomes.released.is_empty()
+                && retrying("release", || DB::release(pool, sql, &owner, &outcomes.released)).await.is_none()
+            {
+                written.ok = false;
+            }
+            if !outcomes.published.is_empty() {
+                #[cfg(feature = "failpoints")]
+                crate::failpoint::crash_point("relay-after-confirm");
+                let seqs = &outcomes.published;
+                match retrying("mark published", || DB::mark_published(pool, sql, &owner, seqs)).await {
+                    Some(marked) => {
+                        written.marked = marked;
+                        if marked < seqs.len() as u64 {
+                            tracing::warn!(
+                                %relay, marked, confirmed = seqs.len(),
+                                "some confirmed events were no longer this relay's (taken over after a lost lease \
+                                 or liveness proof): the other relay publishes them again; consumers' inboxes drop \
+                                 the duplicates"
+                            );
+                        }
+                    }
+                    None => written.ok = false,
+                }
+            }
+            written.outcomes = outcomes;
+            written
+        }));
+        Box::pin(async move {
+            let mut task = task;
+            match (&mut task.0).await {
+                Ok(written) => written,
+                // The write task panicked: its rows stay leased and go to another relay when the lease ends.
+                Err(_) => Written { id, marked: 0, gave_up: 0, ok: false, outcomes: Outcomes::default() },
+            }
+        })
+    }
+
+    /// Renews the lease of every row the relay holds (and points them at its current liveness key). The engine
+    /// does this between its other steps, so a relay that stopped making progress stops renewing.
+    async fn renew_leases(&self, owner: &Owner, pipeline: &Pipeline) {
+        let seqs = pipeline.held_seqs();
         if seqs.is_empty() {
             return;
         }
         let (pool, sql) = (self.outbox.pool(), self.outbox.sql());
-        match DB::renew_lease(pool, sql, &owner, &seqs, self.config.lease).await {
+        match DB::renew_lease(pool, sql, owner, &seqs, self.config.lease).await {
             Ok(held) if held < seqs.len() as u64 => tracing::debug!(
                 relay = %self.id, held, leased = seqs.len(),
-                "lease renewed on part of the rows in flight (the others were just marked, or taken over)"
+                "lease renewed on part of the rows held (the others were just written back, or taken over)"
             ),
             Ok(_) => {}
             Err(error) => tracing::warn!(relay = %self.id, %error, "lease renewal failed"),
         }
     }
+}
 
-    /// One batch: prepares the claimed rows, publishes them, writes every outcome back (fenced by owner).
-    async fn run_batch(&self, owner: Owner, rows: Vec<OutboxRow>) -> BatchReport {
-        let started = Instant::now();
-        let claimed = rows.len();
-        let batch = self.next_batch.fetch_add(1, Ordering::Relaxed);
-        self.lock_leased().insert(batch, (rows.iter().map(|r| r.seq).collect(), started));
-
-        let mut settled = Settled::default();
-        let mut ready = Vec::with_capacity(rows.len());
-        // Keys whose earlier row of this batch failed here: their later rows wait (given back untried).
-        let mut held_back = std::collections::HashSet::new();
-        for row in rows {
-            let key = row.partition_key.clone();
-            if key.as_ref().is_some_and(|k| held_back.contains(k)) {
-                settled.released.push(row.seq);
-                continue;
-            }
-            let attempts = u32::try_from(row.attempts).unwrap_or(0);
-            let meta = RowMeta { seq: row.seq, event_id: row.event_id, attempts, key: key.clone() };
-            // Claimed once more than the attempts allow: the earlier claims ended without an outcome.
-            let crashed = !self.config.retry.should_retry(attempts.saturating_sub(1));
-            let prepared = if crashed {
-                Err(format!(
-                    "claimed {attempts} times without an outcome: relays crashed or hung on this event (last \
-                     attempt allowed: {})",
-                    self.config.retry.max_attempts
-                ))
-            } else {
-                row.into_envelope().map_err(|e| e.to_string())
-            };
-            match prepared {
-                Ok(envelope) => ready.push(Ready { meta, envelope }),
-                Err(reason) => {
-                    tracing::error!(seq = meta.seq, event_id = %meta.event_id, %reason, "outbox row cannot be published; marked failed");
-                    self.fail_row(&owner, &meta, &reason, true).await;
-                    if let Some(key) = key {
-                        held_back.insert(key);
-                    }
-                }
-            }
-        }
-        let sending = ready.len();
-        let published = publish::publish(self.bus.as_ref(), ready, self.config.confirm_timeout).await;
-        settled.published = published.published;
-        settled.failed = published.failed;
-        settled.released.extend(published.released);
-        settled.transport = published.transport;
-        let publish_ms = started.elapsed().as_secs_f64() * 1e3;
-
-        self.write_back(&owner, &settled).await;
-        self.lock_leased().remove(&batch);
-        tracing::debug!(
-            relay = %self.id,
-            rows = claimed,
-            sent = sending,
-            published = settled.published.len(),
-            failed = settled.failed.len(),
-            released = settled.released.len(),
-            publish_and_confirm_ms = publish_ms,
-            total_ms = started.elapsed().as_secs_f64() * 1e3,
-            "batch done"
-        );
-        Counters::add(&self.stats.batches, 1);
-        Counters::add(&self.stats.batch_micros, u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
-        BatchReport { transport: settled.transport }
-    }
-
-    /// Writes a batch's outcome: marks, failures, releases; each fenced by owner, each tried a few times.
-    async fn write_back(&self, owner: &Owner, settled: &Settled) {
-        let (pool, sql) = (self.outbox.pool(), self.outbox.sql());
-        if !settled.published.is_empty() {
-            #[cfg(feature = "failpoints")]
-            crate::failpoint::crash_point("relay-after-confirm");
-            let seqs = &settled.published;
-            if let Some(marked) = retrying("mark published", || DB::mark_published(pool, sql, owner, seqs)).await {
-                Counters::add(&self.stats.published, marked);
-                if marked < seqs.len() as u64 {
-                    tracing::warn!(
-                        relay = %self.id, marked, confirmed = seqs.len(),
-                        "some confirmed events were no longer this relay's (taken over after a lost lease or \
-                         liveness proof): the other relay publishes them again; consumers' inboxes drop the duplicates"
-                    );
-                }
-            }
-        }
-        for (meta, error, permanent) in &settled.failed {
-            Counters::add(&self.stats.publish_failures, 1);
-            let give_up = *permanent || !self.config.retry.should_retry(meta.attempts);
-            if give_up {
-                tracing::error!(seq = meta.seq, event_id = %meta.event_id, attempts = meta.attempts, permanent, %error, "publish failed for the last time; event marked failed");
-                self.fail_row(owner, meta, &error.to_string(), true).await;
-            } else {
-                let retry_in = self.config.retry.delay(meta.attempts + 1);
-                tracing::warn!(seq = meta.seq, event_id = %meta.event_id, attempts = meta.attempts, ?retry_in, %error, "publish failed; will retry");
-                let reason = error.to_string();
-                retrying("record failure", || DB::record_failure(pool, sql, owner, meta.seq, &reason, false, retry_in))
-                    .await;
-            }
-        }
-        if !settled.released.is_empty() {
-            if settled.transport.is_some() {
-                Counters::add(&self.stats.transport_failures, settled.released.len() as u64);
-            }
-            let seqs = &settled.released;
-            retrying("release", || DB::release(pool, sql, owner, seqs)).await;
-        }
-    }
-
-    async fn fail_row(&self, owner: &Owner, meta: &RowMeta, reason: &str, give_up: bool) {
-        let (pool, sql) = (self.outbox.pool(), self.outbox.sql());
-        if let Some(true) = retrying("record failure", || {
-            DB::record_failure(pool, sql, owner, meta.seq, reason, give_up, Duration::ZERO)
-        })
-        .await
-        {
-            Counters::add(&self.stats.gave_up, 1);
-        }
-    }
+/// A finished write-back.
+struct Written {
+    id: u64,
+    marked: u64,
+    gave_up: u64,
+    /// Every statement succeeded.
+    ok: bool,
+    outcomes: Outcomes,
 }
 
 /// Runs a write up to [`WRITE_TRIES`] times with a short backoff. `None` when every try failed: the rows then

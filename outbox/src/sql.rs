@@ -24,9 +24,10 @@ pub(crate) const NOW: &str = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
 
 // The claim. A row is claimable when it is pending, due, and its lease is free: never leased, expired, or held by
 // a relay that is gone (PostgreSQL: its session advisory lock is free; SQLite: its heartbeat stopped). A keyed
-// row is eligible only when every earlier unpublished row of its key (pending or failed) is claimable too, and
-// this filter runs before the LIMIT, so a key that is blocked (head in backoff, failed, or in flight anywhere,
-// this relay included) never takes the places of other keys' rows. On PostgreSQL, `FOR UPDATE SKIP LOCKED`
+// row is eligible only when every earlier unpublished row of its key (pending or failed) is claimable too or
+// already held by this relay (which publishes a key's rows one after the other, in order), and this filter
+// runs before the LIMIT, so a key that is blocked (head in backoff, failed, or held by another live relay)
+// never takes the places of other keys' rows. On PostgreSQL, `FOR UPDATE SKIP LOCKED`
 // may skip an earlier row of a key that a concurrent claim is taking: `eligible` then drops the key's later
 // rows, so at most one relay holds a key's rows at a time, and it holds a prefix of them. `sized` keeps the
 // batch under its byte budget (always at least one row). Claiming counts the attempt.
@@ -127,6 +128,9 @@ impl Sql {
                         )
                     };
                     let (free_o, free_r) = (free("o"), free("r"));
+                    // Held by this relay: published after the earlier rows it holds, in order.
+                    // (coalesce: an unleased row has NULLs, which would make the whole test NULL, and so never a blocker.)
+                    let mine_r = "coalesce(r.locked_by = $2 AND r.locked_until >= now(), false)";
                     format!(
                         "WITH picked AS ( \
                            SELECT o.seq, o.partition_key FROM {t} o \
@@ -134,12 +138,14 @@ impl Sql {
                              AND (o.partition_key IS NULL OR NOT EXISTS ( \
                                SELECT 1 FROM {t} r WHERE r.partition_key = o.partition_key AND r.seq < o.seq \
                                  AND r.status IN ({PENDING}, {FAILED}) \
-                                 AND NOT (r.status = {PENDING} AND r.next_attempt_at <= now() AND {free_r}))) \
+                                 AND NOT (r.status = {PENDING} AND ({mine_r} OR \
+                                   (r.next_attempt_at <= now() AND {free_r}))))) \
                            ORDER BY o.seq LIMIT $1 FOR UPDATE OF o SKIP LOCKED \
                          ), eligible AS ( \
                            SELECT p.seq FROM picked p WHERE p.partition_key IS NULL OR NOT EXISTS ( \
                              SELECT 1 FROM {t} r WHERE r.partition_key = p.partition_key AND r.seq < p.seq \
-                               AND r.status IN ({PENDING}, {FAILED}) AND r.seq NOT IN (SELECT seq FROM picked)) \
+                               AND r.status IN ({PENDING}, {FAILED}) AND r.seq NOT IN (SELECT seq FROM picked) \
+                               AND NOT (r.status = {PENDING} AND {mine_r})) \
                          ), sized AS ( \
                            SELECT e.seq, sum(octet_length(x.payload)) OVER (ORDER BY e.seq) \
                              - octet_length(x.payload) AS before FROM eligible e JOIN {t} x ON x.seq = e.seq \
@@ -226,6 +232,9 @@ impl Sql {
                         )
                     };
                     let (free_o, free_r) = (free("o"), free("r"));
+                    // Held by this relay: published after the earlier rows it holds, in order.
+                    // (coalesce: an unleased row has NULLs, which would make the whole test NULL, and so never a blocker.)
+                    let mine_r = format!("coalesce(r.locked_by = ?2 AND r.locked_until >= {NOW}, 0)");
                     format!(
                         "WITH picked AS ( \
                            SELECT o.seq, length(o.payload) AS size FROM {t} o \
@@ -233,7 +242,8 @@ impl Sql {
                              AND (o.partition_key IS NULL OR NOT EXISTS ( \
                                SELECT 1 FROM {t} r WHERE r.partition_key = o.partition_key AND r.seq < o.seq \
                                  AND r.status IN ({PENDING}, {FAILED}) \
-                                 AND NOT (r.status = {PENDING} AND r.next_attempt_at <= {NOW} AND {free_r}))) \
+                                 AND NOT (r.status = {PENDING} AND ({mine_r} OR \
+                                   (r.next_attempt_at <= {NOW} AND {free_r}))))) \
                            ORDER BY o.seq LIMIT ?1 \
                          ), sized AS ( \
                            SELECT seq, sum(size) OVER (ORDER BY seq) - size AS before FROM picked \

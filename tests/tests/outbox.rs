@@ -309,6 +309,9 @@ async fn two_relays_publish_ten_thousand_events_once_each_in_key_order<DB: TestD
     assert_eq!(unique.len(), ids.len());
     let order = std::mem::take(&mut *order.lock().unwrap());
     let reordered: usize = order.values().map(|seqs| seqs.windows(2).filter(|w| w[0] >= w[1]).count()).sum();
+    for (key, seqs) in order.iter().filter(|(_, s)| s.windows(2).any(|w| w[0] >= w[1])).take(3) {
+        eprintln!("out of order: key {key} arrived as {seqs:?}");
+    }
     assert_eq!(reordered, 0, "per-key order kept across two relays");
     let (a, b) = (relay_a.stats().published, relay_b.stats().published);
     eprintln!("relay a published {a}, relay b published {b}");

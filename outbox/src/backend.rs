@@ -44,12 +44,15 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     ) -> Result<bool, OutboxError>;
 
     /// Claims up to `batch` eligible rows (and at most `max_bytes` of payload, one row at least) for `owner`,
-    /// counting an attempt on each.
+    /// counting an attempt on each. `held` are the rows the relay holds: its own leased rows that it does not
+    /// hold (a lost claim result, a failed write-back) are free to claim again. A row that cannot be read back
+    /// is failed at once and left out.
     #[doc(hidden)]
     async fn claim(
         pool: &Pool<Self>,
         sql: &Sql,
         owner: &Owner,
+        held: &[i64],
         batch: usize,
         max_bytes: usize,
         lease: Duration,

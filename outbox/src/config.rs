@@ -159,6 +159,17 @@ impl RelayConfig {
         if self.batch_bytes == 0 {
             return Err(OutboxError::config("relay.batch_bytes", "must be at least 1"));
         }
+        const DAY: Duration = Duration::from_secs(24 * 3600);
+        for (setting, value, most) in [
+            ("relay.lease", self.lease, DAY),
+            ("relay.confirm_timeout", self.confirm_timeout, DAY),
+            ("relay.poll_interval", self.poll_interval, Duration::from_secs(3600)),
+            ("relay.cleanup_interval", self.cleanup_interval, 7 * DAY),
+        ] {
+            if value > most {
+                return Err(OutboxError::config(setting, format!("must be at most {most:?}")));
+            }
+        }
         self.retry.validate().map_err(|e| OutboxError::config("relay.retry", e.to_string()))
     }
 }

@@ -35,6 +35,7 @@
 //!   (its own process's NOTIFYs are ignored), and polls as a fallback; it keeps claiming while there is a backlog.
 
 mod cleanup;
+mod liveness;
 mod pipeline;
 mod stats;
 
@@ -53,12 +54,11 @@ use uuid::Uuid;
 use self::pipeline::{Outcomes, Pipeline, Ready, RowMeta, Verdict};
 use self::stats::Counters;
 pub use self::stats::{RelayMonitor, RelayStats};
-use crate::backend::{Backend, Owner, Ownership};
+use crate::backend::{Backend, Owner};
 use crate::config::RelayConfig;
 use crate::error::OutboxError;
 use crate::outbox::Outbox;
 use crate::row::OutboxRow;
-use crate::sql::Dialect;
 
 /// A relay holds at most this many claims' worth of rows (and bytes) at once.
 const PIPELINE: usize = 2;
@@ -92,7 +92,7 @@ enum Event {
     Confirmed(RowMeta, Verdict),
     Written(Written),
     Wake,
-    Heartbeat,
+    OwnerChanged,
     Renew,
     Timer,
 }
@@ -121,12 +121,14 @@ type ClaimFuture = BoxFuture<'static, Result<Vec<OutboxRow>, OutboxError>>;
 fn spawn_claim<DB: Backend>(
     outbox: &Outbox<DB>,
     owner: Owner,
+    held: Vec<i64>,
     batch: usize,
     bytes: usize,
     lease: Duration,
 ) -> ClaimFuture {
     let (pool, sql) = (outbox.pool().clone(), outbox.sql_arc());
-    let task = AbortOnDrop(tokio::spawn(async move { DB::claim(&pool, &sql, &owner, batch, bytes, lease).await }));
+    let task =
+        AbortOnDrop(tokio::spawn(async move { DB::claim(&pool, &sql, &owner, &held, batch, bytes, lease).await }));
     Box::pin(async move {
         let mut task = task;
         match (&mut task.0).await {
@@ -176,15 +178,6 @@ impl<DB: Backend> Relay<DB> {
         RelayHandle { stop, join, stats, listening }
     }
 
-    /// How often the relay proves it is alive: PostgreSQL pings its lock connection (others see a dead one at
-    /// once); SQLite writes a heartbeat that others read.
-    fn heartbeat_every() -> Duration {
-        match DB::dialect() {
-            Dialect::Postgres => Duration::from_secs(1),
-            Dialect::Sqlite => Duration::from_millis(250),
-        }
-    }
-
     async fn run_reporting(self, stop: CancellationToken, listening: tokio::sync::watch::Sender<bool>) {
         let tasks = stop.child_token();
         let _listener = {
@@ -200,18 +193,19 @@ impl<DB: Backend> Relay<DB> {
         )));
         tracing::info!(relay = %self.id, table = %self.outbox.sql().outbox, "relay started");
 
-        let (pool, sql) = (self.outbox.pool(), self.outbox.sql());
         let retry = self.config.retry.clone();
         let max_rows = self.config.batch_size * PIPELINE;
         let max_bytes = self.config.batch_bytes.saturating_mul(PIPELINE);
         let mut pipeline = Pipeline::default();
         let mut confirms: FuturesUnordered<BoxFuture<'static, (RowMeta, Verdict)>> = FuturesUnordered::new();
-        let mut ownership: Option<Ownership> = None;
+        let living = CancellationToken::new();
+        let (liveness, mut owner_rx, proof) = liveness::spawn(self.outbox.clone(), self.id, living.clone());
+        let mut liveness = AbortOnDrop(liveness);
         // Writes are fenced by the relay's id, which survives a lost liveness proof.
         let mut last_owner: Option<Owner> = None;
-        let mut own_after = Instant::now();
-        // The claim running, with the write-backs it could see when it started.
-        let mut claiming: Option<(u64, ClaimFuture)> = None;
+        let mut woken_while_claiming = false;
+        // The claim running, with the write-backs it could see when it started and the owner it claimed as.
+        let mut claiming: Option<(u64, Owner, ClaimFuture)> = None;
         let mut writing: Option<BoxFuture<'static, Written>> = None;
         let mut want_claim = true;
         let mut not_before = Instant::now();
@@ -219,8 +213,6 @@ impl<DB: Backend> Relay<DB> {
         let mut transport_backoff = TRANSPORT_BACKOFF.0;
         let mut paused = false;
         let mut stopping = false;
-        let mut heartbeat = tokio::time::interval(Self::heartbeat_every());
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let renew_every = self.config.lease / 3;
         let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + renew_every, renew_every);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -228,23 +220,9 @@ impl<DB: Backend> Relay<DB> {
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
-            if ownership.is_none() && !stopping && Instant::now() >= own_after {
-                match DB::hold_ownership(pool, sql, self.id).await {
-                    Ok(held) => {
-                        tracing::debug!(relay = %self.id, owner = ?held.owner, "relay holds its liveness proof");
-                        // Rows held from before a lost proof now point at the new one.
-                        self.renew_leases(&held.owner, &pipeline).await;
-                        last_owner = Some(held.owner);
-                        ownership = Some(held);
-                    }
-                    Err(error) => {
-                        tracing::warn!(relay = %self.id, %error, "relay cannot prove it is alive; not claiming");
-                        own_after = Instant::now() + Duration::from_secs(1);
-                    }
-                }
-            }
-            let owner = ownership.as_ref().map(|o| o.owner);
-            let healthy_now = Instant::now() >= not_before;
+            // Acting (claiming, sending) needs a fresh proof of liveness; writing back only needs the relay's id.
+            let owner = (*owner_rx.borrow()).filter(|_| proof.fresh());
+            let healthy_now = Instant::now() >= not_before && owner.is_some();
             if stopping {
                 pipeline.give_back_unsent(false);
             } else if healthy_now {
@@ -280,7 +258,10 @@ impl<DB: Backend> Relay<DB> {
                         let rows = self.config.batch_size.min(max_rows - pipeline.held_rows());
                         let bytes = self.config.batch_bytes.min(max_bytes - pipeline.held_bytes());
                         let saw = pipeline.writes_done();
-                        claiming = Some((saw, spawn_claim(&self.outbox, owner, rows, bytes, self.config.lease)));
+                        let held = pipeline.held_seqs();
+                        woken_while_claiming = false;
+                        claiming =
+                            Some((saw, owner, spawn_claim(&self.outbox, owner, held, rows, bytes, self.config.lease)));
                     }
                     Err(error) => {
                         if !paused {
@@ -294,24 +275,32 @@ impl<DB: Backend> Relay<DB> {
             let timer_armed = !stopping && Instant::now() < not_before;
             let event = tokio::select! {
                 () = stop.cancelled(), if !stopping => Event::Stop,
-                claimed = pending_or(claiming.as_mut().map(|(_, f)| f)), if claiming.is_some() => Event::Claimed(claimed),
+                claimed = pending_or(claiming.as_mut().map(|(_, _, f)| f)), if claiming.is_some() => Event::Claimed(claimed),
+                Ok(()) = owner_rx.changed() => Event::OwnerChanged,
                 Some((meta, verdict)) = confirms.next(), if !confirms.is_empty() => Event::Confirmed(meta, verdict),
                 written = pending_or(writing.as_mut()), if writing.is_some() => Event::Written(written),
                 () = self.wake.notified(), if !stopping => Event::Wake,
                 _ = poll.tick(), if !stopping => Event::Wake,
-                _ = heartbeat.tick() => Event::Heartbeat,
                 _ = renew.tick() => Event::Renew,
                 () = tokio::time::sleep_until(not_before.into()), if timer_armed => Event::Timer,
             };
             match event {
                 Event::Stop => stopping = true,
                 Event::Claimed(claimed) => {
-                    let (saw, _) = claiming.take().expect("a claim was running");
+                    let Some((saw, claimed_as, _)) = claiming.take() else { continue };
                     match claimed {
-                        Ok(rows) if rows.is_empty() => want_claim = false,
+                        // Nothing claimable; unless a commit woke the relay while it claimed, wait for the next.
+                        Ok(rows) if rows.is_empty() => want_claim = woken_while_claiming,
                         Ok(rows) => {
                             claim_backoff = CLAIM_BACKOFF.0;
                             pipeline.accept(rows, saw, &retry);
+                            let current = *owner_rx.borrow();
+                            if let Some(current) = current
+                                && current != claimed_as
+                            {
+                                // The proof changed while claiming: point the new rows at the current one now.
+                                self.renew_leases(&current, &pipeline).await;
+                            }
                         }
                         Err(error) => {
                             tracing::warn!(relay = %self.id, %error, backoff = ?claim_backoff, "relay claim failed; retrying");
@@ -321,7 +310,7 @@ impl<DB: Backend> Relay<DB> {
                     }
                 }
                 Event::Confirmed(meta, verdict) => {
-                    if !matches!(verdict, Verdict::Published | Verdict::Transport(_)) {
+                    if !matches!(verdict, Verdict::Published | Verdict::Transport { .. }) {
                         Counters::add(&self.stats.publish_failures, 1);
                     }
                     if let Some(error) = pipeline.settle(meta, verdict, &retry) {
@@ -349,15 +338,17 @@ impl<DB: Backend> Relay<DB> {
                     Counters::add(&self.stats.batch_micros, finished.claim_micros);
                     want_claim = true;
                 }
-                Event::Wake | Event::Timer => want_claim = true,
-                Event::Heartbeat => {
-                    if let Some(held) = ownership.as_mut()
-                        && let Err(error) = DB::keep_ownership(pool, sql, held).await
-                    {
-                        tracing::warn!(relay = %self.id, %error, "relay lost its liveness proof: others may take its rows over; it claims nothing until it holds a new one");
-                        if let Some(lost) = ownership.take() {
-                            DB::drop_ownership(pool, sql, lost).await;
-                        }
+                Event::Wake => {
+                    want_claim = true;
+                    woken_while_claiming = claiming.is_some();
+                }
+                Event::Timer => want_claim = true,
+                Event::OwnerChanged => {
+                    let current = *owner_rx.borrow_and_update();
+                    if let Some(current) = current {
+                        last_owner = Some(current);
+                        // Rows held from before a lost proof now point at the new one.
+                        self.renew_leases(&current, &pipeline).await;
                     }
                 }
                 Event::Renew => {
@@ -367,9 +358,9 @@ impl<DB: Backend> Relay<DB> {
                 }
             }
         }
-        if let Some(held) = ownership.take() {
-            DB::drop_ownership(pool, sql, held).await;
-        }
+        // Everything is written back: give the proof up (the rows left, if any, are free at once).
+        living.cancel();
+        let _ = (&mut liveness.0).await;
         tasks.cancel();
         tracing::info!(relay = %self.id, "relay stopped");
     }

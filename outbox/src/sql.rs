@@ -33,7 +33,7 @@ pub(crate) const NOW: &str = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
 // batch under its byte budget (always at least one row). Claiming counts the attempt.
 
 /// How long a SQLite relay's heartbeat may be silent before its rows are free, in milliseconds.
-pub(crate) const SQLITE_RELAY_DEAD_AFTER_MS: i64 = 2_000;
+pub(crate) const SQLITE_RELAY_DEAD_AFTER_MS: i64 = 3_000;
 
 /// PostgreSQL limits identifiers (and so NOTIFY channel names) to 63 bytes.
 const MAX_IDENTIFIER_BYTES: usize = 63;
@@ -119,18 +119,19 @@ impl Sql {
                 ),
                 insert_inbox: format!("INSERT INTO {inbox} (event_id, handler) VALUES ($1, $2) ON CONFLICT DO NOTHING"),
                 claim: {
-                    // $1 rows, $2 relay id, $3 lease ms, $4 the relay's lock key, $5 byte budget, $6 lock namespace.
+                    // $1 rows, $2 relay id, $3 lease ms, $4 the relay's lock key, $5 byte budget, $6 lock namespace,
+                    // $7 the rows this relay holds (its own leased rows that it does not hold are lost to it: free).
                     let free = |r: &str| {
                         format!(
                             "CASE WHEN {r}.locked_until IS NULL OR {r}.locked_until < now() THEN true \
-                               WHEN {r}.locked_by = $2 THEN false \
+                               WHEN {r}.locked_by = $2 THEN NOT ({r}.seq = ANY($7)) \
                                ELSE coalesce(pg_try_advisory_xact_lock($6, {r}.locked_key), false) END"
                         )
                     };
                     let (free_o, free_r) = (free("o"), free("r"));
                     // Held by this relay: published after the earlier rows it holds, in order.
                     // (coalesce: an unleased row has NULLs, which would make the whole test NULL, and so never a blocker.)
-                    let mine_r = "coalesce(r.locked_by = $2 AND r.locked_until >= now(), false)";
+                    let mine_r = "coalesce(r.locked_by = $2 AND r.locked_until >= now() AND r.seq = ANY($7), false)";
                     format!(
                         "WITH picked AS ( \
                            SELECT o.seq, o.partition_key FROM {t} o \
@@ -147,12 +148,13 @@ impl Sql {
                                AND r.status IN ({PENDING}, {FAILED}) AND r.seq NOT IN (SELECT seq FROM picked) \
                                AND NOT (r.status = {PENDING} AND {mine_r})) \
                          ), sized AS ( \
-                           SELECT e.seq, sum(octet_length(x.payload)) OVER (ORDER BY e.seq) \
-                             - octet_length(x.payload) AS before FROM eligible e JOIN {t} x ON x.seq = e.seq \
+                           SELECT e.seq, octet_length(x.payload) AS size, sum(octet_length(x.payload)) OVER \
+                             (ORDER BY e.seq) - octet_length(x.payload) AS before \
+                           FROM eligible e JOIN {t} x ON x.seq = e.seq \
                          ) \
                          UPDATE {t} t SET locked_by = $2, locked_key = $4, attempts = t.attempts + 1, \
                            locked_until = now() + $3 * interval '1 millisecond' \
-                         FROM sized s WHERE t.seq = s.seq AND (s.before = 0 OR s.before < $5) \
+                         FROM sized s WHERE t.seq = s.seq AND (s.before = 0 OR s.before + s.size <= $5) \
                          RETURNING {}",
                         COLUMNS.split(", ").map(|c| format!("t.{c}")).collect::<Vec<_>>().join(", ")
                     )
@@ -223,10 +225,13 @@ impl Sql {
                     "INSERT INTO {inbox} (event_id, handler, handled_at) VALUES (?1, ?2, {NOW}) ON CONFLICT DO NOTHING"
                 ),
                 claim: {
-                    // ?1 rows, ?2 relay id, ?3 lease ms, ?4 the relay's lock key (unused), ?5 byte budget.
+                    // ?1 rows, ?2 relay id, ?3 lease ms, ?4 the relay's lock key (unused), ?5 byte budget, ?6 the
+                    // rows this relay holds (a JSON array; its own leased rows that it does not hold are free).
                     let free = |r: &str| {
                         format!(
-                            "({r}.locked_until IS NULL OR {r}.locked_until < {NOW} OR ({r}.locked_by <> ?2 AND \
+                            "({r}.locked_until IS NULL OR {r}.locked_until < {NOW} \
+                               OR ({r}.locked_by = ?2 AND {r}.seq NOT IN (SELECT value FROM json_each(?6))) \
+                               OR ({r}.locked_by <> ?2 AND \
                                NOT EXISTS (SELECT 1 FROM {relays} h WHERE h.id = {r}.locked_by \
                                  AND h.heartbeat_at > {NOW} - {SQLITE_RELAY_DEAD_AFTER_MS})))"
                         )
@@ -234,7 +239,10 @@ impl Sql {
                     let (free_o, free_r) = (free("o"), free("r"));
                     // Held by this relay: published after the earlier rows it holds, in order.
                     // (coalesce: an unleased row has NULLs, which would make the whole test NULL, and so never a blocker.)
-                    let mine_r = format!("coalesce(r.locked_by = ?2 AND r.locked_until >= {NOW}, 0)");
+                    let mine_r = format!(
+                        "coalesce(r.locked_by = ?2 AND r.locked_until >= {NOW} \
+                           AND r.seq IN (SELECT value FROM json_each(?6)), 0)"
+                    );
                     format!(
                         "WITH picked AS ( \
                            SELECT o.seq, length(o.payload) AS size FROM {t} o \
@@ -246,11 +254,11 @@ impl Sql {
                                    (r.next_attempt_at <= {NOW} AND {free_r}))))) \
                            ORDER BY o.seq LIMIT ?1 \
                          ), sized AS ( \
-                           SELECT seq, sum(size) OVER (ORDER BY seq) - size AS before FROM picked \
+                           SELECT seq, size, sum(size) OVER (ORDER BY seq) - size AS before FROM picked \
                          ) \
                          UPDATE {t} SET locked_by = ?2, locked_key = ?4, attempts = attempts + 1, \
                            locked_until = {NOW} + ?3 \
-                         WHERE seq IN (SELECT seq FROM sized WHERE before = 0 OR before < ?5) \
+                         WHERE seq IN (SELECT seq FROM sized WHERE before = 0 OR before + size <= ?5) \
                          RETURNING {COLUMNS}"
                     )
                 },

@@ -39,6 +39,8 @@ on_both_databases!(
     a_killed_relays_rows_are_taken_over_long_before_its_lease_ends,
     late_results_of_a_relay_that_lost_its_rows_change_nothing,
     a_row_that_keeps_killing_the_relay_becomes_failed,
+    a_transport_error_that_keeps_striking_one_event_on_a_healthy_bus_spends_its_attempts,
+    rows_leased_to_a_relay_that_lost_track_of_them_are_published_at_once,
 );
 
 fn fast_relay() -> RelayConfig {
@@ -443,6 +445,70 @@ async fn a_row_that_keeps_killing_the_relay_becomes_failed<DB: TestDb>() {
     let failed = outbox.failed(10).await.unwrap();
     assert!(failed[0].last_error.as_deref().unwrap_or("").contains("without an outcome"), "{failed:?}");
     assert_eq!(received.total(), 0, "the row that killed three relays is not tried a fourth time");
+    relay.shutdown().await;
+    bus.shutdown(Duration::from_secs(5)).await;
+}
+
+async fn a_transport_error_that_keeps_striking_one_event_on_a_healthy_bus_spends_its_attempts<DB: TestDb>() {
+    let fixture = DB::fixture().await;
+    let outbox = outbox(&fixture).await;
+    let bus = InProcBus::new();
+    let received = Received::subscribe(&bus).await;
+    let scripted = ScriptedBus::new(&bus);
+    // As a broker that closes the channel on one message (over its size limit) while it is otherwise healthy.
+    scripted.rule(|e| (e.key == "poison").then(|| BusError::Transport("channel closed by the broker (test)".into())));
+    let relay = outbox.relay(Arc::new(scripted.clone()), fast_relay()).unwrap().spawn();
+    enqueue(&outbox, numbered("poison", 0..1).into_iter().chain(numbered("ok", 0..10))).await;
+    wait_until("the others delivered", SETTLE, || async { received.of("ok").len() == 10 }).await;
+    wait_until("the poison event is failed, not retried forever", SETTLE, || async {
+        outbox.status().await.unwrap().failed == 1
+    })
+    .await;
+    let failed = outbox.failed(10).await.unwrap();
+    assert_eq!(failed[0].attempts, 3, "{failed:?}");
+    assert!(failed[0].last_error.as_deref().unwrap_or("").contains("while the bus was healthy"), "{failed:?}");
+    relay.shutdown().await;
+    bus.shutdown(Duration::from_secs(5)).await;
+}
+
+async fn rows_leased_to_a_relay_that_lost_track_of_them_are_published_at_once<DB: TestDb>() {
+    let fixture = DB::fixture().await;
+    let outbox = outbox(&fixture).await;
+    let bus = InProcBus::new();
+    let received = Received::subscribe(&bus).await;
+    let config = RelayConfig { lease: Duration::from_secs(30), ..fast_relay() };
+    let relay = outbox.relay(Arc::new(bus.clone()), config).unwrap();
+    enqueue(&outbox, numbered("k", 0..10)).await;
+    // The rows are leased to this relay for 30 s, but it holds none of them (a claim whose answer was lost).
+    let table = fixture.table("outbox");
+    let until =
+        if fixture.schema.is_some() { "now() + interval '30 seconds'".to_owned() } else { format!("{}", i64::MAX / 2) };
+    DB::execute(&fixture.pool, &format!("UPDATE {table} SET locked_by = '{}', locked_until = {until}", relay.id()))
+        .await;
+    let started = Instant::now();
+    let relay = relay.spawn();
+    wait_until("delivered", SETTLE, || async { received.of("k").len() == 10 }).await;
+    assert!(started.elapsed() < Duration::from_secs(5), "they waited for the lease: {:?}", started.elapsed());
+    assert_eq!(received.of("k"), (0..10).collect::<Vec<_>>());
+    relay.shutdown().await;
+    bus.shutdown(Duration::from_secs(5)).await;
+}
+
+/// SQLite stores ids as text: a row another tool wrote with a bad id fails alone, with its reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_row_that_cannot_be_read_back_fails_alone() {
+    let fixture = sqlx::Sqlite::fixture().await;
+    let outbox = outbox(&fixture).await;
+    let bus = InProcBus::new();
+    let received = Received::subscribe(&bus).await;
+    enqueue(&outbox, numbered("a", 0..1)).await;
+    let table = fixture.table("outbox");
+    sqlx::Sqlite::execute(&fixture.pool, &format!("UPDATE {table} SET event_id = 'not-a-uuid'")).await;
+    enqueue(&outbox, numbered("b", 0..5)).await;
+    let relay = outbox.relay(Arc::new(bus.clone()), fast_relay()).unwrap().spawn();
+    wait_until("the others delivered", SETTLE, || async { received.of("b").len() == 5 }).await;
+    wait_until("the bad row is failed", SETTLE, || async { outbox.status().await.unwrap().failed == 1 }).await;
+    assert_eq!(outbox.status().await.unwrap().pending, 0);
     relay.shutdown().await;
     bus.shutdown(Duration::from_secs(5)).await;
 }

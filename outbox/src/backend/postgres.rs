@@ -118,6 +118,7 @@ impl Backend for Postgres {
         pool: &PgPool,
         sql: &Sql,
         owner: &Owner,
+        held: &[i64],
         batch: usize,
         max_bytes: usize,
         lease: Duration,
@@ -129,6 +130,7 @@ impl Backend for Postgres {
             .bind(owner.key)
             .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
             .bind(owner.namespace)
+            .bind(held)
             .fetch_all(pool)
             .await?;
         let mut rows = rows.iter().map(row).collect::<Result<Vec<_>, _>>()?;

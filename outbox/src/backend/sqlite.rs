@@ -107,6 +107,7 @@ impl Backend for Sqlite {
         pool: &SqlitePool,
         sql: &Sql,
         owner: &Owner,
+        held: &[i64],
         batch: usize,
         max_bytes: usize,
         lease: Duration,
@@ -117,11 +118,23 @@ impl Backend for Sqlite {
             .bind(millis(lease))
             .bind(owner.key)
             .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
+            .bind(json_list(held))
             .fetch_all(pool)
             .await?;
-        let mut rows = rows.iter().map(row).collect::<Result<Vec<_>, _>>()?;
-        rows.sort_unstable_by_key(|r| r.seq);
-        Ok(rows)
+        let mut claimed = Vec::with_capacity(rows.len());
+        for r in &rows {
+            match row(r) {
+                Ok(row) => claimed.push(row),
+                // One row that cannot be read back fails alone (with its reason); the others go on.
+                Err(OutboxError::CorruptRow { seq, reason }) => {
+                    tracing::error!(seq, %reason, "outbox row cannot be read back; marked failed");
+                    Self::record_failure(pool, sql, owner, seq, &reason, true, Duration::ZERO).await?;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        claimed.sort_unstable_by_key(|r| r.seq);
+        Ok(claimed)
     }
 
     async fn renew_lease(

@@ -15,6 +15,14 @@ use bus_core::{BusError, Envelope, EventBus, RetryPolicy};
 
 use crate::row::OutboxRow;
 
+/// Transport errors on one event while the bus says it is healthy, before they count as the event's own fault
+/// (an attempt spent): a broker that closes the channel on one message (over its `max_message_size`), a
+/// queue that never confirms it.
+const TRANSPORT_STRIKES: u32 = 3;
+
+/// Strikes are remembered for this many events at most (the relay's memory stays bounded).
+const STRIKES_KEPT: usize = 10_000;
+
 /// What the relay knows of a row while its envelope is with the bus.
 #[derive(Clone, Debug)]
 pub(super) struct RowMeta {
@@ -37,8 +45,9 @@ pub(super) enum Verdict {
     /// The bus confirmed it.
     Published,
     /// The transport was in trouble (no connection, timeout, closed channel, nack while the bus is unhealthy):
-    /// not the event's fault, so no attempt is spent.
-    Transport(BusError),
+    /// not the event's fault, so no attempt is spent. `healthy` when the bus said it was healthy right after
+    /// (a transport error that keeps striking one event on a healthy bus is the event's fault after all).
+    Transport { error: BusError, healthy: bool },
     /// The bus refused this event while healthy (unroutable, nacked): an attempt, then backoff.
     Retryable(BusError),
     /// The event can never be published as it is (too large, invalid): failed at once.
@@ -50,12 +59,13 @@ pub(super) enum Verdict {
 pub(super) async fn verdict(bus: &dyn EventBus, result: Result<(), BusError>) -> Verdict {
     match result {
         Ok(()) => Verdict::Published,
-        Err(error @ (BusError::Transport(_) | BusError::ConfirmationLost(_) | BusError::Closed)) => {
-            Verdict::Transport(error)
+        Err(error @ BusError::Closed) => Verdict::Transport { error, healthy: false },
+        Err(error @ (BusError::Transport(_) | BusError::ConfirmationLost(_))) => {
+            Verdict::Transport { error, healthy: bus.health().await.is_ok() }
         }
         Err(error @ BusError::Nacked { .. }) => match bus.health().await {
             Ok(()) => Verdict::Retryable(error),
-            Err(_) => Verdict::Transport(error),
+            Err(_) => Verdict::Transport { error, healthy: false },
         },
         Err(error @ BusError::Unroutable { .. }) => Verdict::Retryable(error),
         Err(
@@ -136,6 +146,8 @@ pub(super) struct Pipeline {
     writes_started: u64,
     writes_done: u64,
     in_flight: usize,
+    /// Transport errors per event on a healthy bus.
+    strikes: HashMap<i64, u32>,
 }
 
 impl Pipeline {
@@ -232,6 +244,28 @@ impl Pipeline {
     /// Records how a publish ended. Returns the transport error, if that is what stopped it.
     pub fn settle(&mut self, meta: RowMeta, verdict: Verdict, retry: &RetryPolicy) -> Option<BusError> {
         self.in_flight -= 1;
+        let verdict = match verdict {
+            Verdict::Transport { error, healthy: true } => {
+                if self.strikes.len() >= STRIKES_KEPT {
+                    self.strikes.clear();
+                }
+                let strikes = self.strikes.entry(meta.seq).or_default();
+                *strikes += 1;
+                if *strikes >= TRANSPORT_STRIKES {
+                    self.strikes.remove(&meta.seq);
+                    Verdict::Retryable(BusError::ConfirmationLost(format!(
+                        "{TRANSPORT_STRIKES} transport errors on this event while the bus was healthy, last: {error}"
+                    )))
+                } else {
+                    Verdict::Transport { error, healthy: true }
+                }
+            }
+            Verdict::Transport { error, healthy: false } => Verdict::Transport { error, healthy: false },
+            other => {
+                self.strikes.remove(&meta.seq);
+                other
+            }
+        };
         if let Some(key) = &meta.key
             && let Some(queue) = self.keys.get_mut(key)
         {
@@ -247,7 +281,7 @@ impl Pipeline {
                 }
                 None
             }
-            Verdict::Transport(error) => {
+            Verdict::Transport { error, .. } => {
                 self.outcomes.released.push(meta.seq);
                 self.outcomes.transport_released += 1;
                 self.give_back_key(meta.key.as_deref());

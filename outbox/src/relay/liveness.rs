@@ -1,0 +1,109 @@
+//! A relay's proof that it is alive, kept by a task of its own so that a busy engine (or a SQLite write lock
+//! held by someone else) never delays it: PostgreSQL holds a session advisory lock on a connection of its own
+//! and pings it every second; SQLite writes a heartbeat every 250 ms.
+//!
+//! The engine reads the current [`Owner`] (none while the proof is lost) and how fresh the last proof is: when
+//! the proof is getting old, others may soon take the relay's rows, so it stops claiming and sending until the
+//! proof is fresh again.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::backend::{Backend, Owner};
+use crate::outbox::Outbox;
+use crate::sql::{Dialect, SQLITE_RELAY_DEAD_AFTER_MS};
+
+/// When the last proof succeeded, in milliseconds since the clock's start.
+pub(super) struct ProofClock {
+    start: Instant,
+    last: AtomicU64,
+}
+
+impl ProofClock {
+    fn new() -> Self {
+        Self { start: Instant::now(), last: AtomicU64::new(0) }
+    }
+
+    fn beat(&self) {
+        self.last.store(u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// Whether the last proof is recent enough to act on (claim, send).
+    pub fn fresh(&self) -> bool {
+        let now = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        now.saturating_sub(self.last.load(Ordering::Relaxed)) < stale_after_ms()
+    }
+}
+
+fn every<DB: Backend>() -> Duration {
+    match DB::dialect() {
+        Dialect::Postgres => Duration::from_secs(1),
+        Dialect::Sqlite => Duration::from_millis(250),
+    }
+}
+
+/// Past this age the relay stops claiming and sending: half the time after which other SQLite relays count it
+/// dead (PostgreSQL relays see a dead one at once; there the bound only covers a ping that hangs).
+fn stale_after_ms() -> u64 {
+    (SQLITE_RELAY_DEAD_AFTER_MS / 2).unsigned_abs()
+}
+
+/// Starts the liveness task of relay `relay`; it gives the proof up when `stop` is cancelled (its rows are free
+/// at once) and loses it with the process.
+pub(super) fn spawn<DB: Backend>(
+    outbox: Outbox<DB>,
+    relay: Uuid,
+    stop: CancellationToken,
+) -> (tokio::task::JoinHandle<()>, watch::Receiver<Option<Owner>>, Arc<ProofClock>) {
+    let (owner, watching) = watch::channel(None);
+    let clock = Arc::new(ProofClock::new());
+    let beat = clock.clone();
+    let task = tokio::spawn(async move {
+        let (pool, sql) = (outbox.pool(), outbox.sql());
+        while !stop.is_cancelled() {
+            let mut held = match DB::hold_ownership(pool, sql, relay).await {
+                Ok(held) => held,
+                Err(error) => {
+                    tracing::warn!(%relay, %error, "relay cannot prove it is alive; it claims nothing until it can");
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            tracing::debug!(%relay, owner = ?held.owner, "relay holds its liveness proof");
+            beat.beat();
+            owner.send_replace(Some(held.owner));
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => {
+                        owner.send_replace(None);
+                        DB::drop_ownership(pool, sql, held).await;
+                        return;
+                    }
+                    () = tokio::time::sleep(every::<DB>()) => {}
+                }
+                match DB::keep_ownership(pool, sql, &mut held).await {
+                    Ok(()) => beat.beat(),
+                    // A heartbeat that could not be written (the database is busy) is tried again; the proof
+                    // only ages meanwhile. The row is never deleted for it.
+                    Err(error) if DB::dialect() == Dialect::Sqlite => {
+                        tracing::debug!(%relay, %error, "relay heartbeat not written; trying again");
+                    }
+                    Err(error) => {
+                        tracing::warn!(%relay, %error, "relay lost its liveness proof: others may take its rows over; it claims nothing until it holds a new one");
+                        owner.send_replace(None);
+                        DB::drop_ownership(pool, sql, held).await;
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    (task, watching, clock)
+}

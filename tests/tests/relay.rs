@@ -380,8 +380,6 @@ async fn late_results_of_a_relay_that_lost_its_rows_change_nothing<DB: TestDb>()
     // Another relay took the rows over (as after an expired lease) and holds them now.
     let table = fixture.table("outbox");
     let other = "00000000-0000-7000-8000-000000000001";
-    let taken = DB::execute(&fixture.pool, &format!("UPDATE {table} SET locked_by = '{other}'")).await;
-    assert_eq!(taken, 10);
     if fixture.schema.is_none() {
         // SQLite: the other relay's heartbeat says it is alive (PostgreSQL: the rows keep the slow relay's live lock).
         let relays = fixture.table("relays");
@@ -391,6 +389,8 @@ async fn late_results_of_a_relay_that_lost_its_rows_change_nothing<DB: TestDb>()
         )
         .await;
     }
+    let taken = DB::execute(&fixture.pool, &format!("UPDATE {table} SET locked_by = '{other}'")).await;
+    assert_eq!(taken, 10);
     // The slow relay's confirmations arrive now: its marks must not touch rows it no longer owns.
     release.notify_waiters();
     for _ in 0..50 {

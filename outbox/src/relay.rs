@@ -43,6 +43,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bus_core::{BusError, Confirmation, EventBus};
+
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
@@ -204,6 +205,8 @@ impl<DB: Backend> Relay<DB> {
         // Writes are fenced by the relay's id, which survives a lost liveness proof.
         let mut last_owner: Option<Owner> = None;
         let mut woken_while_claiming = false;
+        let mut writing_gives = false;
+        let mut claim_not_before = Instant::now();
         // The claim running, with the write-backs it could see when it started and the owner it claimed as.
         let mut claiming: Option<(u64, Owner, ClaimFuture)> = None;
         let mut writing: Option<BoxFuture<'static, Written>> = None;
@@ -223,6 +226,15 @@ impl<DB: Backend> Relay<DB> {
             // Acting (claiming, sending) needs a fresh proof of liveness; writing back only needs the relay's id.
             let owner = (*owner_rx.borrow()).filter(|_| proof.fresh());
             let healthy_now = Instant::now() >= not_before && owner.is_some();
+            // Write back first: a long send round must not hold marks and releases up.
+            if writing.is_none()
+                && pipeline.has_outcomes()
+                && let Some(owner) = last_owner
+            {
+                let (id, outcomes) = pipeline.take_outcomes();
+                writing_gives = outcomes.gives_back();
+                writing = Some(self.spawn_write(owner, id, outcomes));
+            }
             if stopping {
                 pipeline.give_back_unsent(false);
             } else if healthy_now {
@@ -230,13 +242,6 @@ impl<DB: Backend> Relay<DB> {
                 if !ready.is_empty() {
                     self.send(ready, &mut confirms).await;
                 }
-            }
-            if writing.is_none()
-                && pipeline.has_outcomes()
-                && let Some(owner) = last_owner
-            {
-                let (id, outcomes) = pipeline.take_outcomes();
-                writing = Some(self.spawn_write(owner, id, outcomes));
             }
             if stopping && claiming.is_none() && writing.is_none() && confirms.is_empty() && !pipeline.has_outcomes() {
                 break;
@@ -246,6 +251,11 @@ impl<DB: Backend> Relay<DB> {
                 && want_claim
                 && claiming.is_none()
                 && healthy_now
+                && Instant::now() >= claim_not_before
+                // Rows being given back must be free (or blocking, for failures) before the next claim runs: a
+                // claim that still saw them as this relay's could take their keys' later rows past them.
+                && !pipeline.gives_back()
+                && !writing_gives
                 && pipeline.held_rows() < max_rows
                 && pipeline.held_bytes() < max_bytes
             {
@@ -272,7 +282,11 @@ impl<DB: Backend> Relay<DB> {
                     }
                 }
             }
-            let timer_armed = !stopping && Instant::now() < not_before;
+            // Wake at the next moment sending or claiming may resume.
+            let now = Instant::now();
+            let wait_until = [not_before, claim_not_before].into_iter().filter(|t| *t > now).min();
+            let timer_armed = !stopping && wait_until.is_some();
+            let wait_until = wait_until.unwrap_or(now);
             let event = tokio::select! {
                 () = stop.cancelled(), if !stopping => Event::Stop,
                 claimed = pending_or(claiming.as_mut().map(|(_, _, f)| f)), if claiming.is_some() => Event::Claimed(claimed),
@@ -282,7 +296,7 @@ impl<DB: Backend> Relay<DB> {
                 () = self.wake.notified(), if !stopping => Event::Wake,
                 _ = poll.tick(), if !stopping => Event::Wake,
                 _ = renew.tick() => Event::Renew,
-                () = tokio::time::sleep_until(not_before.into()), if timer_armed => Event::Timer,
+                () = tokio::time::sleep_until(wait_until.into()), if timer_armed => Event::Timer,
             };
             match event {
                 Event::Stop => stopping = true,
@@ -304,7 +318,7 @@ impl<DB: Backend> Relay<DB> {
                         }
                         Err(error) => {
                             tracing::warn!(relay = %self.id, %error, backoff = ?claim_backoff, "relay claim failed; retrying");
-                            not_before = Instant::now() + claim_backoff;
+                            claim_not_before = Instant::now() + claim_backoff;
                             claim_backoff = (claim_backoff * 2).min(CLAIM_BACKOFF.1);
                         }
                     }
@@ -314,6 +328,7 @@ impl<DB: Backend> Relay<DB> {
                         Counters::add(&self.stats.publish_failures, 1);
                     }
                     if let Some(error) = pipeline.settle(meta, verdict, &retry) {
+                        // The bus is in trouble (it says so itself): fail fast.
                         // Fail fast: nothing more goes out; what was not sent goes back with no attempt spent.
                         pipeline.give_back_unsent(true);
                         if Instant::now() >= not_before {
@@ -328,6 +343,7 @@ impl<DB: Backend> Relay<DB> {
                 }
                 Event::Written(written) => {
                     writing = None;
+                    writing_gives = false;
                     let finished = pipeline.written(written.id, &written.outcomes);
                     if written.ok {
                         Counters::add(&self.stats.published, written.marked);
@@ -365,23 +381,41 @@ impl<DB: Backend> Relay<DB> {
         tracing::info!(relay = %self.id, "relay stopped");
     }
 
-    /// Hands `ready` to the bus; each confirmation (at most `confirm_timeout`) becomes a verdict in `confirms`.
+    /// Hands `ready` to the bus, one after the other, for at most a third of the lease (so that renewals and
+    /// write-backs are never held up longer); each confirmation (at most `confirm_timeout`) becomes a verdict in
+    /// `confirms`. The first publish the bus refuses stops the round: it and the rest are transport trouble
+    /// (given back, no attempt spent).
     async fn send(&self, ready: Vec<Ready>, confirms: &mut FuturesUnordered<BoxFuture<'static, (RowMeta, Verdict)>>) {
         let timeout = self.config.confirm_timeout;
-        let lost = |what: &str| {
-            BusError::ConfirmationLost(format!("{what} did not finish within relay.confirm_timeout ({timeout:?})"))
-        };
-        let (metas, envelopes): (Vec<RowMeta>, Vec<_>) = ready.into_iter().map(|r| (r.meta, r.envelope)).unzip();
-        let count = envelopes.len();
-        let confirmations = match tokio::time::timeout(timeout, self.bus.publish_batch(envelopes)).await {
-            Ok(confirmations) => confirmations,
-            Err(_) => (0..count).map(|_| Confirmation::failed(lost("publishing"))).collect(),
-        };
-        for (meta, confirmation) in metas.into_iter().zip(confirmations) {
+        let budget = (self.config.lease / 3).min(timeout);
+        let deadline = tokio::time::Instant::now() + budget;
+        let mut stopped: Option<BusError> = None;
+        for Ready { meta, envelope } in ready {
+            if let Some(error) = &stopped {
+                let error = BusError::ConfirmationLost(format!("not sent: an earlier publish failed ({error})"));
+                confirms.push(Box::pin(async move { (meta, Verdict::Transport { error, healthy: false }) }));
+                continue;
+            }
+            let confirmation = match tokio::time::timeout_at(deadline, self.bus.publish(envelope)).await {
+                Ok(Ok(confirmation)) => confirmation,
+                Ok(Err(error)) => {
+                    stopped = Some(BusError::ConfirmationLost(error.to_string()));
+                    Confirmation::failed(error)
+                }
+                Err(_) => {
+                    let error = BusError::ConfirmationLost(format!("publishing took longer than {budget:?}"));
+                    stopped = Some(BusError::ConfirmationLost(error.to_string()));
+                    confirms.push(Box::pin(async move { (meta, Verdict::Transport { error, healthy: false }) }));
+                    continue;
+                }
+            };
             let bus = self.bus.clone();
-            let lost = lost("the confirmation");
             confirms.push(Box::pin(async move {
-                let result = tokio::time::timeout(timeout, confirmation).await.unwrap_or(Err(lost));
+                let result = tokio::time::timeout(timeout, confirmation).await.unwrap_or_else(|_| {
+                    Err(BusError::ConfirmationLost(format!(
+                        "no confirmation within relay.confirm_timeout ({timeout:?})"
+                    )))
+                });
                 (meta, pipeline::verdict(bus.as_ref(), result).await)
             }));
         }
@@ -391,6 +425,8 @@ impl<DB: Backend> Relay<DB> {
     /// row blocks its key before the key's later rows are free).
     fn spawn_write(&self, owner: Owner, id: u64, outcomes: Outcomes) -> BoxFuture<'static, Written> {
         let (pool, sql, relay) = (self.outbox.pool().clone(), self.outbox.sql_arc(), self.id);
+        // If the task dies, its rows are still no longer held: they go to the lease.
+        let kept = outcomes.clone();
         let task = AbortOnDrop(tokio::spawn(async move {
             let (pool, sql) = (&pool, &*sql);
             let mut written = Written { id, marked: 0, gave_up: 0, ok: true, outcomes: Outcomes::default() };
@@ -445,7 +481,7 @@ impl<DB: Backend> Relay<DB> {
             match (&mut task.0).await {
                 Ok(written) => written,
                 // The write task panicked: its rows stay leased and go to another relay when the lease ends.
-                Err(_) => Written { id, marked: 0, gave_up: 0, ok: false, outcomes: Outcomes::default() },
+                Err(_) => Written { id, marked: 0, gave_up: 0, ok: false, outcomes: kept },
             }
         })
     }

@@ -91,7 +91,7 @@ pub(super) struct Failure {
 
 /// Outcomes waiting to be written, in the order they must be written: failures (which block their keys)
 /// before releases (which free later rows of those keys), marks at any time.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(super) struct Outcomes {
     pub failures: Vec<Failure>,
     pub released: Vec<i64>,
@@ -101,6 +101,11 @@ pub(super) struct Outcomes {
 }
 
 impl Outcomes {
+    /// Whether these outcomes give rows back (failures or releases).
+    pub fn gives_back(&self) -> bool {
+        !self.failures.is_empty() || !self.released.is_empty()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.failures.is_empty() && self.released.is_empty() && self.published.is_empty()
     }
@@ -145,7 +150,6 @@ pub(super) struct Pipeline {
     /// Write-backs handed out, and written.
     writes_started: u64,
     writes_done: u64,
-    in_flight: usize,
     /// Transport errors per event on a healthy bus.
     strikes: HashMap<i64, u32>,
 }
@@ -237,13 +241,12 @@ impl Pipeline {
             }
         }
         out.sort_unstable_by_key(|r| r.meta.seq);
-        self.in_flight += out.len();
         out
     }
 
-    /// Records how a publish ended. Returns the transport error, if that is what stopped it.
+    /// Records how a publish ended. Returns the transport error when the bus itself is in trouble (the relay
+    /// then stops sending and gives everything unsent back).
     pub fn settle(&mut self, meta: RowMeta, verdict: Verdict, retry: &RetryPolicy) -> Option<BusError> {
-        self.in_flight -= 1;
         let verdict = match verdict {
             Verdict::Transport { error, healthy: true } => {
                 if self.strikes.len() >= STRIKES_KEPT {
@@ -281,11 +284,12 @@ impl Pipeline {
                 }
                 None
             }
-            Verdict::Transport { error, .. } => {
+            Verdict::Transport { error, healthy } => {
                 self.outcomes.released.push(meta.seq);
                 self.outcomes.transport_released += 1;
                 self.give_back_key(meta.key.as_deref());
-                Some(error)
+                // On a bus that says it is healthy, only this event's key steps back (its strikes count).
+                (!healthy).then_some(error)
             }
             Verdict::Retryable(error) => {
                 let give_up = !retry.should_retry(meta.attempts);
@@ -340,6 +344,11 @@ impl Pipeline {
         if transport {
             self.outcomes.transport_released += (self.outcomes.released.len() - before) as u64;
         }
+    }
+
+    /// Whether rows wait to be given back (failures or releases not yet handed to a write-back).
+    pub fn gives_back(&self) -> bool {
+        self.outcomes.gives_back()
     }
 
     /// Whether there is something to write back.

@@ -391,3 +391,62 @@ where
 #[cfg(doctest)]
 #[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;
+
+/// Runs each named `async fn name<DB: TestDb>()` of the calling test file on both databases, as
+/// `name::postgres` and `name::sqlite`.
+#[macro_export]
+macro_rules! on_both_databases {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$name::<sqlx::Postgres>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name::<sqlx::Sqlite>().await
+            }
+        }
+    )*};
+}
+
+/// A relay configuration for tests: small batches, a 500 ms lease, a 50 ms poll, 3 attempts 20 ms apart.
+pub fn fast_relay() -> outbox::RelayConfig {
+    outbox::RelayConfig {
+        batch_size: 100,
+        lease: Duration::from_millis(500),
+        poll_interval: Duration::from_millis(50),
+        retry: bus_core::RetryPolicy::exponential(3, Duration::from_millis(20)).with_jitter(0.0),
+        ..outbox::RelayConfig::default()
+    }
+}
+
+/// The fixture's outbox for service `producer`, migrated.
+pub async fn migrated_outbox<DB: TestDb>(fixture: &Fixture<DB>) -> outbox::Outbox<DB> {
+    let outbox =
+        outbox::Outbox::new(fixture.pool.clone(), fixture.outbox_config("producer")).expect("valid outbox config");
+    outbox.migrate().await.expect("migrate");
+    outbox
+}
+
+/// A bus whose publish never returns: a relay on it claims rows and hangs, as one that crashes or hangs on an
+/// event would, before anything reaches a consumer.
+pub struct HangingBus;
+
+#[async_trait]
+impl bus_core::EventBus for HangingBus {
+    async fn publish(&self, _envelope: bus_core::Envelope) -> Result<bus_core::Confirmation, bus_core::BusError> {
+        std::future::pending().await
+    }
+
+    async fn subscribe(
+        &self,
+        _subscription: bus_core::Subscription,
+    ) -> Result<bus_core::SubscriptionHandle, bus_core::BusError> {
+        Err(bus_core::BusError::Closed)
+    }
+
+    async fn health(&self) -> Result<(), bus_core::BusError> {
+        Ok(())
+    }
+}

@@ -11,25 +11,10 @@ use bus_core::{
     SubscriptionHandle,
 };
 use bus_inproc::{InProcBus, InProcConfig};
-use integration_tests::{Fixture, Numbered, TestDb, wait_until};
+use integration_tests::{Fixture, HangingBus, Numbered, TestDb, fast_relay, on_both_databases, wait_until};
 use outbox::{Inbox, InboxConfig, InboxContext, Outbox, OutboxError, RelayConfig, SubscriptionInboxExt};
 
 const SETTLE: Duration = Duration::from_secs(60);
-
-macro_rules! on_both_databases {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                super::$name::<sqlx::Postgres>().await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                super::$name::<sqlx::Sqlite>().await
-            }
-        }
-    )*};
-}
 
 on_both_databases!(
     rolled_back_events_are_never_published,
@@ -43,20 +28,8 @@ on_both_databases!(
     events_a_handler_publishes_carry_correlation_and_causation_and_commit_with_it,
 );
 
-fn fast_relay() -> RelayConfig {
-    RelayConfig {
-        batch_size: 100,
-        lease: Duration::from_millis(500),
-        poll_interval: Duration::from_millis(50),
-        retry: RetryPolicy::exponential(3, Duration::from_millis(20)).with_jitter(0.0),
-        ..RelayConfig::default()
-    }
-}
-
 async fn outbox<DB: TestDb>(fixture: &Fixture<DB>) -> Outbox<DB> {
-    let outbox = Outbox::new(fixture.pool.clone(), fixture.outbox_config("producer")).expect("valid outbox config");
-    outbox.migrate().await.expect("migrate");
-    outbox
+    integration_tests::migrated_outbox(fixture).await
 }
 
 /// Waits until the outbox has nothing pending and the bus has handled everything it took.
@@ -226,23 +199,6 @@ async fn relay_killed_between_confirm_and_mark_redelivers_and_the_inbox_keeps_th
     assert_eq!(outbox.status().await.unwrap().published, 200);
     survivor.shutdown().await;
     bus.shutdown(Duration::from_secs(5)).await;
-}
-
-/// A bus whose publish never returns: the relay hangs after claiming, before anything reaches a consumer.
-struct HangingBus;
-
-#[async_trait]
-impl EventBus for HangingBus {
-    async fn publish(&self, _envelope: Envelope) -> Result<Confirmation, BusError> {
-        futures::future::pending().await
-    }
-    async fn subscribe(&self, _subscription: Subscription) -> Result<SubscriptionHandle, BusError> {
-        Err(BusError::Closed)
-    }
-
-    async fn health(&self) -> Result<(), BusError> {
-        Ok(())
-    }
 }
 
 async fn relay_killed_before_publishing_leaves_its_rows_to_the_next_relay<DB: TestDb>() {

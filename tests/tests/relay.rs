@@ -11,25 +11,10 @@ use bus_core::{
     BusError, Confirmation, DeliveryContext, Envelope, EventBus, RetryPolicy, Subscription, SubscriptionHandle,
 };
 use bus_inproc::InProcBus;
-use integration_tests::{Fixture, Numbered, TestDb, wait_until};
+use integration_tests::{Fixture, HangingBus, Numbered, TestDb, fast_relay, on_both_databases, wait_until};
 use outbox::{Outbox, RelayConfig};
 
 const SETTLE: Duration = Duration::from_secs(60);
-
-macro_rules! on_both_databases {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                super::$name::<sqlx::Postgres>().await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                super::$name::<sqlx::Sqlite>().await
-            }
-        }
-    )*};
-}
 
 on_both_databases!(
     a_bus_outage_longer_than_the_retry_schedule_fails_nothing_and_costs_no_attempt,
@@ -43,20 +28,8 @@ on_both_databases!(
     rows_leased_to_a_relay_that_lost_track_of_them_are_published_at_once,
 );
 
-fn fast_relay() -> RelayConfig {
-    RelayConfig {
-        batch_size: 100,
-        lease: Duration::from_millis(500),
-        poll_interval: Duration::from_millis(50),
-        retry: RetryPolicy::exponential(3, Duration::from_millis(20)).with_jitter(0.0),
-        ..RelayConfig::default()
-    }
-}
-
 async fn outbox<DB: TestDb>(fixture: &Fixture<DB>) -> Outbox<DB> {
-    let outbox = Outbox::new(fixture.pool.clone(), fixture.outbox_config("producer")).expect("valid outbox config");
-    outbox.migrate().await.expect("migrate");
-    outbox
+    integration_tests::migrated_outbox(fixture).await
 }
 
 async fn enqueue<DB: TestDb>(outbox: &Outbox<DB>, events: impl IntoIterator<Item = Numbered>) {
@@ -407,24 +380,6 @@ async fn late_results_of_a_relay_that_lost_its_rows_change_nothing<DB: TestDb>()
     assert_eq!(owners, vec![10]);
     slow.kill().await;
     bus.shutdown(Duration::from_secs(5)).await;
-}
-
-/// A bus whose publish never returns, like a relay that hangs or crashes on an event.
-struct HangingBus;
-
-#[async_trait]
-impl EventBus for HangingBus {
-    async fn publish(&self, _envelope: Envelope) -> Result<Confirmation, BusError> {
-        futures::future::pending().await
-    }
-
-    async fn subscribe(&self, _subscription: Subscription) -> Result<SubscriptionHandle, BusError> {
-        Err(BusError::Closed)
-    }
-
-    async fn health(&self) -> Result<(), BusError> {
-        Ok(())
-    }
 }
 
 async fn a_row_that_keeps_killing_the_relay_becomes_failed<DB: TestDb>() {

@@ -424,3 +424,18 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         },
     },
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::channel_name;
+
+    #[test]
+    fn notify_channels_fit_postgres_identifiers_and_stay_distinct() {
+        assert_eq!(channel_name("shop_bus_outbox".into()), "shop_bus_outbox", "short names are kept as they are");
+        let long = |schema: &str| channel_name(format!("{schema}_{}outbox", "p".repeat(40)));
+        let (a, b) = (long("tenant_number_one"), long("tenant_number_two"));
+        assert!(a.len() <= 63 && b.len() <= 63, "{a} {b}");
+        assert_ne!(a, b, "two long names that share a prefix get different channels");
+        assert_eq!(a, long("tenant_number_one"), "the same name gives the same channel in every process");
+    }
+}

@@ -467,3 +467,28 @@ async fn sqlite_a_row_that_cannot_be_read_back_fails_alone() {
     relay.shutdown().await;
     bus.shutdown(Duration::from_secs(5)).await;
 }
+
+/// A NOTIFY channel name longer than PostgreSQL's 63 bytes (a long schema and table prefix) is hashed to fit:
+/// a relay in another process is still woken by NOTIFY, not by its one-minute poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_long_notify_channel_still_wakes_relays_in_other_processes() {
+    let fixture = sqlx::Postgres::fixture().await;
+    let config = || fixture.outbox_config("producer").table_prefix(format!("{}_", "p".repeat(39)));
+    let producer = Outbox::new(fixture.pool.clone(), config()).unwrap();
+    producer.migrate().await.unwrap();
+    let relay_side = Outbox::new(sqlx::Postgres::second_pool(&fixture).await, config()).unwrap();
+    let bus = InProcBus::new();
+    let received = Received::subscribe(&bus).await;
+    let relay = relay_side
+        .relay(Arc::new(bus.clone()), RelayConfig { poll_interval: Duration::from_secs(60), ..fast_relay() })
+        .unwrap()
+        .spawn();
+    relay.listening().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let committed = Instant::now();
+    enqueue(&producer, numbered("k", 0..1)).await;
+    wait_until("woken by NOTIFY", Duration::from_secs(10), || async { received.of("k").len() == 1 }).await;
+    assert!(committed.elapsed() < Duration::from_secs(5), "woken by its poll: {:?}", committed.elapsed());
+    relay.shutdown().await;
+    bus.shutdown(Duration::from_secs(5)).await;
+}

@@ -186,7 +186,11 @@ impl Backend for Postgres {
     async fn hold_ownership(pool: &PgPool, sql: &Sql, relay: Uuid) -> Result<Ownership, OutboxError> {
         // A connection of its own, outside the pool, for the relay's life: when the process dies or the
         // connection drops, PostgreSQL frees the lock and other relays' claims see the rows as free.
-        let mut connection = PgConnection::connect_with(&pool.connect_options()).await?;
+        let options = pool.connect_options();
+        let connect = PgConnection::connect_with(&options);
+        let mut connection = tokio::time::timeout(Duration::from_secs(10), connect)
+            .await
+            .map_err(|_| OutboxError::Database(sqlx::Error::PoolTimedOut))??;
         let namespace: i32 =
             sqlx::query_scalar("SELECT hashtext($1)").bind(&sql.outbox).fetch_one(&mut connection).await?;
         for _ in 0..16 {

@@ -66,7 +66,11 @@ pub(super) fn spawn<DB: Backend>(
     let task = tokio::spawn(async move {
         let (pool, sql) = (outbox.pool(), outbox.sql());
         while !stop.is_cancelled() {
-            let mut held = match DB::hold_ownership(pool, sql, relay).await {
+            let holding = tokio::select! {
+                () = stop.cancelled() => return,
+                holding = DB::hold_ownership(pool, sql, relay) => holding,
+            };
+            let mut held = match holding {
                 Ok(held) => held,
                 Err(error) => {
                     tracing::warn!(%relay, %error, "relay cannot prove it is alive; it claims nothing until it can");

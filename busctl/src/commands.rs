@@ -27,8 +27,20 @@ pub async fn run(global: Global, command: Command) -> Result<()> {
             Ok(())
         }
         Command::Dlq(command) => dlq(&global, command).await,
-        Command::Replay { queue, from_seq, to_seq, event_type } => {
-            replay(&global, &queue, from_seq, to_seq.unwrap_or(i64::MAX), event_type.as_deref()).await
+        Command::Replay { queue, from_seq, since, to_seq, event_type } => {
+            let from = match since {
+                None => from_seq,
+                Some(since) => match AnyOutbox::connect(&global).await?.seq_before(since).await? {
+                    Some(from) => from,
+                    None => {
+                        emit(global.json, json!({ "queue": queue, "replayed": 0, "last_seq": null }), || {
+                            println!("no retained event was enqueued since {since}");
+                        });
+                        return Ok(());
+                    }
+                },
+            };
+            replay(&global, &queue, from, to_seq.unwrap_or(i64::MAX), event_type.as_deref()).await
         }
     }
 }

@@ -68,8 +68,11 @@ enum Command {
         #[arg(long)]
         queue: String,
         /// Only events with a sequence number above this one.
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, conflicts_with = "since")]
         from_seq: i64,
+        /// Only events enqueued at or after this time (RFC 3339, e.g. 2026-12-02T14:00:00Z).
+        #[arg(long, value_parser = parse_since)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
         /// Only events with a sequence number up to this one.
         #[arg(long)]
         to_seq: Option<i64>,
@@ -142,4 +145,10 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn parse_since(value: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(value)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| format!("{value:?} is not an RFC 3339 time like 2026-12-02T14:00:00Z ({e})"))
 }

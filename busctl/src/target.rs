@@ -85,6 +85,14 @@ impl AnyOutbox {
         }?)
     }
 
+    /// See [`Outbox::seq_before`].
+    pub async fn seq_before(&self, since: chrono::DateTime<chrono::Utc>) -> Result<Option<i64>> {
+        Ok(match self {
+            Self::Postgres(o) => o.seq_before(since).await,
+            Self::Sqlite(o) => o.seq_before(since).await,
+        }?)
+    }
+
     /// See [`Outbox::published_events`].
     pub async fn published_events(
         &self,

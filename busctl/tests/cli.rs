@@ -123,11 +123,11 @@ async fn replay_rebuilds_ordering_s_product_view_and_reaches_no_other_queue() {
         .await;
         assert!(out.json()["forgotten"].as_u64().unwrap() > 0, "{}", out.stdout);
     }
-    let replay = |event_type: &'static str| {
+    let replay_since = |event_type: &'static str, since: Option<&'static str>| {
         let (catalog_url, amqp, exchange, ordering_name) =
             (catalog_url.clone(), amqp.clone(), exchange.clone(), ordering_name.clone());
         async move {
-            ok(&[
+            let mut args = vec![
                 "replay",
                 "--queue",
                 &ordering_name,
@@ -140,13 +140,21 @@ async fn replay_rebuilds_ordering_s_product_view_and_reaches_no_other_queue() {
                 "--exchange",
                 &exchange,
                 "--json",
-            ])
-            .await
-            .json()
+            ];
+            if let Some(since) = since {
+                args.extend(["--since", since]);
+            }
+            ok(&args).await.json()
         }
     };
+    let replay = |event_type: &'static str| replay_since(event_type, None);
     let created = replay("ProductCreated").await;
     assert_eq!(created["replayed"].as_u64(), Some(products.len() as u64), "{created}");
+    // From a time: everything enqueued since then, nothing for a time to come.
+    let since_then = replay_since("ProductCreated", Some("2000-01-01T00:00:00Z")).await;
+    assert_eq!(since_then["replayed"].as_u64(), Some(products.len() as u64), "{since_then}");
+    let from_now_on = replay_since("ProductCreated", Some("2999-01-01T00:00:00+01:00")).await;
+    assert_eq!(from_now_on["replayed"].as_u64(), Some(0), "{from_now_on}");
     let changed = replay("ProductPriceChanged").await;
     assert_eq!(changed["replayed"].as_u64(), Some(2 * products.len() as u64), "{changed}");
     wait_until("the view is rebuilt", Duration::from_secs(30), || async { client.products().await.unwrap() == before })
@@ -301,6 +309,14 @@ async fn bad_usage_and_bad_urls_fail_cleanly() {
     for args in [vec!["nonsense"], vec!["dlq", "list"], vec!["outbox", "retry", "--database-url", "sqlite://x.db"]] {
         let out = busctl(&args).await;
         assert_eq!(out.code, 2, "{args:?}: {}", out.stderr);
+    }
+    for args in [
+        vec!["replay", "--queue", "q", "--since", "yesterday"],
+        vec!["replay", "--queue", "q", "--since", "2026-12-02T14:00:00Z", "--from-seq", "5"],
+    ] {
+        let out = busctl(&args).await;
+        assert_eq!(out.code, 2, "{args:?}: {}", out.stderr);
+        assert!(out.stderr.contains("--since"), "{args:?}: the error names --since: {}", out.stderr);
     }
     let cases: [(&[&str], &str); 4] = [
         (&["outbox", "status", "--database-url", "mysql://root@localhost/x"], "--database-url"),

@@ -140,6 +140,10 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
         limit: i64,
     ) -> Result<Vec<OutboxRow>, OutboxError>;
 
+    /// The lowest sequence number of the rows enqueued at or after `since` (none: no such row).
+    #[doc(hidden)]
+    async fn first_seq_since(pool: &Pool<Self>, sql: &Sql, since: DateTime<Utc>) -> Result<Option<i64>, OutboxError>;
+
     /// Wakes relays in other processes (PostgreSQL `NOTIFY`; nothing on SQLite).
     #[doc(hidden)]
     async fn notify(pool: &Pool<Self>, sql: &Sql) -> Result<(), OutboxError>;

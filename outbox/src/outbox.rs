@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use bus_core::{Envelope, EnvelopeBuilder, EventBus, EventTypeName, GroupName, IntegrationEvent};
+use chrono::{DateTime, Utc};
 use sqlx::{Pool, Transaction};
 use uuid::Uuid;
 
@@ -187,6 +188,15 @@ impl<DB: Backend> Outbox<DB> {
     ) -> Result<Vec<(i64, Envelope)>, OutboxError> {
         let rows = DB::published_range(&self.inner.pool, &self.inner.sql, from_seq, to_seq, event_type, limit).await?;
         rows.iter().map(|r: &OutboxRow| Ok((r.seq, r.to_envelope()?))).collect()
+    }
+
+    /// Where a replay from a point in time starts: the sequence number just below the first event enqueued at
+    /// or after `since` (pass it as `from_seq` to [`published_events`](Self::published_events)); `None` when no
+    /// retained event was enqueued since. Enqueue times come from the database clock. Events of transactions
+    /// that overlapped `since` may be included: a replay from a time gives at least every event since then.
+    /// (The enqueue time is not indexed: this reads the table once, for an operator command.)
+    pub async fn seq_before(&self, since: DateTime<Utc>) -> Result<Option<i64>, OutboxError> {
+        Ok(DB::first_seq_since(&self.inner.pool, &self.inner.sql, since).await?.map(|seq| seq - 1))
     }
 }
 

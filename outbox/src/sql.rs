@@ -88,6 +88,7 @@ pub struct Sql {
     pub delete_inbox: String,
     pub forget_inbox: String,
     pub select_range: String,
+    pub first_seq_since: String,
 }
 
 fn quote(ident: &str) -> String {
@@ -206,6 +207,7 @@ impl Sql {
                     "SELECT {COLUMNS} FROM {t} WHERE seq > $1 AND seq <= $2 AND status = {PUBLISHED} \
                      AND ($3::text IS NULL OR event_type = $3) ORDER BY seq LIMIT $4"
                 ),
+                first_seq_since: format!("SELECT min(seq) FROM {t} WHERE created_at >= $1"),
                 outbox,
                 inbox,
                 migrations,
@@ -312,6 +314,7 @@ impl Sql {
                     "SELECT {COLUMNS} FROM {t} WHERE seq > ?1 AND seq <= ?2 AND status = {PUBLISHED} \
                      AND (?3 IS NULL OR event_type = ?3) ORDER BY seq LIMIT ?4"
                 ),
+                first_seq_since: format!("SELECT min(seq) FROM {t} WHERE created_at >= ?1"),
                 outbox,
                 inbox,
                 migrations,

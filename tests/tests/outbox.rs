@@ -26,6 +26,7 @@ on_both_databases!(
     retention_cleanup_deletes_old_published_and_inbox_rows_only,
     oversized_events_and_bad_settings_are_refused,
     events_a_handler_publishes_carry_correlation_and_causation_and_commit_with_it,
+    a_replay_from_a_point_in_time_starts_at_the_first_event_enqueued_since,
 );
 
 async fn outbox<DB: TestDb>(fixture: &Fixture<DB>) -> Outbox<DB> {
@@ -531,6 +532,27 @@ async fn events_a_handler_publishes_carry_correlation_and_causation_and_commit_w
     assert_eq!(received[0].correlation_id(), "request-42");
     assert_eq!(received[0].source(), Some("producer"));
     assert_eq!(attempts.load(Ordering::SeqCst), 2);
+    relay.shutdown().await;
+    bus.shutdown(Duration::from_secs(5)).await;
+}
+
+async fn a_replay_from_a_point_in_time_starts_at_the_first_event_enqueued_since<DB: TestDb>() {
+    let fixture = DB::fixture().await;
+    let outbox = outbox(&fixture).await;
+    let bus = InProcBus::new();
+    let (_consumer, _inbox) = inbox_consumer(&fixture, &outbox, &bus).await;
+    let relay = outbox.relay(Arc::new(bus.clone()), fast_relay()).unwrap().spawn();
+    enqueue_committed(&outbox, numbered("k", 0..3)).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let since = chrono::Utc::now();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let later = enqueue_committed(&outbox, numbered("k", 3..5)).await;
+    settle(&outbox, &bus).await;
+    let from = outbox.seq_before(since).await.unwrap().expect("events were enqueued since");
+    let replayed: Vec<uuid::Uuid> =
+        outbox.published_events(from, i64::MAX, None, 100).await.unwrap().iter().map(|(_, e)| e.id()).collect();
+    assert_eq!(replayed, later, "exactly the events enqueued since then, in order");
+    assert_eq!(outbox.seq_before(chrono::Utc::now() + chrono::Duration::hours(1)).await.unwrap(), None);
     relay.shutdown().await;
     bus.shutdown(Duration::from_secs(5)).await;
 }

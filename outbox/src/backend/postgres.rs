@@ -279,6 +279,14 @@ impl Backend for Postgres {
         Ok(rows.iter().map(row).collect::<Result<Vec<_>, _>>()?)
     }
 
+    async fn first_seq_since(
+        pool: &PgPool,
+        sql: &Sql,
+        since: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Option<i64>, OutboxError> {
+        Ok(sqlx::query_scalar(&sql.first_seq_since).bind(since).fetch_one(pool).await?)
+    }
+
     async fn notify(pool: &PgPool, sql: &Sql) -> Result<(), OutboxError> {
         sqlx::query("SELECT pg_notify($1, $2)").bind(&sql.channel).bind(&sql.origin).execute(pool).await?;
         Ok(())

@@ -255,6 +255,14 @@ impl Backend for Sqlite {
         rows.iter().map(row).collect()
     }
 
+    async fn first_seq_since(
+        pool: &SqlitePool,
+        sql: &Sql,
+        since: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Option<i64>, OutboxError> {
+        Ok(sqlx::query_scalar(&sql.first_seq_since).bind(since.timestamp_millis()).fetch_one(pool).await?)
+    }
+
     async fn notify(_pool: &SqlitePool, _sql: &Sql) -> Result<(), OutboxError> {
         Ok(())
     }

@@ -53,14 +53,23 @@ async fn outbox(global: &Global, command: OutboxCommand) -> Result<()> {
             let oldest = s.oldest_pending_ms.map(|ms| ms as f64 / 1000.0);
             let value = json!({
                 "pending": s.pending, "in_flight": s.in_flight, "failed": s.failed, "published": s.published,
-                "oldest_pending_seconds": oldest, "parked_keys": s.parked_keys,
+                "oldest_pending_seconds": oldest, "parked_keys": s.parked_keys, "scheduled": s.scheduled,
             });
             emit(global.json, value, || {
                 table(
-                    &["pending", "in flight", "failed", "parked keys", "published (retained)", "oldest pending"],
+                    &[
+                        "pending",
+                        "in flight",
+                        "scheduled",
+                        "failed",
+                        "parked keys",
+                        "published (retained)",
+                        "oldest pending",
+                    ],
                     &[vec![
                         s.pending.to_string(),
                         s.in_flight.to_string(),
+                        s.scheduled.to_string(),
                         s.failed.to_string(),
                         s.parked_keys.to_string(),
                         s.published.to_string(),

@@ -32,7 +32,14 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     async fn migrate(pool: &Pool<Self>, sql: &Sql) -> Result<(), OutboxError>;
 
     #[doc(hidden)]
-    async fn insert_outbox(conn: &mut Self::Connection, sql: &Sql, envelopes: &[Envelope]) -> Result<(), OutboxError>;
+    /// Inserts `envelopes`, to be published from `not_before` on (none: at once).
+    #[doc(hidden)]
+    async fn insert_outbox(
+        conn: &mut Self::Connection,
+        sql: &Sql,
+        envelopes: &[Envelope],
+        not_before: Option<DateTime<Utc>>,
+    ) -> Result<(), OutboxError>;
 
     /// Inserts the inbox row; `true` if it is new (the handler must run), `false` for a duplicate.
     #[doc(hidden)]

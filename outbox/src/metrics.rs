@@ -10,9 +10,10 @@
 //! | `bus_outbox_pending` | gauge | events committed and not yet published (in flight included) |
 //! | `bus_outbox_in_flight` | gauge | pending events claimed by a relay right now |
 //! | `bus_outbox_failed` | gauge | events the relay gave up on (kept; `busctl outbox retry`) |
+//! | `bus_outbox_scheduled` | gauge | pending events scheduled for later (not due yet) |
 //! | `bus_outbox_parked_keys` | gauge | partition keys held behind a failed event (their later events wait) |
 //! | `bus_outbox_retained` | gauge | published events still kept for replay |
-//! | `bus_outbox_oldest_pending_seconds` | gauge | age of the oldest pending event, 0 when none |
+//! | `bus_outbox_oldest_pending_seconds` | gauge | how long the oldest pending event has been due, 0 when none |
 //! | `bus_published_total` | counter | events the relays published (bus confirmed) and marked |
 //! | `bus_publish_failures_total` | counter | publish attempts that failed (each retried later or given up) |
 //! | `bus_relay_batches_total` | counter | relay batches (claim → publish → confirm → mark) |
@@ -167,6 +168,7 @@ impl<DB: Backend> ServiceMetrics<DB> {
         };
         gauge("bus_outbox_pending", "Events committed and not yet published (in flight included)", status.pending);
         gauge("bus_outbox_in_flight", "Pending events claimed by a relay right now", status.in_flight);
+        gauge("bus_outbox_scheduled", "Pending events scheduled for later (not due yet)", status.scheduled);
         gauge("bus_outbox_failed", "Events the relay gave up on, kept until re-queued", status.failed);
         gauge(
             "bus_outbox_parked_keys",

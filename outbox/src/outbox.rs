@@ -102,6 +102,20 @@ impl<DB: Backend> Outbox<DB> {
     /// Writes an event built by `builder` (to set the correlation id, causation, trace context, ...). The
     /// source and the payload limit come from the outbox's settings.
     pub async fn enqueue_with(&self, conn: &mut DB::Connection, builder: EnvelopeBuilder) -> Result<Uuid, OutboxError> {
+        self.enqueue_scheduled(conn, builder, None).await
+    }
+
+    /// Writes an event to be published once `not_before` has come (by the database clock), with the same
+    /// guarantees as any other. A relay publishes it at its first claim after that time (within its
+    /// `poll_interval`, 1 s by default). Per-key order holds: a scheduled keyed event holds back the later
+    /// events of its key until it is published, so schedule keyless events, or give scheduled ones a key of
+    /// their own, unless that is what you want.
+    pub async fn enqueue_scheduled(
+        &self,
+        conn: &mut DB::Connection,
+        builder: EnvelopeBuilder,
+        not_before: Option<DateTime<Utc>>,
+    ) -> Result<Uuid, OutboxError> {
         let envelope = builder
             .source(self.inner.config.service.clone())
             .max_payload_bytes(self.inner.config.max_payload_bytes)
@@ -110,7 +124,7 @@ impl<DB: Backend> Outbox<DB> {
         let trace = bus_core::trace::producer(envelope.trace(), envelope.event_type().as_str(), envelope.id());
         let envelope = envelope.with_trace(trace)?;
         let id = envelope.id();
-        DB::insert_outbox(conn, &self.inner.sql, std::slice::from_ref(&envelope)).await?;
+        DB::insert_outbox(conn, &self.inner.sql, std::slice::from_ref(&envelope), not_before).await?;
         Ok(id)
     }
 
@@ -129,7 +143,7 @@ impl<DB: Backend> Outbox<DB> {
             }
             .into());
         }
-        DB::insert_outbox(conn, &self.inner.sql, envelopes).await
+        DB::insert_outbox(conn, &self.inner.sql, envelopes, None).await
     }
 
     /// Tells the relays that events were committed: the ones in this process wake at once, others through a
@@ -230,6 +244,29 @@ impl<DB: Backend> OutboxTransaction<DB> {
         let id = self.outbox.enqueue(&mut self.tx, event).await?;
         self.enqueued += 1;
         Ok(id)
+    }
+
+    /// Enqueues `event` in this transaction, to be published once `not_before` has come (see
+    /// [`Outbox::enqueue_scheduled`] for what holds); returns its id.
+    pub async fn enqueue_at<E: IntegrationEvent>(
+        &mut self,
+        event: &E,
+        not_before: DateTime<Utc>,
+    ) -> Result<Uuid, OutboxError> {
+        let id = self.outbox.enqueue_scheduled(&mut self.tx, Envelope::for_event(event)?, Some(not_before)).await?;
+        self.enqueued += 1;
+        Ok(id)
+    }
+
+    /// Enqueues `event` in this transaction, to be published `delay` from now (this process's clock).
+    pub async fn enqueue_after<E: IntegrationEvent>(
+        &mut self,
+        event: &E,
+        delay: std::time::Duration,
+    ) -> Result<Uuid, OutboxError> {
+        let delay = chrono::Duration::from_std(delay)
+            .map_err(|_| OutboxError::config("enqueue_after", format!("a delay of {delay:?} is too long")))?;
+        self.enqueue_at(event, Utc::now() + delay).await
     }
 
     /// Enqueues an event built by `builder` in this transaction.

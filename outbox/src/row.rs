@@ -93,7 +93,7 @@ impl FailedEvent {
 /// Counts of the outbox's rows, for metrics and `busctl outbox status`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OutboxStatus {
-    /// Rows waiting to be published (in flight included).
+    /// Rows waiting to be published (in flight and scheduled included).
     pub pending: i64,
     /// Pending rows claimed by a relay right now.
     pub in_flight: i64,
@@ -101,9 +101,12 @@ pub struct OutboxStatus {
     pub failed: i64,
     /// Published rows still retained for replay.
     pub published: i64,
-    /// Age of the oldest pending row, in milliseconds (`None` when nothing is pending).
+    /// How long the oldest pending row has been due, in milliseconds (`None` when nothing is due): from its
+    /// enqueue, or from its not-before time for a scheduled event.
     pub oldest_pending_ms: Option<i64>,
     /// Partition keys parked behind a `failed` row: none of their later events is published until the failed
     /// row is re-queued (`retry_failed`) or skipped.
     pub parked_keys: i64,
+    /// Pending rows scheduled for later (enqueued with a not-before time still to come).
+    pub scheduled: i64,
 }

@@ -32,6 +32,10 @@ pub(crate) const NOW: &str = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
 // rows, so at most one relay holds a key's rows at a time, and it holds a prefix of them. `sized` keeps the
 // batch under its byte budget (always at least one row). Claiming counts the attempt.
 
+/// A pending row that is scheduled (enqueued with a not-before time still to come, never tried yet).
+const SCHEDULED_PG: &str = "(attempts = 0 AND next_attempt_at > now())";
+const SCHEDULED_SQLITE: &str = "(attempts = 0 AND next_attempt_at > CAST(unixepoch('subsec') * 1000 AS INTEGER))";
+
 /// How long a SQLite relay's heartbeat may be silent before its rows are free, in milliseconds.
 pub(crate) const SQLITE_RELAY_DEAD_AFTER_MS: i64 = 3_000;
 
@@ -115,8 +119,8 @@ impl Sql {
             Dialect::Postgres => Self {
                 insert_outbox: format!(
                     "INSERT INTO {t} (event_id, event_type, version, occurred_at, correlation_id, causation_id, \
-                     partition_key, source, traceparent, tracestate, payload) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+                     partition_key, source, traceparent, tracestate, payload, next_attempt_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, coalesce($12, now()))"
                 ),
                 insert_inbox: format!("INSERT INTO {inbox} (event_id, handler) VALUES ($1, $2) ON CONFLICT DO NOTHING"),
                 claim: {
@@ -185,8 +189,10 @@ impl Sql {
                        count(*) FILTER (WHERE status = {PENDING} AND locked_until > now()), \
                        count(*) FILTER (WHERE status = {FAILED}), \
                        count(*) FILTER (WHERE status = {PUBLISHED}), \
-                       (EXTRACT(EPOCH FROM now() - min(created_at) FILTER (WHERE status = {PENDING})) * 1000)::bigint, \
-                       count(DISTINCT partition_key) FILTER (WHERE status = {FAILED}) \
+                       (EXTRACT(EPOCH FROM now() - min(CASE WHEN attempts = 0 THEN greatest(created_at, next_attempt_at) \
+                         ELSE created_at END) FILTER (WHERE status = {PENDING} AND NOT {SCHEDULED_PG})) * 1000)::bigint, \
+                       count(DISTINCT partition_key) FILTER (WHERE status = {FAILED}), \
+                       count(*) FILTER (WHERE status = {PENDING} AND {SCHEDULED_PG}) \
                      FROM {t}"
                 ),
                 failed: format!("SELECT {COLUMNS}, last_error FROM {t} WHERE status = {FAILED} ORDER BY seq LIMIT $1"),
@@ -221,7 +227,7 @@ impl Sql {
                 insert_outbox: format!(
                     "INSERT INTO {t} (event_id, event_type, version, occurred_at, correlation_id, causation_id, \
                      partition_key, source, traceparent, tracestate, payload, next_attempt_at, created_at) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, {NOW}, {NOW})"
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, coalesce(?12, {NOW}), {NOW})"
                 ),
                 insert_inbox: format!(
                     "INSERT INTO {inbox} (event_id, handler, handled_at) VALUES (?1, ?2, {NOW}) ON CONFLICT DO NOTHING"
@@ -293,8 +299,10 @@ impl Sql {
                        coalesce(sum(status = {PENDING} AND locked_until > {NOW}), 0), \
                        coalesce(sum(status = {FAILED}), 0), \
                        coalesce(sum(status = {PUBLISHED}), 0), \
-                       {NOW} - min(CASE WHEN status = {PENDING} THEN created_at END), \
-                       count(DISTINCT CASE WHEN status = {FAILED} THEN partition_key END) \
+                       {NOW} - min(CASE WHEN status = {PENDING} AND NOT ({SCHEDULED_SQLITE}) THEN \
+                         CASE WHEN attempts = 0 THEN max(created_at, next_attempt_at) ELSE created_at END END), \
+                       count(DISTINCT CASE WHEN status = {FAILED} THEN partition_key END), \
+                       coalesce(sum(status = {PENDING} AND {SCHEDULED_SQLITE}), 0) \
                      FROM {t}"
                 ),
                 failed: format!("SELECT {COLUMNS}, last_error FROM {t} WHERE status = {FAILED} ORDER BY seq LIMIT ?1"),

@@ -27,6 +27,7 @@ on_both_databases!(
     oversized_events_and_bad_settings_are_refused,
     events_a_handler_publishes_carry_correlation_and_causation_and_commit_with_it,
     a_replay_from_a_point_in_time_starts_at_the_first_event_enqueued_since,
+    a_scheduled_event_is_published_when_due_and_holds_back_its_key,
 );
 
 async fn outbox<DB: TestDb>(fixture: &Fixture<DB>) -> Outbox<DB> {
@@ -553,6 +554,32 @@ async fn a_replay_from_a_point_in_time_starts_at_the_first_event_enqueued_since<
         outbox.published_events(from, i64::MAX, None, 100).await.unwrap().iter().map(|(_, e)| e.id()).collect();
     assert_eq!(replayed, later, "exactly the events enqueued since then, in order");
     assert_eq!(outbox.seq_before(chrono::Utc::now() + chrono::Duration::hours(1)).await.unwrap(), None);
+    relay.shutdown().await;
+    bus.shutdown(Duration::from_secs(5)).await;
+}
+
+async fn a_scheduled_event_is_published_when_due_and_holds_back_its_key<DB: TestDb>() {
+    let fixture = DB::fixture().await;
+    let outbox = outbox(&fixture).await;
+    let bus = InProcBus::new();
+    let (consumer, _inbox) = inbox_consumer(&fixture, &outbox, &bus).await;
+    let relay = outbox.relay(Arc::new(bus.clone()), fast_relay()).unwrap().spawn();
+    let due = chrono::Utc::now() + chrono::Duration::milliseconds(800);
+    let mut tx = outbox.begin().await.unwrap();
+    tx.enqueue_at(&Numbered { key: "later".into(), seq: 0 }, due).await.unwrap();
+    tx.enqueue(&Numbered { key: "later".into(), seq: 1 }).await.unwrap();
+    tx.enqueue(&Numbered { key: "now".into(), seq: 0 }).await.unwrap();
+    tx.commit().await.unwrap();
+    wait_until("the unscheduled key delivered", SETTLE, || async { consumer.seen.lock().unwrap().len() == 1 }).await;
+    let status = outbox.status().await.unwrap();
+    assert_eq!((status.pending, status.scheduled), (2, 1), "{status:?}");
+    assert!(status.oldest_pending_ms.unwrap_or(0) < 800, "a scheduled event is not counted as waiting: {status:?}");
+    assert!(chrono::Utc::now() < due, "the test checked before the due time");
+    settle(&outbox, &bus).await;
+    assert!(chrono::Utc::now() >= due, "published only once due");
+    let seen = consumer.seen.lock().unwrap().clone();
+    assert_eq!(seen[1..], numbered("later", 0..2), "the scheduled event held back the later one of its key");
+    assert_eq!(outbox.status().await.unwrap().scheduled, 0);
     relay.shutdown().await;
     bus.shutdown(Duration::from_secs(5)).await;
 }

@@ -352,3 +352,41 @@ async fn a_batch_larger_than_the_confirm_window_is_published_without_waiting_on_
     bus.shutdown().await;
     delete_topology(&exchange, &[&group]).await;
 }
+
+/// A scheduled event through the outbox, the relay and RabbitMQ: published once due, not before, and the
+/// event after it with the same key follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_event_goes_out_through_rabbitmq_when_due() {
+    use integration_tests::TestDb;
+    let bus = rabbit_bus(|_| {}).await;
+    let exchange = bus.config().exchange.clone();
+    let group = unique("scheduled");
+    let seen: Arc<Mutex<Vec<(u32, chrono::DateTime<chrono::Utc>)>>> = Arc::default();
+    let s = seen.clone();
+    let consumer = bus
+        .subscribe(Subscription::new(&group).on::<Numbered, _>(move |e: Numbered, _ctx: DeliveryContext| {
+            let seen = s.clone();
+            async move {
+                seen.lock().unwrap().push((e.seq, chrono::Utc::now()));
+                Ok(())
+            }
+        }))
+        .await
+        .unwrap();
+    let fixture = sqlx::Postgres::fixture().await;
+    let outbox = integration_tests::migrated_outbox(&fixture).await;
+    let relay = outbox.relay(Arc::new(bus.clone()), integration_tests::fast_relay()).unwrap().spawn();
+    let due = chrono::Utc::now() + chrono::Duration::milliseconds(700);
+    let mut tx = outbox.begin().await.unwrap();
+    tx.enqueue_at(&Numbered { key: "k".into(), seq: 0 }, due).await.unwrap();
+    tx.enqueue(&Numbered { key: "k".into(), seq: 1 }).await.unwrap();
+    tx.commit().await.unwrap();
+    wait_until("both delivered", WAIT, || async { seen.lock().unwrap().len() == 2 }).await;
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), vec![0, 1], "in key order");
+    assert!(seen[0].1 >= due, "not before its time: {:?} < {due:?}", seen[0].1);
+    relay.shutdown().await;
+    consumer.stop().await;
+    bus.shutdown().await;
+    delete_topology(&exchange, &[&group]).await;
+}

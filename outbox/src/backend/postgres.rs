@@ -84,7 +84,12 @@ impl Backend for Postgres {
         Ok(())
     }
 
-    async fn insert_outbox(conn: &mut PgConnection, sql: &Sql, envelopes: &[Envelope]) -> Result<(), OutboxError> {
+    async fn insert_outbox(
+        conn: &mut PgConnection,
+        sql: &Sql,
+        envelopes: &[Envelope],
+        not_before: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Result<(), OutboxError> {
         for e in envelopes {
             sqlx::query(&sql.insert_outbox)
                 .bind(e.id())
@@ -98,6 +103,7 @@ impl Backend for Postgres {
                 .bind(e.trace().traceparent.as_deref())
                 .bind(e.trace().tracestate.as_deref())
                 .bind(e.payload().as_ref())
+                .bind(not_before)
                 .execute(&mut *conn)
                 .await?;
         }
@@ -240,6 +246,7 @@ impl Backend for Postgres {
             published: r.try_get(3)?,
             oldest_pending_ms: r.try_get(4)?,
             parked_keys: r.try_get(5)?,
+            scheduled: r.try_get(6)?,
         })
     }
 

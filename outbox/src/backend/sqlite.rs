@@ -73,7 +73,12 @@ impl Backend for Sqlite {
         }
     }
 
-    async fn insert_outbox(conn: &mut SqliteConnection, sql: &Sql, envelopes: &[Envelope]) -> Result<(), OutboxError> {
+    async fn insert_outbox(
+        conn: &mut SqliteConnection,
+        sql: &Sql,
+        envelopes: &[Envelope],
+        not_before: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Result<(), OutboxError> {
         for e in envelopes {
             sqlx::query(&sql.insert_outbox)
                 .bind(e.id().to_string())
@@ -87,6 +92,7 @@ impl Backend for Sqlite {
                 .bind(e.trace().traceparent.as_deref())
                 .bind(e.trace().tracestate.as_deref())
                 .bind(e.payload().as_ref())
+                .bind(not_before.map(|t| t.timestamp_millis()))
                 .execute(&mut *conn)
                 .await?;
         }
@@ -211,6 +217,7 @@ impl Backend for Sqlite {
             published: r.try_get(3)?,
             oldest_pending_ms: r.try_get(4)?,
             parked_keys: r.try_get(5)?,
+            scheduled: r.try_get(6)?,
         })
     }
 

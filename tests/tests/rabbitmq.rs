@@ -361,7 +361,8 @@ async fn a_scheduled_event_goes_out_through_rabbitmq_when_due() {
     let bus = rabbit_bus(|_| {}).await;
     let exchange = bus.config().exchange.clone();
     let group = unique("scheduled");
-    let seen: Arc<Mutex<Vec<(u32, chrono::DateTime<chrono::Utc>)>>> = Arc::default();
+    type Arrivals = Arc<Mutex<Vec<(u32, chrono::DateTime<chrono::Utc>)>>>;
+    let seen: Arrivals = Arc::default();
     let s = seen.clone();
     let consumer = bus
         .subscribe(Subscription::new(&group).on::<Numbered, _>(move |e: Numbered, _ctx: DeliveryContext| {

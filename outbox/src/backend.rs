@@ -65,7 +65,7 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
         lease: Duration,
     ) -> Result<Vec<OutboxRow>, OutboxError>;
 
-    /// Extends `owner`'s lease on `seqs` (and points them at its current liveness key); returns how many rows it
+    /// Extends `owner`'s lease on `seqs` (and points them at its current liveness key); returns the rows it
     /// still held.
     #[doc(hidden)]
     async fn renew_lease(
@@ -74,7 +74,7 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
         owner: &Owner,
         seqs: &[i64],
         lease: Duration,
-    ) -> Result<u64, OutboxError>;
+    ) -> Result<Vec<i64>, OutboxError>;
 
     /// Marks `owner`'s rows `seqs` published; rows it no longer holds are left alone. Returns how many it marked.
     #[doc(hidden)]

@@ -313,7 +313,7 @@ impl<DB: Backend> Relay<DB> {
                                 && current != claimed_as
                             {
                                 // The proof changed while claiming: point the new rows at the current one now.
-                                self.renew_leases(&current, &pipeline).await;
+                                self.renew_leases(&current, &mut pipeline).await;
                             }
                         }
                         Err(error) => {
@@ -364,12 +364,12 @@ impl<DB: Backend> Relay<DB> {
                     if let Some(current) = current {
                         last_owner = Some(current);
                         // Rows held from before a lost proof now point at the new one.
-                        self.renew_leases(&current, &pipeline).await;
+                        self.renew_leases(&current, &mut pipeline).await;
                     }
                 }
                 Event::Renew => {
                     if let Some(owner) = owner {
-                        self.renew_leases(&owner, &pipeline).await;
+                        self.renew_leases(&owner, &mut pipeline).await;
                     }
                 }
             }
@@ -488,18 +488,23 @@ impl<DB: Backend> Relay<DB> {
 
     /// Renews the lease of every row the relay holds (and points them at its current liveness key). The engine
     /// does this between its other steps, so a relay that stopped making progress stops renewing.
-    async fn renew_leases(&self, owner: &Owner, pipeline: &Pipeline) {
+    ///
+    /// Rows not yet sent that are no longer this relay's (another relay took them after a lost lease or proof)
+    /// are dropped unsent, and the rest of their keys goes back: the other relay publishes them.
+    async fn renew_leases(&self, owner: &Owner, pipeline: &mut Pipeline) {
         let seqs = pipeline.held_seqs();
         if seqs.is_empty() {
             return;
         }
         let (pool, sql) = (self.outbox.pool(), self.outbox.sql());
         match DB::renew_lease(pool, sql, owner, &seqs, self.config.lease).await {
-            Ok(held) if held < seqs.len() as u64 => tracing::debug!(
-                relay = %self.id, held, leased = seqs.len(),
-                "lease renewed on part of the rows held (the others were just written back, or taken over)"
-            ),
-            Ok(_) => {}
+            Ok(held) => {
+                let held: std::collections::HashSet<i64> = held.into_iter().collect();
+                let lost = pipeline.drop_lost_unsent(&held);
+                if lost > 0 {
+                    tracing::warn!(relay = %self.id, lost, "rows this relay had not sent yet were taken over by another relay (lost lease or liveness proof): dropped here, the other relay publishes them");
+                }
+            }
             Err(error) => tracing::warn!(relay = %self.id, %error, "lease renewal failed"),
         }
     }

@@ -170,7 +170,7 @@ impl Sql {
                 ),
                 renew_lease: format!(
                     "UPDATE {t} SET locked_until = now() + $3 * interval '1 millisecond', locked_key = $4 \
-                     WHERE seq = ANY($1) AND locked_by = $2 AND status = {PENDING}"
+                     WHERE seq = ANY($1) AND locked_by = $2 AND status = {PENDING} RETURNING seq"
                 ),
                 record_failure: format!(
                     "UPDATE {t} SET last_error = $3, locked_by = NULL, locked_until = NULL, locked_key = NULL, \
@@ -277,7 +277,8 @@ impl Sql {
                 ),
                 renew_lease: format!(
                     "UPDATE {t} SET locked_until = {NOW} + ?3, locked_key = ?4 \
-                     WHERE seq IN (SELECT value FROM json_each(?1)) AND locked_by = ?2 AND status = {PENDING}"
+                     WHERE seq IN (SELECT value FROM json_each(?1)) AND locked_by = ?2 AND status = {PENDING} \
+                     RETURNING seq"
                 ),
                 record_failure: format!(
                     "UPDATE {t} SET last_error = ?3, locked_by = NULL, locked_until = NULL, locked_key = NULL, \

@@ -345,7 +345,8 @@ async fn late_results_of_a_relay_that_lost_its_rows_change_nothing<DB: TestDb>()
     let _received = Received::subscribe(&bus).await;
     let withholding = WithholdingBus { inner: bus.clone(), release: Arc::default() };
     let release = withholding.release.clone();
-    let config = RelayConfig { lease: Duration::from_secs(30), ..fast_relay() };
+    // Renewals every 500 ms: the relay soon sees that the rows are no longer its own.
+    let config = RelayConfig { lease: Duration::from_millis(1_500), ..fast_relay() };
     let slow = outbox.relay(Arc::new(withholding), config).unwrap().spawn();
     enqueue(&outbox, numbered("k", 0..10)).await;
     wait_until("the slow relay holds the rows", SETTLE, || async { outbox.status().await.unwrap().in_flight == 10 })
@@ -362,9 +363,16 @@ async fn late_results_of_a_relay_that_lost_its_rows_change_nothing<DB: TestDb>()
         )
         .await;
     }
-    let taken = DB::execute(&fixture.pool, &format!("UPDATE {table} SET locked_by = '{other}'")).await;
+    // (with a lease of its own, as the other relay's renewals keep it)
+    let until =
+        if fixture.schema.is_some() { "now() + interval '1 hour'".to_owned() } else { format!("{}", i64::MAX / 2) };
+    let taken =
+        DB::execute(&fixture.pool, &format!("UPDATE {table} SET locked_by = '{other}', locked_until = {until}")).await;
     assert_eq!(taken, 10);
-    // The slow relay's confirmations arrive now: its marks must not touch rows it no longer owns.
+    let sent = bus.stats().published;
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    // The slow relay's confirmations arrive now: its marks must not touch rows it no longer owns, and it sends
+    // none of the rows it had not sent yet (the other relay publishes them).
     release.notify_waiters();
     for _ in 0..50 {
         release.notify_waiters();
@@ -378,6 +386,7 @@ async fn late_results_of_a_relay_that_lost_its_rows_change_nothing<DB: TestDb>()
     )
     .await;
     assert_eq!(owners, vec![10]);
+    assert_eq!(bus.stats().published, sent, "the rows taken over were not sent again by the slow relay");
     slow.kill().await;
     bus.shutdown(Duration::from_secs(5)).await;
 }

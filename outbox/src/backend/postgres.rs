@@ -150,15 +150,15 @@ impl Backend for Postgres {
         owner: &Owner,
         seqs: &[i64],
         lease: Duration,
-    ) -> Result<u64, OutboxError> {
-        let done = sqlx::query(&sql.renew_lease)
+    ) -> Result<Vec<i64>, OutboxError> {
+        let held = sqlx::query_scalar(&sql.renew_lease)
             .bind(seqs)
             .bind(owner.relay)
             .bind(millis(lease) as f64)
             .bind(owner.key)
-            .execute(pool)
+            .fetch_all(pool)
             .await?;
-        Ok(done.rows_affected())
+        Ok(held)
     }
 
     async fn mark_published(pool: &PgPool, sql: &Sql, owner: &Owner, seqs: &[i64]) -> Result<u64, OutboxError> {

@@ -149,15 +149,15 @@ impl Backend for Sqlite {
         owner: &Owner,
         seqs: &[i64],
         lease: Duration,
-    ) -> Result<u64, OutboxError> {
-        let done = sqlx::query(&sql.renew_lease)
+    ) -> Result<Vec<i64>, OutboxError> {
+        let held = sqlx::query_scalar(&sql.renew_lease)
             .bind(json_list(seqs))
             .bind(owner.relay.to_string())
             .bind(millis(lease))
             .bind(owner.key)
-            .execute(pool)
+            .fetch_all(pool)
             .await?;
-        Ok(done.rows_affected())
+        Ok(held)
     }
 
     async fn mark_published(pool: &SqlitePool, sql: &Sql, owner: &Owner, seqs: &[i64]) -> Result<u64, OutboxError> {

@@ -346,6 +346,58 @@ impl Pipeline {
         }
     }
 
+    /// Drops the rows not yet sent that are no longer this relay's in the database (not in `still_held`): they
+    /// are neither sent nor written back. The rows of their keys it still holds go back, and those keys drain.
+    /// Returns how many rows were dropped.
+    pub fn drop_lost_unsent(&mut self, still_held: &std::collections::HashSet<i64>) -> usize {
+        let mut lost = Vec::new();
+        self.keyless.retain(|r| {
+            let keep = still_held.contains(&r.meta.seq);
+            if !keep {
+                lost.push(r.meta.seq);
+            }
+            keep
+        });
+        let touched: Vec<String> = self
+            .keys
+            .iter()
+            .filter(|(_, q)| q.waiting.iter().any(|r| !still_held.contains(&r.meta.seq)))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in touched {
+            let Some(queue) = self.keys.remove(&key) else { continue };
+            for row in queue.waiting {
+                if still_held.contains(&row.meta.seq) {
+                    self.outcomes.released.push(row.meta.seq);
+                } else {
+                    lost.push(row.meta.seq);
+                }
+            }
+            if queue.sending {
+                self.keys.insert(key.clone(), KeyQueue { waiting: VecDeque::new(), sending: true });
+            }
+            self.draining.insert(key, self.writes_started + 1);
+        }
+        for seq in &lost {
+            self.unhold(*seq);
+        }
+        lost.len()
+    }
+
+    /// Forgets a held row; returns the claim it finished, if it was that claim's last row.
+    fn unhold(&mut self, seq: i64) -> Option<Instant> {
+        let held = self.held.remove(&seq)?;
+        self.held_bytes -= held.bytes;
+        let (left, started) = self.claims.get_mut(&held.claim)?;
+        *left -= 1;
+        if *left > 0 {
+            return None;
+        }
+        let started = *started;
+        self.claims.remove(&held.claim);
+        Some(started)
+    }
+
     /// Whether rows wait to be given back (failures or releases not yet handed to a write-back).
     pub fn gives_back(&self) -> bool {
         self.outcomes.gives_back()
@@ -367,16 +419,11 @@ impl Pipeline {
     pub fn written(&mut self, id: u64, outcomes: &Outcomes) -> Finished {
         self.writes_done = self.writes_done.max(id);
         let mut finished = Finished::default();
-        for seq in outcomes.seqs() {
-            let Some(held) = self.held.remove(&seq) else { continue };
-            self.held_bytes -= held.bytes;
-            if let Some((left, started)) = self.claims.get_mut(&held.claim) {
-                *left -= 1;
-                if *left == 0 {
-                    finished.claims += 1;
-                    finished.claim_micros += u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-                    self.claims.remove(&held.claim);
-                }
+        let seqs: Vec<i64> = outcomes.seqs().collect();
+        for seq in seqs {
+            if let Some(started) = self.unhold(seq) {
+                finished.claims += 1;
+                finished.claim_micros += u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
             }
         }
         finished

@@ -33,8 +33,9 @@ pub(crate) const NOW: &str = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
 // batch under its byte budget (always at least one row). Claiming counts the attempt.
 
 /// A pending row that is scheduled (enqueued with a not-before time still to come, never tried yet).
-const SCHEDULED_PG: &str = "(attempts = 0 AND next_attempt_at > now())";
-const SCHEDULED_SQLITE: &str = "(attempts = 0 AND next_attempt_at > CAST(unixepoch('subsec') * 1000 AS INTEGER))";
+fn scheduled(now: &str) -> String {
+    format!("(attempts = 0 AND next_attempt_at > {now})")
+}
 
 /// How long a SQLite relay's heartbeat may be silent before its rows are free, in milliseconds.
 pub(crate) const SQLITE_RELAY_DEAD_AFTER_MS: i64 = 3_000;
@@ -115,6 +116,7 @@ impl Sql {
         ));
         let origin = uuid::Uuid::new_v4().simple().to_string();
         let t = &outbox;
+        let (scheduled_pg, scheduled_sqlite) = (scheduled("now()"), scheduled(NOW));
         match dialect {
             Dialect::Postgres => Self {
                 insert_outbox: format!(
@@ -190,9 +192,9 @@ impl Sql {
                        count(*) FILTER (WHERE status = {FAILED}), \
                        count(*) FILTER (WHERE status = {PUBLISHED}), \
                        (EXTRACT(EPOCH FROM now() - min(CASE WHEN attempts = 0 THEN greatest(created_at, next_attempt_at) \
-                         ELSE created_at END) FILTER (WHERE status = {PENDING} AND NOT {SCHEDULED_PG})) * 1000)::bigint, \
+                         ELSE created_at END) FILTER (WHERE status = {PENDING} AND NOT {scheduled_pg})) * 1000)::bigint, \
                        count(DISTINCT partition_key) FILTER (WHERE status = {FAILED}), \
-                       count(*) FILTER (WHERE status = {PENDING} AND {SCHEDULED_PG}) \
+                       count(*) FILTER (WHERE status = {PENDING} AND {scheduled_pg}) \
                      FROM {t}"
                 ),
                 failed: format!("SELECT {COLUMNS}, last_error FROM {t} WHERE status = {FAILED} ORDER BY seq LIMIT $1"),
@@ -300,10 +302,10 @@ impl Sql {
                        coalesce(sum(status = {PENDING} AND locked_until > {NOW}), 0), \
                        coalesce(sum(status = {FAILED}), 0), \
                        coalesce(sum(status = {PUBLISHED}), 0), \
-                       {NOW} - min(CASE WHEN status = {PENDING} AND NOT ({SCHEDULED_SQLITE}) THEN \
+                       {NOW} - min(CASE WHEN status = {PENDING} AND NOT ({scheduled_sqlite}) THEN \
                          CASE WHEN attempts = 0 THEN max(created_at, next_attempt_at) ELSE created_at END END), \
                        count(DISTINCT CASE WHEN status = {FAILED} THEN partition_key END), \
-                       coalesce(sum(status = {PENDING} AND {SCHEDULED_SQLITE}), 0) \
+                       coalesce(sum(status = {PENDING} AND {scheduled_sqlite}), 0) \
                      FROM {t}"
                 ),
                 failed: format!("SELECT {COLUMNS}, last_error FROM {t} WHERE status = {FAILED} ORDER BY seq LIMIT ?1"),

@@ -263,7 +263,7 @@ impl Pipeline {
                     Verdict::Transport { error, healthy: true }
                 }
             }
-            Verdict::Transport { error, healthy: false } => Verdict::Transport { error, healthy: false },
+            unhealthy @ Verdict::Transport { healthy: false, .. } => unhealthy,
             other => {
                 self.strikes.remove(&meta.seq);
                 other
@@ -365,18 +365,17 @@ impl Pipeline {
             .map(|(k, _)| k.clone())
             .collect();
         for key in touched {
-            let Some(queue) = self.keys.remove(&key) else { continue };
-            for row in queue.waiting {
-                if still_held.contains(&row.meta.seq) {
-                    self.outcomes.released.push(row.meta.seq);
-                } else {
-                    lost.push(row.meta.seq);
-                }
+            // The lost rows go unsent; the ones still held go back with the rest of the key.
+            if let Some(queue) = self.keys.get_mut(&key) {
+                queue.waiting.retain(|r| {
+                    let keep = still_held.contains(&r.meta.seq);
+                    if !keep {
+                        lost.push(r.meta.seq);
+                    }
+                    keep
+                });
             }
-            if queue.sending {
-                self.keys.insert(key.clone(), KeyQueue { waiting: VecDeque::new(), sending: true });
-            }
-            self.draining.insert(key, self.writes_started + 1);
+            self.give_back_key(Some(&key));
         }
         for seq in &lost {
             self.unhold(*seq);

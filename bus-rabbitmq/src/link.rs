@@ -143,7 +143,7 @@ impl Link {
                 Err(error) => {
                     failures += 1;
                     // Log the first failure and then every tenth, not every attempt.
-                    if failures == 1 || failures % 10 == 0 {
+                    if failures == 1 || failures.is_multiple_of(10) {
                         tracing::warn!(url = %self.config.url, %error, attempts = failures, ?delay, "cannot connect to RabbitMQ; retrying");
                     }
                     tokio::select! {

@@ -13,6 +13,7 @@ use crate::row::{FailedEvent, OutboxRow, OutboxStatus};
 use crate::sql::{Dialect, Sql};
 
 mod postgres;
+mod relay_lock;
 mod sqlite;
 
 mod sealed {
@@ -99,12 +100,13 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     async fn release(pool: &Pool<Self>, sql: &Sql, owner: &Owner, seqs: &[i64]) -> Result<u64, OutboxError>;
 
     /// Makes `relay` known as alive, for as long as the returned [`Ownership`] is kept (PostgreSQL: a session
-    /// advisory lock on a connection of its own; SQLite: a heartbeat row).
+    /// advisory lock on a connection of its own; SQLite: a lock on a file of its own, and a registration row).
     #[doc(hidden)]
     async fn hold_ownership(pool: &Pool<Self>, sql: &Sql, relay: Uuid) -> Result<Ownership, OutboxError>;
 
-    /// Proves `owner` is still alive (PostgreSQL: the lock's connection answers; SQLite: a heartbeat). An error
-    /// means the relay may have lost its rows to others: it must stop claiming until it holds a new ownership.
+    /// Proves `owner` is still alive (PostgreSQL: the lock's connection answers; SQLite: its registration is
+    /// there, and the registrations of relays found dead are removed, which frees their rows). An error means the
+    /// relay may have lost its rows to others: it must stop claiming until it holds a new ownership.
     #[doc(hidden)]
     async fn keep_ownership(pool: &Pool<Self>, sql: &Sql, owner: &mut Ownership) -> Result<(), OutboxError>;
 
@@ -177,6 +179,10 @@ pub struct Ownership {
     pub(crate) owner: Owner,
     /// PostgreSQL: the connection that holds the session lock, for the relay's life.
     pub(crate) connection: Option<sqlx::PgConnection>,
+    /// SQLite: the relay's file lock, and where the other relays' locks are.
+    pub(crate) lock: Option<(relay_lock::RelayLock, relay_lock::LockPlace)>,
+    /// SQLite: proofs since the registration was last refreshed.
+    pub(crate) proofs: u32,
 }
 
 impl std::fmt::Debug for Ownership {

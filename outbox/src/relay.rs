@@ -6,8 +6,9 @@
 //!   marking leaves its rows leased; another relay (or itself restarted) publishes them again. So an event may be
 //!   published twice, never zero times: the consumers' inbox drops the duplicate.
 //! - **Ownership by liveness.** A relay proves it is alive for as long as it runs (PostgreSQL: a session advisory
-//!   lock on a connection of its own; SQLite: a heartbeat every 250 ms). Rows leased by a relay that is gone are
-//!   free at once on PostgreSQL and after 2 s of silence on SQLite, so a killed service's events move on within
+//!   lock on a connection of its own; SQLite: a lock on a file of its own beside the database, which nothing has to
+//!   renew on time, so a relay whose writes wait behind others' locks is never taken for dead). Rows leased by a
+//!   relay that is gone are free at once on PostgreSQL and within 250 ms on SQLite, so a killed service's events move on within
 //!   about a second instead of waiting for the lease. The lease (renewed while the relay makes progress) stays as
 //!   the last line of defence against a relay that is alive but stuck. Results are fenced by owner: a relay that
 //!   lost its rows to another cannot mark or fail them.
@@ -580,7 +581,7 @@ impl RelayHandle {
     }
 
     /// Kills the relay where it stands, as a crash would: its liveness proof goes with it (PostgreSQL: the lock
-    /// connection is dropped; SQLite: the heartbeat stops), so other relays take its rows over. For
+    /// connection is dropped; SQLite: the file lock is released), so other relays take its rows over. For
     /// fault-injection tests.
     pub async fn kill(self) {
         self.join.abort();

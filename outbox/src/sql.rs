@@ -23,7 +23,8 @@ pub enum Dialect {
 pub(crate) const NOW: &str = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
 
 // The claim. A row is claimable when it is pending, due, and its lease is free: never leased, expired, or held by
-// a relay that is gone (PostgreSQL: its session advisory lock is free; SQLite: its heartbeat stopped). A keyed
+// a relay that is gone (PostgreSQL: its session advisory lock is free; SQLite: its registration was removed by a
+// relay that found its lock file free). A keyed
 // row is eligible only when every earlier unpublished row of its key (pending or failed) is claimable too or
 // already held by this relay (which publishes a key's rows one after the other, in order), and this filter
 // runs before the LIMIT, so a key that is blocked (head in backoff, failed, or held by another live relay)
@@ -37,8 +38,12 @@ fn scheduled(now: &str) -> String {
     format!("(attempts = 0 AND next_attempt_at > {now})")
 }
 
-/// How long a SQLite relay's heartbeat may be silent before its rows are free, in milliseconds.
-pub(crate) const SQLITE_RELAY_DEAD_AFTER_MS: i64 = 3_000;
+/// How often a SQLite relay refreshes its registration, and how old the registration of a relay whose lock file
+/// this process cannot see may get before it is forgotten (its rows then free), in milliseconds.
+pub(crate) const SQLITE_REGISTRATION_REFRESH_MS: i64 = 10_000;
+/// How often a SQLite relay looks for dead relays (and so how soon their rows are free), in milliseconds.
+pub(crate) const SQLITE_PROOF_INTERVAL_MS: i64 = 250;
+pub(crate) const SQLITE_UNSEEN_RELAY_FORGOTTEN_AFTER_MS: i64 = 60_000;
 
 /// PostgreSQL limits identifiers (and so NOTIFY channel names) to 63 bytes.
 const MAX_IDENTIFIER_BYTES: usize = 63;
@@ -84,7 +89,9 @@ pub struct Sql {
     pub renew_lease: String,
     pub record_failure: String,
     pub release: String,
-    pub heartbeat: String,
+    pub register_relay: String,
+    pub refresh_relay: String,
+    pub other_relays: String,
     pub forget_relay: String,
     pub status: String,
     pub failed: String,
@@ -184,7 +191,9 @@ impl Sql {
                     "UPDATE {t} SET attempts = greatest(attempts - 1, 0), locked_by = NULL, locked_until = NULL, \
                      locked_key = NULL WHERE seq = ANY($1) AND locked_by = $2 AND status = {PENDING}"
                 ),
-                heartbeat: String::new(),
+                register_relay: String::new(),
+                refresh_relay: String::new(),
+                other_relays: String::new(),
                 forget_relay: String::new(),
                 status: format!(
                     "SELECT count(*) FILTER (WHERE status = {PENDING}), \
@@ -242,8 +251,7 @@ impl Sql {
                             "({r}.locked_until IS NULL OR {r}.locked_until < {NOW} \
                                OR ({r}.locked_by = ?2 AND {r}.seq NOT IN (SELECT value FROM json_each(?6))) \
                                OR ({r}.locked_by <> ?2 AND \
-                               NOT EXISTS (SELECT 1 FROM {relays} h WHERE h.id = {r}.locked_by \
-                                 AND h.heartbeat_at > {NOW} - {SQLITE_RELAY_DEAD_AFTER_MS})))"
+                               NOT EXISTS (SELECT 1 FROM {relays} h WHERE h.id = {r}.locked_by)))"
                         )
                     };
                     let (free_o, free_r) = (free("o"), free("r"));
@@ -292,11 +300,18 @@ impl Sql {
                      locked_key = NULL \
                      WHERE seq IN (SELECT value FROM json_each(?1)) AND locked_by = ?2 AND status = {PENDING}"
                 ),
-                heartbeat: format!(
+                // A relay's registration: while it is there, the relay's rows are its own until their lease ends
+                // (`heartbeat_at` is when it was last refreshed).
+                register_relay: format!(
                     "INSERT INTO {relays} (id, heartbeat_at) VALUES (?1, {NOW}) \
                      ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at"
                 ),
-                forget_relay: format!("DELETE FROM {relays} WHERE id = ?1 OR heartbeat_at < {NOW} - 86400000"),
+                refresh_relay: format!("UPDATE {relays} SET heartbeat_at = {NOW} WHERE id = ?1"),
+                other_relays: format!(
+                    "SELECT id, heartbeat_at < {NOW} - {SQLITE_UNSEEN_RELAY_FORGOTTEN_AFTER_MS} FROM {relays} \
+                     WHERE id <> ?1"
+                ),
+                forget_relay: format!("DELETE FROM {relays} WHERE id = ?1"),
                 status: format!(
                     "SELECT coalesce(sum(status = {PENDING}), 0), \
                        coalesce(sum(status = {PENDING} AND locked_until > {NOW}), 0), \

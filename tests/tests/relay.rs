@@ -458,6 +458,54 @@ async fn rows_leased_to_a_relay_that_lost_track_of_them_are_published_at_once<DB
     bus.shutdown(Duration::from_secs(5)).await;
 }
 
+/// SQLite: a relay that is alive keeps its rows however late its writes are. On a loaded machine a write waits
+/// seconds behind others' write locks; here the liveness table is made to say every relay fell silent a minute
+/// ago, over and over, and the other relay must still leave the rows alone (no event is published twice). Its
+/// death alone frees them, at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_live_relay_keeps_its_rows_however_late_its_writes_are() {
+    let fixture = sqlx::Sqlite::fixture().await;
+    let outbox = outbox(&fixture).await;
+    let other_process =
+        Outbox::new(sqlx::Sqlite::second_pool(&fixture).await, fixture.outbox_config("producer")).unwrap();
+    let bus = InProcBus::new();
+    let received = Received::subscribe(&bus).await;
+    let long_lease = RelayConfig { lease: Duration::from_secs(30), ..fast_relay() };
+    let withholding = WithholdingBus { inner: bus.clone(), release: Arc::default() };
+    let holder = outbox.relay(Arc::new(withholding), long_lease.clone()).unwrap().spawn();
+    enqueue(&outbox, numbered("k", 0..20)).await;
+    wait_until("the holder holds the rows", SETTLE, || async { outbox.status().await.unwrap().in_flight == 20 }).await;
+    bus.settled().await;
+    let sent_by_the_holder = received.total();
+    let other = other_process.relay(Arc::new(bus.clone()), long_lease).unwrap().spawn();
+    let relays = fixture.table("relays");
+    let silent = Instant::now();
+    while silent.elapsed() < Duration::from_secs(4) {
+        sqlx::Sqlite::execute(
+            &fixture.pool,
+            &format!("UPDATE {relays} SET heartbeat_at = CAST(unixepoch('subsec') * 1000 AS INTEGER) - 60000"),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bus.settled().await;
+    assert_eq!(
+        received.total(),
+        sent_by_the_holder,
+        "the other relay took the rows of a live relay and sent them again"
+    );
+    assert_eq!(other_process.status().await.unwrap().published, 0);
+    holder.kill().await;
+    let killed = Instant::now();
+    wait_until("the other relay published them all", SETTLE, || async {
+        other_process.status().await.unwrap().published == 20
+    })
+    .await;
+    assert!(killed.elapsed() < Duration::from_secs(3), "a dead relay's rows waited: {:?}", killed.elapsed());
+    other.shutdown().await;
+    bus.shutdown(Duration::from_secs(5)).await;
+}
+
 /// SQLite stores ids as text: a row another tool wrote with a bad id fails alone, with its reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_a_row_that_cannot_be_read_back_fails_alone() {

@@ -30,11 +30,11 @@ pub async fn raw_lapin(sink: &Sink, count: u64) -> anyhow::Result<f64> {
     let start = Instant::now();
     let mut pending = VecDeque::with_capacity(IN_FLIGHT);
     for seq in 0..count {
-        if pending.len() == IN_FLIGHT {
-            if let Some(confirm) = pending.pop_front() {
-                let confirm: lapin::PublisherConfirm = confirm;
-                anyhow::ensure!(confirm.await?.is_ack(), "nack");
-            }
+        if pending.len() == IN_FLIGHT
+            && let Some(confirm) = pending.pop_front()
+        {
+            let confirm: lapin::PublisherConfirm = confirm;
+            anyhow::ensure!(confirm.await?.is_ack(), "nack");
         }
         let mut headers = FieldTable::default();
         headers.insert("x-event-version".into(), AMQPValue::LongLongInt(1));

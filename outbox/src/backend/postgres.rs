@@ -207,7 +207,12 @@ impl Backend for Postgres {
                 .fetch_one(&mut connection)
                 .await?;
             if locked {
-                return Ok(Ownership { owner: Owner { relay, key, namespace }, connection: Some(connection) });
+                return Ok(Ownership {
+                    owner: Owner { relay, key, namespace },
+                    connection: Some(connection),
+                    lock: None,
+                    proofs: 0,
+                });
             }
         }
         Err(OutboxError::config("relay", "no free advisory lock key after 16 tries (too many relays?)"))

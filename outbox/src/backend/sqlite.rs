@@ -12,10 +12,32 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::relay_lock::{Liveness, LockPlace};
 use super::{Backend, Owner, Ownership, from_ms, json_list, millis};
 use crate::error::OutboxError;
 use crate::row::{FailedEvent, OutboxRow, OutboxStatus};
-use crate::sql::{Dialect, MIGRATIONS, NOW, Sql};
+use crate::sql::{Dialect, MIGRATIONS, NOW, SQLITE_PROOF_INTERVAL_MS, SQLITE_REGISTRATION_REFRESH_MS, Sql};
+
+/// Removes the registrations of the other relays found dead (their lock is free; or, for a relay whose lock file
+/// this process cannot see, no refresh for a minute): their rows are free at the next claim.
+async fn forget_dead_relays(pool: &SqlitePool, sql: &Sql, relay: Uuid, place: &LockPlace) -> Result<(), OutboxError> {
+    let others: Vec<(String, bool)> = sqlx::query_as(&sql.other_relays).bind(relay.to_string()).fetch_all(pool).await?;
+    for (id, unseen_for_long) in others {
+        let dead = match Uuid::parse_str(&id).map(|other| place.probe(other)) {
+            Ok(Liveness::Alive) => false,
+            Ok(Liveness::Dead) => true,
+            Ok(Liveness::Unknown) | Err(_) => unseen_for_long,
+        };
+        if dead {
+            tracing::info!(%relay, dead = %id, "a relay is gone: its rows are free");
+            sqlx::query(&sql.forget_relay).bind(&id).execute(pool).await?;
+            if let Ok(other) = Uuid::parse_str(&id) {
+                place.remove(other);
+            }
+        }
+    }
+    Ok(())
+}
 
 fn parse_uuid(seq: i64, value: &str) -> Result<Uuid, OutboxError> {
     Uuid::parse_str(value).map_err(|e| OutboxError::CorruptRow { seq, reason: format!("bad uuid {value:?}: {e}") })
@@ -192,19 +214,49 @@ impl Backend for Sqlite {
     }
 
     async fn hold_ownership(pool: &SqlitePool, sql: &Sql, relay: Uuid) -> Result<Ownership, OutboxError> {
-        sqlx::query(&sql.heartbeat).bind(relay.to_string()).execute(pool).await?;
-        Ok(Ownership { owner: Owner { relay, key: 0, namespace: 0 }, connection: None })
+        // The lock first, then the registration: whoever sees the registration can probe the lock.
+        let place = LockPlace::of(pool.connect_options().get_filename());
+        let lock = place.acquire(relay).map_err(|error| {
+            OutboxError::config("relay", format!("cannot hold the relay's lock file beside the database: {error}"))
+        })?;
+        sqlx::query(&sql.register_relay).bind(relay.to_string()).execute(pool).await?;
+        Ok(Ownership {
+            owner: Owner { relay, key: 0, namespace: 0 },
+            connection: None,
+            lock: Some((lock, place)),
+            proofs: 0,
+        })
     }
 
     async fn keep_ownership(pool: &SqlitePool, sql: &Sql, owner: &mut Ownership) -> Result<(), OutboxError> {
-        sqlx::query(&sql.heartbeat).bind(owner.owner.relay.to_string()).execute(pool).await?;
+        // The proof is the lock, held as long as the process lives: a busy database delays the work below but
+        // never weakens the proof, so its errors are only logged.
+        let relay = owner.owner.relay;
+        let Some((_, place)) = &owner.lock else { return Ok(()) };
+        if let Err(error) = forget_dead_relays(pool, sql, relay, place).await {
+            tracing::debug!(%relay, %error, "could not look for dead relays; trying again");
+        }
+        owner.proofs += 1;
+        let every = SQLITE_REGISTRATION_REFRESH_MS / SQLITE_PROOF_INTERVAL_MS;
+        if i64::from(owner.proofs) >= every {
+            match sqlx::query(&sql.refresh_relay).bind(relay.to_string()).execute(pool).await {
+                Ok(done) if done.rows_affected() == 0 => {
+                    return Err(OutboxError::config("relay", "the relay's registration was removed by someone else"));
+                }
+                Ok(_) => owner.proofs = 0,
+                Err(error) => tracing::debug!(%relay, %error, "could not refresh the relay's registration"),
+            }
+        }
         Ok(())
     }
 
     async fn drop_ownership(pool: &SqlitePool, sql: &Sql, owner: Ownership) {
-        // Also forgets heartbeats of relays that were killed long ago.
-        if let Err(error) = sqlx::query(&sql.forget_relay).bind(owner.owner.relay.to_string()).execute(pool).await {
-            tracing::debug!(%error, "could not remove the relay's heartbeat row (it expires by itself)");
+        let forgotten = sqlx::query(&sql.forget_relay).bind(owner.owner.relay.to_string()).execute(pool).await;
+        match (forgotten, owner.lock) {
+            (Ok(_), Some((lock, _))) => lock.release(),
+            // The lock file stays (unlocked) for the other relays to find this one dead and forget it.
+            (Err(error), _) => tracing::debug!(%error, "could not remove the relay's registration"),
+            (Ok(_), None) => {}
         }
     }
 

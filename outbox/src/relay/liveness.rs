@@ -1,6 +1,7 @@
 //! A relay's proof that it is alive, kept by a task of its own so that a busy engine (or a SQLite write lock
 //! held by someone else) never delays it: PostgreSQL holds a session advisory lock on a connection of its own
-//! and pings it every second; SQLite writes a heartbeat every 250 ms.
+//! and pings it every second; SQLite holds a lock on a file of its own and, every 250 ms, forgets the relays whose
+//! lock is free (their rows are then free).
 //!
 //! The engine reads the current [`Owner`] (none while the proof is lost) and how fresh the last proof is: when
 //! the proof is getting old, others may soon take the relay's rows, so it stops claiming and sending until the
@@ -16,7 +17,7 @@ use uuid::Uuid;
 
 use crate::backend::{Backend, Owner};
 use crate::outbox::Outbox;
-use crate::sql::{Dialect, SQLITE_RELAY_DEAD_AFTER_MS};
+use crate::sql::{Dialect, SQLITE_PROOF_INTERVAL_MS};
 
 /// When the last proof succeeded, in milliseconds since the clock's start.
 pub(super) struct ProofClock {
@@ -43,14 +44,14 @@ impl ProofClock {
 fn every<DB: Backend>() -> Duration {
     match DB::dialect() {
         Dialect::Postgres => Duration::from_secs(1),
-        Dialect::Sqlite => Duration::from_millis(250),
+        Dialect::Sqlite => Duration::from_millis(SQLITE_PROOF_INTERVAL_MS.unsigned_abs()),
     }
 }
 
-/// Past this age the relay stops claiming and sending: half the time after which other SQLite relays count it
-/// dead (PostgreSQL relays see a dead one at once; there the bound only covers a ping that hangs).
+/// Past this age the relay stops claiming and sending: a proof that cannot be renewed (a PostgreSQL ping that
+/// hangs) may be lost already.
 fn stale_after_ms() -> u64 {
-    (SQLITE_RELAY_DEAD_AFTER_MS / 2).unsigned_abs()
+    1_500
 }
 
 /// Starts the liveness task of relay `relay`; it gives the proof up when `stop` is cancelled (its rows are free
@@ -94,11 +95,6 @@ pub(super) fn spawn<DB: Backend>(
                 }
                 match DB::keep_ownership(pool, sql, &mut held).await {
                     Ok(()) => beat.beat(),
-                    // A heartbeat that could not be written (the database is busy) is tried again; the proof
-                    // only ages meanwhile. The row is never deleted for it.
-                    Err(error) if DB::dialect() == Dialect::Sqlite => {
-                        tracing::debug!(%relay, %error, "relay heartbeat not written; trying again");
-                    }
                     Err(error) => {
                         tracing::warn!(%relay, %error, "relay lost its liveness proof: others may take its rows over; it claims nothing until it holds a new one");
                         owner.send_replace(None);

@@ -61,6 +61,11 @@ impl HandlerError {
     pub fn source_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
         &*self.source
     }
+
+    /// The underlying error, by value.
+    pub fn into_source(self) -> BoxError {
+        self.source
+    }
 }
 
 impl fmt::Debug for HandlerError {
@@ -79,9 +84,19 @@ impl fmt::Display for HandlerError {
     }
 }
 
-impl std::error::Error for HandlerError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&*self.source)
+/// Any error is a transient failure, so `?` works in handlers (like axum's error conversion): a database error,
+/// a timeout, an I/O error are retried. Say [`HandlerError::permanent`] for the errors that can never succeed.
+/// (`HandlerError` is therefore not itself a [`std::error::Error`]; [`HandlerError::into_source`] gives the
+/// error inside.)
+impl<E: std::error::Error + Send + Sync + 'static> From<E> for HandlerError {
+    fn from(error: E) -> Self {
+        Self::transient(error)
+    }
+}
+
+impl From<HandlerError> for BoxError {
+    fn from(error: HandlerError) -> Self {
+        error.to_string().into()
     }
 }
 

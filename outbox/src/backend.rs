@@ -32,14 +32,19 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     #[doc(hidden)]
     async fn migrate(pool: &Pool<Self>, sql: &Sql) -> Result<(), OutboxError>;
 
-    #[doc(hidden)]
-    /// Inserts `envelopes`, to be published from `not_before` on (none: at once).
+    /// Inserts `envelopes`, to be published from `not_before` on (none: at once). With `wake`, the commit of
+    /// the transaction open on `conn` (or the insert's own, outside a transaction) wakes the relays:
+    /// PostgreSQL: a `NOTIFY` after the insert, which PostgreSQL delivers at commit (to this process's relays
+    /// as well, through their `LISTEN`); SQLite: a one-shot commit hook on the connection, set before the
+    /// insert, that wakes this process's relays (a rollback leaves it armed: a later commit wakes them for
+    /// nothing).
     #[doc(hidden)]
     async fn insert_outbox(
         conn: &mut Self::Connection,
         sql: &Sql,
         envelopes: &[Envelope],
         not_before: Option<DateTime<Utc>>,
+        wake: Option<&std::sync::Arc<crate::wakeup::Wakeup>>,
     ) -> Result<(), OutboxError>;
 
     /// Inserts the inbox row; `true` if it is new (the handler must run), `false` for a duplicate.

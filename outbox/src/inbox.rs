@@ -3,26 +3,27 @@
 //! For each delivery the inbox begins a transaction and first inserts `(event id, handler)` into the inbox table.
 //! If the row already exists the event was handled before: the delivery is acknowledged and the handler does not
 //! run. A concurrent duplicate blocks on that key until the first transaction ends, then skips (or, if the first
-//! rolled back, runs): the handler never runs twice to completion. Otherwise the handler runs with the
-//! transaction ([`InboxContext::tx`]), may write its tables and enqueue events (carrying correlation and causation
-//! forward), and the inbox commits; the bus is acknowledged only after the commit. A failing handler rolls
-//! everything back, inbox row included, so the retry runs it again.
+//! rolled back, runs): the handler never runs twice to completion. Otherwise the handler gets the transaction as
+//! a value ([`InboxTransaction`]), writes its tables through it and enqueues events on it (carrying correlation
+//! and causation forward), and the inbox commits it; the bus is acknowledged only after the commit. A failing
+//! handler rolls everything back, inbox row included, so the retry runs it again.
 //!
 //! Effects outside that transaction (an e-mail, an HTTP call) are at-least-once: make them idempotent.
 
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use bus_core::{DeliveryContext, EnvelopeHandler, HandlerError, IntegrationEvent, RetryPolicy, Subscription};
 use sqlx::Transaction;
-use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::Backend;
 use crate::config::InboxConfig;
 use crate::error::OutboxError;
+use crate::handler_key::handler_key;
 use crate::outbox::Outbox;
 
 /// The consumer side of one service's database: wraps handlers so their effects are exactly-once.
@@ -112,17 +113,28 @@ impl<DB: Backend> Inbox<DB> {
     }
 }
 
-/// The inbox's name for one handler: `<group>/<event type>` (one row per event and handler).
-pub(crate) fn handler_key(group: &str, event_type: &str) -> String {
-    format!("{group}/{event_type}")
-}
-
 /// A handler that writes through the inbox's transaction. Implemented for every
-/// `Fn(E, InboxContext<DB>) -> impl Future<Output = Result<(), HandlerError>>`, so a plain async fn is one.
+/// `Fn(E, InboxTransaction<DB>) -> impl Future<Output = Result<(), HandlerError>>`, so a plain async fn is one:
+///
+/// ```
+/// # use bus_core::{EventTypeName, HandlerError, IntegrationEvent};
+/// # use outbox::InboxTransaction;
+/// # #[derive(serde::Serialize, serde::Deserialize)]
+/// # struct OrderPaid { order_id: i64 }
+/// # impl IntegrationEvent for OrderPaid { const TYPE_NAME: &'static str = "OrderPaid"; }
+/// async fn record_sale(event: OrderPaid, mut tx: InboxTransaction<sqlx::Sqlite>) -> Result<(), HandlerError> {
+///     sqlx::query("UPDATE sales SET paid = paid + 1 WHERE order_id = ?")
+///         .bind(event.order_id)
+///         .execute(&mut *tx)
+///         .await?; // any error is transient (retried); `HandlerError::permanent` dead-letters at once
+///     Ok(())
+/// }
+/// ```
 #[async_trait]
 pub trait InboxHandler<E: IntegrationEvent, DB: Backend>: Send + Sync + 'static {
-    /// Handles one event; `ctx` holds the transaction its writes must go through.
-    async fn handle(&self, event: E, ctx: InboxContext<DB>) -> Result<(), HandlerError>;
+    /// Handles one event; every write goes through `tx`, which commits with the inbox row when this returns
+    /// `Ok` (and rolls back otherwise).
+    async fn handle(&self, event: E, tx: InboxTransaction<DB>) -> Result<(), HandlerError>;
 }
 
 #[async_trait]
@@ -130,60 +142,87 @@ impl<E, DB, F, Fut> InboxHandler<E, DB> for F
 where
     E: IntegrationEvent,
     DB: Backend,
-    F: Fn(E, InboxContext<DB>) -> Fut + Send + Sync + 'static,
+    F: Fn(E, InboxTransaction<DB>) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<(), HandlerError>> + Send + 'static,
 {
-    async fn handle(&self, event: E, ctx: InboxContext<DB>) -> Result<(), HandlerError> {
-        self(event, ctx).await
+    async fn handle(&self, event: E, tx: InboxTransaction<DB>) -> Result<(), HandlerError> {
+        self(event, tx).await
     }
 }
 
-type SharedTx<DB> = Arc<Mutex<Option<Transaction<'static, DB>>>>;
+/// What a finished handling hands back to the inbox: the transaction and how many events it enqueued.
+type Finished<DB> = (Transaction<'static, DB>, usize);
 
-/// What an inbox handler gets besides the event: the delivery and the transaction.
-pub struct InboxContext<DB: Backend> {
+/// The inbox's transaction, owned by the handler for the time of one delivery: it dereferences to the
+/// database connection (`&mut *tx` is an executor; pass `&mut tx` where a `&mut Connection` is expected), and
+/// [`enqueue`](Self::enqueue) writes events that are published once the handling commits.
+///
+/// It is a plain value: helpers borrow it (`&mut InboxTransaction<DB>` or `&mut DB::Connection`) one after the
+/// other, and two borrows at once do not compile, so nothing can wait on it:
+///
+/// ```compile_fail,E0499
+/// # async fn f(mut tx: outbox::InboxTransaction<sqlx::Sqlite>) {
+/// let first = &mut *tx;
+/// let second = &mut *tx; // error[E0499]: cannot borrow `tx` as mutable more than once at a time
+/// # let _ = (first, second);
+/// # }
+/// ```
+///
+/// The inbox commits it after the handler returned `Ok`. A handler that moves it elsewhere (into a spawned
+/// task) fails with a clear transient error as soon as it returns, and the transaction rolls back when that
+/// other owner drops it.
+pub struct InboxTransaction<DB: Backend> {
+    tx: Option<Transaction<'static, DB>>,
     delivery: DeliveryContext,
-    tx: SharedTx<DB>,
     outbox: Outbox<DB>,
-    enqueued: Arc<AtomicUsize>,
+    enqueued: usize,
+    finished: Option<oneshot::Sender<Finished<DB>>>,
 }
 
-/// The inbox transaction, locked for the handler: dereferences to the connection (`&mut *tx` is an executor).
-pub type InboxTx<'a, DB> = MappedMutexGuard<'a, <DB as sqlx::Database>::Connection>;
-
-impl<DB: Backend> InboxContext<DB> {
-    /// The delivery: envelope (ids, correlation, trace), attempt, group.
+impl<DB: Backend> InboxTransaction<DB> {
+    /// The delivery being handled: envelope (ids, correlation, trace), attempt, group.
     pub fn delivery(&self) -> &DeliveryContext {
         &self.delivery
     }
 
-    /// The transaction every write of the handler must go through: it commits with the inbox row.
+    /// Enqueues `event` in this transaction, caused by the delivered event (same correlation id and trace,
+    /// causation id = the delivered event's id). Published once the handling commits; returns its id.
     ///
     /// # Errors
-    /// A transient [`HandlerError`] if the handling is already over (the context escaped into another task).
-    pub async fn tx(&self) -> Result<InboxTx<'_, DB>, HandlerError> {
-        MutexGuard::try_map(self.tx.lock().await, |tx| tx.as_deref_mut())
-            .map_err(|_| HandlerError::transient("the inbox transaction is already finished"))
-    }
-
-    /// Enqueues `event` in the handler's transaction (pass the guard from [`tx`](Self::tx)), caused by the
-    /// delivered event: same correlation id and trace, causation id = the delivered event's id. Published once
-    /// the handling commits.
-    ///
-    /// # Errors
-    /// A permanent [`HandlerError`] for an invalid event (too large, bad name), transient for a database error.
-    pub async fn publish<E: IntegrationEvent>(
-        &self,
-        tx: &mut InboxTx<'_, DB>,
-        event: &E,
-    ) -> Result<uuid::Uuid, HandlerError> {
+    /// A permanent [`HandlerError`] for an event that can never be published (too large, bad name), transient
+    /// for a database error.
+    pub async fn enqueue<E: IntegrationEvent>(&mut self, event: &E) -> Result<uuid::Uuid, HandlerError> {
         let builder = self.delivery.envelope().caused(event).map_err(HandlerError::permanent)?;
-        let id = self.outbox.enqueue_with(tx, builder).await.map_err(|e| match e {
+        let tx = self.tx.as_deref_mut().expect("the transaction is held until drop");
+        let id = self.outbox.write(tx, builder, None).await.map_err(|e| match e {
             OutboxError::Bus(e) => HandlerError::permanent(e),
             other => HandlerError::transient(other),
         })?;
-        self.enqueued.fetch_add(1, Ordering::Relaxed);
+        self.enqueued += 1;
         Ok(id)
+    }
+}
+
+impl<DB: Backend> std::ops::Deref for InboxTransaction<DB> {
+    type Target = DB::Connection;
+    fn deref(&self) -> &DB::Connection {
+        self.tx.as_deref().expect("the transaction is held until drop")
+    }
+}
+
+impl<DB: Backend> std::ops::DerefMut for InboxTransaction<DB> {
+    fn deref_mut(&mut self) -> &mut DB::Connection {
+        self.tx.as_deref_mut().expect("the transaction is held until drop")
+    }
+}
+
+impl<DB: Backend> Drop for InboxTransaction<DB> {
+    fn drop(&mut self) {
+        // Back to the inbox, which commits or rolls back; if the inbox is gone (the handling was cancelled),
+        // the transaction is dropped here and rolls back.
+        if let (Some(tx), Some(finished)) = (self.tx.take(), self.finished.take()) {
+            let _ = finished.send((tx, self.enqueued));
+        }
     }
 }
 
@@ -214,19 +253,21 @@ impl<E: IntegrationEvent, DB: Backend, H: InboxHandler<E, DB>> EnvelopeHandler f
             let _ = tx.rollback().await;
             return Ok(());
         }
-        let shared: SharedTx<DB> = Arc::new(Mutex::new(Some(tx)));
-        let enqueued = Arc::new(AtomicUsize::new(0));
-        let ctx = InboxContext {
+        let (finished, mut handed_back) = oneshot::channel();
+        let tx = InboxTransaction {
+            tx: Some(tx),
             delivery: delivery.clone(),
-            tx: shared.clone(),
             outbox: outbox.clone(),
-            enqueued: enqueued.clone(),
+            enqueued: 0,
+            finished: Some(finished),
         };
-        let result = self.handler.handle(event, ctx).await;
-        let tx = shared.lock().await.take();
-        let Some(tx) = tx else {
+        let result = self.handler.handle(event, tx).await;
+        let Ok((tx, enqueued)) = handed_back.try_recv() else {
             counters.failed.fetch_add(1, Ordering::Relaxed);
-            return Err(HandlerError::transient("the inbox transaction disappeared"));
+            return Err(HandlerError::transient(
+                "the inbox transaction outlived its handler (moved into a task or a value that lives on?): \
+                 nothing was committed; it rolls back when its new owner drops it",
+            ));
         };
         match result {
             Ok(()) => {
@@ -235,7 +276,7 @@ impl<E: IntegrationEvent, DB: Backend, H: InboxHandler<E, DB>> EnvelopeHandler f
                     return Err(HandlerError::transient(error));
                 }
                 counters.handled.fetch_add(1, Ordering::Relaxed);
-                if enqueued.load(Ordering::Relaxed) > 0 {
+                if enqueued > 0 {
                     outbox.committed();
                 }
                 Ok(())

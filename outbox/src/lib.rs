@@ -1,7 +1,8 @@
 //! The transactional outbox, its relay and the inbox, on PostgreSQL and SQLite (sqlx).
 //!
 //! - [`Outbox`]: a service writes the events it publishes into the outbox table **in the same transaction** as
-//!   its business change ([`Outbox::enqueue`] with `&mut *tx`): both commit, or neither. Rolled back ⇒ never
+//!   its business change ([`Outbox::begin`], then [`OutboxTransaction::enqueue`]; or [`Outbox::enqueue`] on a
+//!   transaction of the caller's own): both commit, or neither. Rolled back ⇒ never
 //!   published.
 //! - [`Relay`]: a background task that publishes committed rows to an [`EventBus`](bus_core::EventBus) and
 //!   marks them published only after the bus confirmed them (see the [`relay`] module for its guarantees).
@@ -22,11 +23,10 @@
 //! let outbox = Outbox::new(pool.clone(), OutboxConfig::new("catalog"))?;
 //! outbox.migrate().await?;
 //!
-//! let mut tx = pool.begin().await?;
+//! let mut tx = outbox.begin().await?;
 //! sqlx::query("UPDATE items SET price_cents = $1 WHERE id = $2").bind(250).bind(7).execute(&mut *tx).await?;
-//! outbox.enqueue(&mut *tx, &ProductPriceChanged { product_id: 7, new_price_cents: 250 }).await?;
-//! tx.commit().await?;
-//! outbox.committed(); // wake the relay now rather than at its next poll
+//! tx.enqueue(&ProductPriceChanged { product_id: 7, new_price_cents: 250 }).await?;
+//! tx.commit().await?; // and the relay wakes at once
 //! # Ok(()) }
 //! ```
 
@@ -38,6 +38,7 @@ mod database_url;
 mod error;
 #[cfg(feature = "failpoints")]
 mod failpoint;
+mod handler_key;
 mod inbox;
 pub mod metrics;
 mod outbox;
@@ -50,7 +51,7 @@ pub use backend::Backend;
 pub use config::{InboxConfig, OutboxConfig, RelayConfig};
 pub use database_url::DatabaseUrl;
 pub use error::OutboxError;
-pub use inbox::{Inbox, InboxContext, InboxHandler, InboxStats, InboxTx, SubscriptionInboxExt};
+pub use inbox::{Inbox, InboxHandler, InboxStats, InboxTransaction, SubscriptionInboxExt};
 pub use metrics::{ServiceFigures, ServiceMetrics};
 pub use outbox::{Outbox, OutboxTransaction};
 pub use relay::{Relay, RelayHandle, RelayMonitor, RelayStats};

@@ -18,11 +18,12 @@ use crate::wakeup::Wakeup;
 
 /// The transactional outbox of one service on one database. Cheap to clone.
 ///
-/// Events are written with [`enqueue`](Self::enqueue) through the caller's own connection or transaction, so
-/// they commit or roll back with the business change: a rolled-back transaction never publishes anything.
-/// After the commit, call [`committed`](Self::committed) to wake the relay at once (or use
-/// [`begin`](Self::begin), whose [`OutboxTransaction::commit`] does it); without it the relay still finds the
-/// events at its next poll.
+/// Events are written in a transaction, so they commit or roll back with the business change: a rolled-back
+/// transaction never publishes anything. [`begin`](Self::begin) gives an [`OutboxTransaction`] that enqueues
+/// and wakes the relay when it commits; [`enqueue`](Self::enqueue) writes through a connection or transaction
+/// of the caller's own and makes its commit wake the relays too (PostgreSQL: a `NOTIFY` in that transaction,
+/// which serializes committing transactions that carry one, so prefer [`begin`](Self::begin) on hot paths;
+/// SQLite: a commit hook on the connection).
 pub struct Outbox<DB: Backend> {
     inner: Arc<Inner<DB>>,
 }
@@ -31,7 +32,7 @@ struct Inner<DB: Backend> {
     pool: Pool<DB>,
     config: OutboxConfig,
     sql: Arc<Sql>,
-    wakeup: Wakeup,
+    wakeup: Arc<Wakeup>,
 }
 
 impl<DB: Backend> Clone for Outbox<DB> {
@@ -58,7 +59,10 @@ impl<DB: Backend> Outbox<DB> {
             return Err(OutboxError::config("outbox.schema", "SQLite has no schemas; use table_prefix"));
         }
         let sql = Arc::new(Sql::new(&config, dialect));
-        let wakeup = Wakeup::new(config.notify_other_processes && dialect == Dialect::Postgres, config.notify_interval);
+        let wakeup = Arc::new(Wakeup::new(
+            config.notify_other_processes && dialect == Dialect::Postgres,
+            config.notify_interval,
+        ));
         Ok(Self { inner: Arc::new(Inner { pool, config, sql, wakeup }) })
     }
 
@@ -86,7 +90,8 @@ impl<DB: Backend> Outbox<DB> {
         self.inner.sql.clone()
     }
 
-    /// Writes `event` to the outbox through `conn` (pass `&mut *tx` for a transaction). Returns the event id.
+    /// Writes `event` to the outbox through `conn` (pass `&mut *tx` for a transaction of your own); its commit
+    /// wakes the relays. Returns the event id.
     ///
     /// # Errors
     /// [`bus_core::BusError::PayloadTooLarge`] (naming the type and size) or another envelope error, before
@@ -99,8 +104,8 @@ impl<DB: Backend> Outbox<DB> {
         self.enqueue_with(conn, Envelope::for_event(event)?).await
     }
 
-    /// Writes an event built by `builder` (to set the correlation id, causation, trace context, ...). The
-    /// source and the payload limit come from the outbox's settings.
+    /// Writes an event built by `builder` (to set the correlation id, causation, trace context, ...) through
+    /// `conn`; its commit wakes the relays. The source and the payload limit come from the outbox's settings.
     pub async fn enqueue_with(&self, conn: &mut DB::Connection, builder: EnvelopeBuilder) -> Result<Uuid, OutboxError> {
         self.enqueue_scheduled(conn, builder, None).await
     }
@@ -116,19 +121,14 @@ impl<DB: Backend> Outbox<DB> {
         builder: EnvelopeBuilder,
         not_before: Option<DateTime<Utc>>,
     ) -> Result<Uuid, OutboxError> {
-        let envelope = builder
-            .source(self.inner.config.service.clone())
-            .max_payload_bytes(self.inner.config.max_payload_bytes)
-            .build()?;
-        // The producer span: a child of the event's trace context, or of the current one, or a new trace.
-        let trace = bus_core::trace::producer(envelope.trace(), envelope.event_type().as_str(), envelope.id());
-        let envelope = envelope.with_trace(trace)?;
-        let id = envelope.id();
-        DB::insert_outbox(conn, &self.inner.sql, std::slice::from_ref(&envelope), not_before).await?;
-        Ok(id)
+        let envelope = self.envelope(builder)?;
+        let wake = Some(&self.inner.wakeup);
+        DB::insert_outbox(conn, &self.inner.sql, std::slice::from_ref(&envelope), not_before, wake).await?;
+        Ok(envelope.id())
     }
 
-    /// Writes ready-made envelopes, in order. Each is checked against the payload limit first.
+    /// Writes ready-made envelopes, in order, through `conn`; its commit wakes the relays. Each is checked
+    /// against the payload limit first.
     pub async fn enqueue_envelopes(
         &self,
         conn: &mut DB::Connection,
@@ -143,7 +143,31 @@ impl<DB: Backend> Outbox<DB> {
             }
             .into());
         }
-        DB::insert_outbox(conn, &self.inner.sql, envelopes, None).await
+        DB::insert_outbox(conn, &self.inner.sql, envelopes, None, Some(&self.inner.wakeup)).await
+    }
+
+    /// The envelope `builder` describes, with this outbox's source and payload limit, and its producer span (a
+    /// child of the event's trace context, or of the current one, or a new trace).
+    fn envelope(&self, builder: EnvelopeBuilder) -> Result<Envelope, OutboxError> {
+        let envelope = builder
+            .source(self.inner.config.service.clone())
+            .max_payload_bytes(self.inner.config.max_payload_bytes)
+            .build()?;
+        let trace = bus_core::trace::producer(envelope.trace(), envelope.event_type().as_str(), envelope.id());
+        Ok(envelope.with_trace(trace)?)
+    }
+
+    /// Writes an event in a transaction whose owner wakes the relays after its commit
+    /// ([`OutboxTransaction`], the inbox's transaction).
+    pub(crate) async fn write(
+        &self,
+        conn: &mut DB::Connection,
+        builder: EnvelopeBuilder,
+        not_before: Option<DateTime<Utc>>,
+    ) -> Result<Uuid, OutboxError> {
+        let envelope = self.envelope(builder)?;
+        DB::insert_outbox(conn, &self.inner.sql, std::slice::from_ref(&envelope), not_before, None).await?;
+        Ok(envelope.id())
     }
 
     /// Tells the relays that events were committed: the ones in this process wake at once, others through a
@@ -222,7 +246,7 @@ impl<DB: Backend> Outbox<DB> {
     /// # Errors
     /// The database failed.
     pub async fn forget_handled(&self, group: &GroupName, event_type: &EventTypeName) -> Result<u64, OutboxError> {
-        let handler = crate::inbox::handler_key(group.as_str(), event_type.as_str());
+        let handler = crate::handler_key::handler_key(group.as_str(), event_type.as_str());
         DB::forget_inbox(&self.inner.pool, &self.inner.sql, &handler).await
     }
 }
@@ -241,7 +265,7 @@ pub struct OutboxTransaction<DB: Backend> {
 impl<DB: Backend> OutboxTransaction<DB> {
     /// Enqueues `event` in this transaction; returns its id.
     pub async fn enqueue<E: IntegrationEvent>(&mut self, event: &E) -> Result<Uuid, OutboxError> {
-        let id = self.outbox.enqueue(&mut self.tx, event).await?;
+        let id = self.outbox.write(&mut self.tx, Envelope::for_event(event)?, None).await?;
         self.enqueued += 1;
         Ok(id)
     }
@@ -253,7 +277,7 @@ impl<DB: Backend> OutboxTransaction<DB> {
         event: &E,
         not_before: DateTime<Utc>,
     ) -> Result<Uuid, OutboxError> {
-        let id = self.outbox.enqueue_scheduled(&mut self.tx, Envelope::for_event(event)?, Some(not_before)).await?;
+        let id = self.outbox.write(&mut self.tx, Envelope::for_event(event)?, Some(not_before)).await?;
         self.enqueued += 1;
         Ok(id)
     }
@@ -271,7 +295,7 @@ impl<DB: Backend> OutboxTransaction<DB> {
 
     /// Enqueues an event built by `builder` in this transaction.
     pub async fn enqueue_with(&mut self, builder: EnvelopeBuilder) -> Result<Uuid, OutboxError> {
-        let id = self.outbox.enqueue_with(&mut self.tx, builder).await?;
+        let id = self.outbox.write(&mut self.tx, builder, None).await?;
         self.enqueued += 1;
         Ok(id)
     }

@@ -15,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::Backend;
 use crate::sql::Sql;
 
-pub(crate) struct Wakeup {
+#[doc(hidden)]
+pub struct Wakeup {
     relays: Mutex<Vec<Weak<Notify>>>,
     remote: Option<Remote>,
 }
@@ -57,11 +58,16 @@ impl Wakeup {
         wake
     }
 
-    /// Wakes every relay: in this process at once, in others through a coalesced NOTIFY.
-    pub(crate) fn committed<DB: Backend>(&self, pool: &Pool<DB>, sql: &Arc<Sql>) {
+    /// Wakes the relays of this process.
+    pub(crate) fn wake_local(&self) {
         for relay in self.relays.lock().unwrap_or_else(|p| p.into_inner()).iter().filter_map(Weak::upgrade) {
             relay.notify_one();
         }
+    }
+
+    /// Wakes every relay: in this process at once, in others through a coalesced NOTIFY.
+    pub(crate) fn committed<DB: Backend>(&self, pool: &Pool<DB>, sql: &Arc<Sql>) {
+        self.wake_local();
         let Some(remote) = &self.remote else { return };
         remote.dirty.store(true, Ordering::Release);
         remote.started.get_or_init(|| {

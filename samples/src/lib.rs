@@ -4,7 +4,7 @@
 //! - [`events`]: the integration events, plain serde structs with a type name and a partition key;
 //! - [`catalog`] and [`ordering`]: each an HTTP API (axum) whose handlers change the service's database and
 //!   enqueue events **in the same transaction** (`outbox.begin()`, `tx.enqueue(&event)`, `tx.commit()`), and
-//!   event handlers that run in the **inbox's** transaction (`ctx.tx()`, `ctx.publish(..)`), so each event's
+//!   event handlers that run in the **inbox's** transaction (`tx: InboxTransaction<DB>`, `tx.enqueue(..)`), so each event's
 //!   effect happens exactly once;
 //! - [`host`]: the wiring every service shares: migrations, outbox, inbox, relay, subscription, `/health` and
 //!   `/metrics`;

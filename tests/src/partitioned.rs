@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use bus_core::{EventBus, HandlerError, Subscription};
-use outbox::{Inbox, InboxConfig, InboxContext, Outbox, OutboxConfig, SubscriptionInboxExt};
+use outbox::{Inbox, InboxConfig, InboxTransaction, Outbox, OutboxConfig, SubscriptionInboxExt};
 use sqlx::{PgPool, Postgres};
 
 use crate::Numbered;
@@ -148,11 +148,11 @@ pub fn ledger_subscription(
     instance: &str,
 ) -> Subscription {
     let (schema, instance) = (Arc::<str>::from(schema), Arc::<str>::from(instance));
-    let handler = move |event: Numbered, ctx: InboxContext<Postgres>| {
+    let handler = move |event: Numbered, mut tx: InboxTransaction<Postgres>| {
         let (schema, instance) = (schema.clone(), instance.clone());
         async move {
             let seq = i32::try_from(event.seq).map_err(|_| HandlerError::permanent("seq out of range"))?;
-            let mut tx = ctx.tx().await?;
+            let event_id = tx.delivery().event_id();
             sqlx::query(&format!(
                 "INSERT INTO \"{schema}\".key_last (key, last_seq) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE \
                  SET out_of_order = key_last.out_of_order + (key_last.last_seq > EXCLUDED.last_seq)::int, \
@@ -166,7 +166,7 @@ pub fn ledger_subscription(
             sqlx::query(&format!(
                 "INSERT INTO \"{schema}\".handled (event_id, key, seq, instance) VALUES ($1, $2, $3, $4)"
             ))
-            .bind(ctx.delivery().event_id())
+            .bind(event_id)
             .bind(&event.key)
             .bind(seq)
             .bind(&*instance)
@@ -176,7 +176,7 @@ pub fn ledger_subscription(
             Ok(())
         }
     };
-    Subscription::new(group).partitions(partitions).on_inbox::<Numbered, Postgres, _>(inbox, handler)
+    Subscription::new(group).partitions(partitions).on_inbox(inbox, handler)
 }
 
 /// Distinct events the consumer in `schema` handled.

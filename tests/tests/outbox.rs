@@ -12,7 +12,7 @@ use bus_core::{
 };
 use bus_inproc::{InProcBus, InProcConfig};
 use integration_tests::{Fixture, HangingBus, Numbered, TestDb, fast_relay, on_both_databases, wait_until};
-use outbox::{Inbox, InboxConfig, InboxContext, Outbox, OutboxError, RelayConfig, SubscriptionInboxExt};
+use outbox::{Inbox, InboxConfig, InboxTransaction, Outbox, OutboxError, RelayConfig, SubscriptionInboxExt};
 
 const SETTLE: Duration = Duration::from_secs(60);
 
@@ -28,6 +28,9 @@ on_both_databases!(
     events_a_handler_publishes_carry_correlation_and_causation_and_commit_with_it,
     a_replay_from_a_point_in_time_starts_at_the_first_event_enqueued_since,
     a_scheduled_event_is_published_when_due_and_holds_back_its_key,
+    a_handler_uses_its_inbox_transaction_in_helpers_one_after_the_other_without_waiting,
+    an_inbox_transaction_that_outlives_its_handler_fails_the_handling_at_once,
+    enqueue_on_a_transaction_of_ones_own_wakes_the_relay_when_it_commits,
 );
 
 async fn outbox<DB: TestDb>(fixture: &Fixture<DB>) -> Outbox<DB> {
@@ -72,22 +75,17 @@ async fn inbox_consumer<DB: TestDb>(
     let runs = Arc::new(AtomicUsize::new(0));
     let seen = Arc::new(Mutex::new(Vec::new()));
     let (r, s, effects) = (runs.clone(), seen.clone(), fixture.effects.clone());
-    let handler = move |event: Numbered, ctx: InboxContext<DB>| {
+    let handler = move |event: Numbered, mut tx: InboxTransaction<DB>| {
         let (runs, seen, effects) = (r.clone(), s.clone(), effects.clone());
         async move {
             runs.fetch_add(1, Ordering::SeqCst);
-            let mut tx = ctx.tx().await?;
-            DB::record_effect(&mut tx, &effects, &ctx.delivery().event_id().to_string())
-                .await
-                .map_err(HandlerError::transient)?;
+            let event_id = tx.delivery().event_id();
+            DB::record_effect(&mut tx, &effects, &event_id.to_string()).await.map_err(HandlerError::transient)?;
             seen.lock().unwrap().push(event);
             Ok(())
         }
     };
-    let handle = bus
-        .subscribe(Subscription::new("consumer").on_inbox::<Numbered, DB, _>(&inbox, handler))
-        .await
-        .expect("subscribe");
+    let handle = bus.subscribe(Subscription::new("consumer").on_inbox(&inbox, handler)).await.expect("subscribe");
     (Consumer { runs, seen, _handle: handle }, inbox)
 }
 
@@ -285,11 +283,10 @@ async fn concurrent_duplicate_deliveries_run_the_handler_once<DB: TestDb>() {
     let inbox = Inbox::new(outbox.clone(), InboxConfig::default(), &RetryPolicy::default()).unwrap();
     let runs = Arc::new(AtomicUsize::new(0));
     let (r, effects) = (runs.clone(), fixture.effects.clone());
-    let handler = inbox.handler::<Numbered, _>(move |_e: Numbered, ctx: InboxContext<DB>| {
+    let handler = inbox.handler::<Numbered, _>(move |_e: Numbered, mut tx: InboxTransaction<DB>| {
         let (runs, effects) = (r.clone(), effects.clone());
         async move {
             runs.fetch_add(1, Ordering::SeqCst);
-            let mut tx = ctx.tx().await?;
             DB::record_effect(&mut tx, &effects, "the-effect").await.map_err(HandlerError::transient)?;
             // Hold the transaction open so that the duplicates really overlap with it.
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -310,7 +307,7 @@ async fn concurrent_duplicate_deliveries_run_the_handler_once<DB: TestDb>() {
     assert_eq!((inbox.stats().handled, inbox.stats().duplicates), (1, 9));
 
     // A handler that fails leaves no inbox row: the retry runs it again.
-    let failing = inbox.handler::<Numbered, _>(|_e: Numbered, _ctx: InboxContext<DB>| async {
+    let failing = inbox.handler::<Numbered, _>(|_e: Numbered, _tx: InboxTransaction<DB>| async {
         Err(HandlerError::transient("try later"))
     });
     let other = Arc::new(Envelope::for_event(&Numbered { key: "k".into(), seq: 2 }).unwrap().build().unwrap());
@@ -491,20 +488,16 @@ async fn events_a_handler_publishes_carry_correlation_and_causation_and_commit_w
     let a = attempts.clone();
     // The first attempt publishes and then fails: its follow-up must vanish with the rollback.
     let _middle = bus
-        .subscribe(Subscription::new("middle").on_inbox::<Numbered, DB, _>(
-            &inbox,
-            move |e: Numbered, ctx: InboxContext<DB>| {
-                let attempts = a.clone();
-                async move {
-                    let mut tx = ctx.tx().await?;
-                    ctx.publish(&mut tx, &FollowUp { of: e.seq }).await?;
-                    if attempts.fetch_add(1, Ordering::SeqCst) == 0 {
-                        return Err(HandlerError::transient("first attempt fails after publishing"));
-                    }
-                    Ok(())
+        .subscribe(Subscription::new("middle").on_inbox(&inbox, move |e: Numbered, mut tx: InboxTransaction<DB>| {
+            let attempts = a.clone();
+            async move {
+                tx.enqueue(&FollowUp { of: e.seq }).await?;
+                if attempts.fetch_add(1, Ordering::SeqCst) == 0 {
+                    return Err(HandlerError::transient("first attempt fails after publishing"));
                 }
-            },
-        ))
+                Ok(())
+            }
+        }))
         .await
         .unwrap();
     let received: Arc<Mutex<Vec<Envelope>>> = Arc::default();
@@ -580,6 +573,136 @@ async fn a_scheduled_event_is_published_when_due_and_holds_back_its_key<DB: Test
     let seen = consumer.seen.lock().unwrap().clone();
     assert_eq!(seen[1..], numbered("later", 0..2), "the scheduled event held back the later one of its key");
     assert_eq!(outbox.status().await.unwrap().scheduled, 0);
+    relay.shutdown().await;
+    bus.shutdown(Duration::from_secs(5)).await;
+}
+
+/// A helper that writes through the handler's transaction (as a service's store functions do).
+async fn record_through<DB: TestDb>(
+    tx: &mut InboxTransaction<DB>,
+    effects: &str,
+    what: &str,
+) -> Result<(), HandlerError> {
+    DB::record_effect(tx, effects, what).await?;
+    Ok(())
+}
+
+/// A helper that borrows the transaction, writes, and hands it to another helper: nested use.
+async fn record_twice_through<DB: TestDb>(
+    tx: &mut InboxTransaction<DB>,
+    effects: &str,
+    what: &str,
+) -> Result<(), HandlerError> {
+    DB::record_effect(&mut *tx, effects, &format!("{what}-outer")).await?;
+    record_through(tx, effects, &format!("{what}-inner")).await
+}
+
+async fn a_handler_uses_its_inbox_transaction_in_helpers_one_after_the_other_without_waiting<DB: TestDb>() {
+    let fixture = DB::fixture().await;
+    let outbox = outbox(&fixture).await;
+    let inbox = Inbox::new(outbox.clone(), InboxConfig::default(), &RetryPolicy::default()).unwrap();
+    let effects = fixture.effects.clone();
+    // Today's old shape of this (`ctx.tx()` taken again while a helper held the guard) hung forever.
+    let handler = inbox.handler(move |e: Numbered, mut tx: InboxTransaction<DB>| {
+        let effects = effects.clone();
+        async move {
+            record_through(&mut tx, &effects, &format!("{}-a", e.seq)).await?;
+            record_twice_through(&mut tx, &effects, &format!("{}-b", e.seq)).await?;
+            DB::record_effect(&mut tx, &effects, &format!("{}-c", e.seq)).await?;
+            tx.enqueue(&Numbered { key: "follow-up".into(), seq: e.seq }).await?;
+            Ok(())
+        }
+    });
+    let envelope = Arc::new(Envelope::for_event(&Numbered { key: "k".into(), seq: 7 }).unwrap().build().unwrap());
+    let group = bus_core::GroupName::new("consumer").unwrap();
+    let handled = tokio::time::timeout(
+        Duration::from_secs(10),
+        handler.handle(DeliveryContext::new(envelope.clone(), 1, group.clone())),
+    )
+    .await
+    .expect("using the inbox transaction several times in one handler must not hang");
+    handled.expect("handled");
+    let mut written = DB::effects(&fixture.pool, &fixture.effects).await;
+    written.sort();
+    assert_eq!(written, ["7-a", "7-b-inner", "7-b-outer", "7-c"], "every write committed with the inbox row");
+    assert_eq!(outbox.status().await.unwrap().pending, 1, "the follow-up event committed with them");
+    // And it is one handling: the same delivery again changes nothing.
+    handler.handle(DeliveryContext::new(envelope, 2, group)).await.expect("duplicate");
+    assert_eq!(DB::effects(&fixture.pool, &fixture.effects).await.len(), 4);
+    assert_eq!((inbox.stats().handled, inbox.stats().duplicates), (1, 1));
+}
+
+async fn an_inbox_transaction_that_outlives_its_handler_fails_the_handling_at_once<DB: TestDb>() {
+    let fixture = DB::fixture().await;
+    let outbox = outbox(&fixture).await;
+    let inbox = Inbox::new(outbox.clone(), InboxConfig::default(), &RetryPolicy::default()).unwrap();
+    let effects = fixture.effects.clone();
+    let (escaped_tx, escaped_rx) = tokio::sync::oneshot::channel::<InboxTransaction<DB>>();
+    let escaped_tx = Arc::new(Mutex::new(Some(escaped_tx)));
+    let handler = inbox.handler(move |_e: Numbered, mut tx: InboxTransaction<DB>| {
+        let (effects, escaped) = (effects.clone(), escaped_tx.clone());
+        async move {
+            DB::record_effect(&mut tx, &effects, "escaped").await?;
+            // The transaction leaves the handler (as into a spawned task): nothing may commit, nothing may wait.
+            let _ = escaped.lock().unwrap().take().expect("once").send(tx);
+            Ok(())
+        }
+    });
+    let envelope = Arc::new(Envelope::for_event(&Numbered { key: "k".into(), seq: 1 }).unwrap().build().unwrap());
+    let group = bus_core::GroupName::new("consumer").unwrap();
+    let result =
+        tokio::time::timeout(Duration::from_secs(10), handler.handle(DeliveryContext::new(envelope, 1, group)))
+            .await
+            .expect("a handler whose transaction escaped must not hang");
+    let error = result.expect_err("the handling failed");
+    assert!(!error.is_permanent(), "{error}");
+    assert!(error.to_string().contains("outlived its handler"), "{error}");
+    drop(escaped_rx.await.expect("the escaped transaction"));
+    assert!(DB::effects(&fixture.pool, &fixture.effects).await.is_empty(), "the escaped write rolled back");
+    assert_eq!(inbox.stats().failed, 1);
+}
+
+async fn enqueue_on_a_transaction_of_ones_own_wakes_the_relay_when_it_commits<DB: TestDb>() {
+    let fixture = DB::fixture().await;
+    let outbox = outbox(&fixture).await;
+    let bus = InProcBus::new();
+    let received: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let r = received.clone();
+    let _consumer = bus
+        .subscribe(Subscription::new("consumer").on::<Numbered, _>(move |e: Numbered, _ctx: DeliveryContext| {
+            let received = r.clone();
+            async move {
+                received.lock().unwrap().push(e.seq);
+                Ok(())
+            }
+        }))
+        .await
+        .unwrap();
+    // The relay would only poll after a minute: a wake-up must bring it.
+    let relay = outbox
+        .relay(Arc::new(bus.clone()), RelayConfig { poll_interval: Duration::from_secs(60), ..fast_relay() })
+        .unwrap()
+        .spawn();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for seq in 0..3 {
+        let started = Instant::now();
+        // The caller's own transaction, committed by the caller: `Outbox::committed` is never called.
+        let mut tx = fixture.pool.begin().await.unwrap();
+        outbox.enqueue(&mut *tx, &Numbered { key: "own".into(), seq }).await.unwrap();
+        tx.commit().await.unwrap();
+        wait_until("delivered after the commit", SETTLE, || async {
+            received.lock().unwrap().len() == seq as usize + 1
+        })
+        .await;
+        assert!(started.elapsed() < Duration::from_secs(5), "the relay was not woken: {:?}", started.elapsed());
+    }
+    // Outside any transaction too (the insert commits by itself).
+    let started = Instant::now();
+    let mut conn = fixture.pool.acquire().await.unwrap();
+    outbox.enqueue(&mut *conn, &Numbered { key: "own".into(), seq: 3 }).await.unwrap();
+    wait_until("delivered", SETTLE, || async { received.lock().unwrap().len() == 4 }).await;
+    assert!(started.elapsed() < Duration::from_secs(5), "the relay was not woken: {:?}", started.elapsed());
+    assert_eq!(*received.lock().unwrap(), [0, 1, 2, 3]);
     relay.shutdown().await;
     bus.shutdown(Duration::from_secs(5)).await;
 }

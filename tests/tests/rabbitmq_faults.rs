@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use bus_core::{EventBus, HandlerError, Subscription};
 use integration_tests::{Numbered, TestDb, delete_topology, rabbit_bus, unique, wait_until};
-use outbox::{Inbox, InboxConfig, InboxContext, Outbox, RelayConfig, SubscriptionInboxExt};
+use outbox::{Inbox, InboxConfig, InboxTransaction, Outbox, RelayConfig, SubscriptionInboxExt};
 use tokio::sync::Mutex;
 
 /// Serializes the tests of this binary: each one breaks the broker for everybody.
@@ -28,13 +28,13 @@ async fn relay_through_a_broker_fault(events: u32, fault: &'static [&'static [&'
     let inbox = Inbox::new(outbox.clone(), InboxConfig::default(), &bus.config().retry).unwrap();
     let effects = fixture.effects.clone();
     let consumer = bus
-        .subscribe(Subscription::new(&group).on_inbox::<Numbered, sqlx::Postgres, _>(
+        .subscribe(Subscription::new(&group).on_inbox(
             &inbox,
-            move |_e: Numbered, ctx: InboxContext<sqlx::Postgres>| {
+            move |_e: Numbered, mut tx: InboxTransaction<sqlx::Postgres>| {
                 let effects = effects.clone();
                 async move {
-                    let mut tx = ctx.tx().await?;
-                    sqlx::Postgres::record_effect(&mut tx, &effects, &ctx.delivery().event_id().to_string())
+                    let event_id = tx.delivery().event_id();
+                    sqlx::Postgres::record_effect(&mut tx, &effects, &event_id.to_string())
                         .await
                         .map_err(HandlerError::transient)
                 }

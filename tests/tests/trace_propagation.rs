@@ -10,7 +10,7 @@ use bus_core::trace::{SpanContext, scope};
 use bus_core::{DeliveryContext, EventBus, HandlerError, IntegrationEvent, Subscription};
 use bus_inproc::InProcBus;
 use integration_tests::{TestDb, delete_topology, rabbit_bus, unique, wait_until};
-use outbox::{Inbox, InboxConfig, InboxContext, Outbox, RelayConfig, SubscriptionInboxExt};
+use outbox::{Inbox, InboxConfig, InboxTransaction, Outbox, RelayConfig, SubscriptionInboxExt};
 use serde::{Deserialize, Serialize};
 use tracing::field::{Field, Visit};
 use tracing_subscriber::layer::{Context, SubscriberExt};
@@ -90,13 +90,11 @@ async fn one_trace_through(bus: Arc<dyn EventBus>, groups: (&str, &str)) {
     let outbox = Outbox::new(fixture.pool.clone(), fixture.outbox_config("traced")).unwrap();
     outbox.migrate().await.unwrap();
     let inbox = Inbox::new(outbox.clone(), InboxConfig::default(), &bus_core::RetryPolicy::default()).unwrap();
-    let reserve = |event: OrderPlaced, ctx: InboxContext<sqlx::Sqlite>| async move {
-        let mut tx = ctx.tx().await?;
-        ctx.publish(&mut tx, &StockReserved { order: event.order }).await?;
+    let reserve = |event: OrderPlaced, mut tx: InboxTransaction<sqlx::Sqlite>| async move {
+        tx.enqueue(&StockReserved { order: event.order }).await?;
         Ok::<(), HandlerError>(())
     };
-    let first =
-        bus.subscribe(Subscription::new(groups.0).on_inbox::<OrderPlaced, _, _>(&inbox, reserve)).await.unwrap();
+    let first = bus.subscribe(Subscription::new(groups.0).on_inbox(&inbox, reserve)).await.unwrap();
     let seen: Arc<Mutex<Option<String>>> = Arc::default();
     let sink = seen.clone();
     let second = bus

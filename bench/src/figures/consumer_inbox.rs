@@ -9,7 +9,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use bus_core::{DeliveryContext, EnvelopeHandler, EventBus, HandlerError, Subscription};
 use bus_inproc::{ConfirmOn, InProcBus, InProcConfig};
-use outbox::{InboxContext, SubscriptionInboxExt};
+use outbox::{InboxTransaction, SubscriptionInboxExt};
 use sqlx::PgPool;
 
 use crate::database::{inbox_scratch, insert_handled};
@@ -62,11 +62,11 @@ pub async fn run(quick: bool) -> anyhow::Result<Vec<Figure>> {
         let plain = Subscription::new("bench").on_envelope(EVENT_TYPE, Arc::new(PlainTx(scratch.pool.clone())));
         let b = drive(plain, &bus()?, count).await?;
         sqlx::query("TRUNCATE handled").execute(&scratch.pool).await?;
-        let with_inbox = Subscription::new("bench").on_inbox::<BenchEvent, _, _>(
+        let with_inbox = Subscription::new("bench").on_inbox(
             &inbox,
-            |event: BenchEvent, ctx: InboxContext<sqlx::Postgres>| async move {
-                let mut tx = ctx.tx().await?;
-                insert_handled(&mut tx, ctx.delivery().event_id(), event.seq).await.map_err(HandlerError::transient)
+            |event: BenchEvent, mut tx: InboxTransaction<sqlx::Postgres>| async move {
+                let event_id = tx.delivery().event_id();
+                insert_handled(&mut tx, event_id, event.seq).await.map_err(HandlerError::transient)
             },
         );
         let o = drive(with_inbox, &bus()?, count).await?;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bus_core::{EventBus, HandlerError, Subscription, SubscriptionHandle};
 use bus_rabbitmq::{RabbitBus, RabbitConfig};
-use outbox::{Inbox, InboxContext, SubscriptionInboxExt};
+use outbox::{Inbox, InboxTransaction, SubscriptionInboxExt};
 
 use crate::broker::url;
 use crate::database::{inbox_scratch, insert_handled};
@@ -32,11 +32,11 @@ async fn instance_bus(exchange: &str) -> anyhow::Result<RabbitBus> {
 }
 
 fn subscription(group: &str, inbox: &Inbox<sqlx::Postgres>) -> Subscription {
-    Subscription::new(group).partitions(PARTITIONS).on_inbox::<BenchEvent, _, _>(
+    Subscription::new(group).partitions(PARTITIONS).on_inbox(
         inbox,
-        |event: BenchEvent, ctx: InboxContext<sqlx::Postgres>| async move {
-            let mut tx = ctx.tx().await?;
-            insert_handled(&mut tx, ctx.delivery().event_id(), event.seq).await.map_err(HandlerError::transient)
+        |event: BenchEvent, mut tx: InboxTransaction<sqlx::Postgres>| async move {
+            let event_id = tx.delivery().event_id();
+            insert_handled(&mut tx, event_id, event.seq).await.map_err(HandlerError::transient)
         },
     )
 }

@@ -89,6 +89,7 @@ impl Backend for Postgres {
         sql: &Sql,
         envelopes: &[Envelope],
         not_before: Option<chrono::DateTime<chrono::Utc>>,
+        wake: Option<&Arc<crate::wakeup::Wakeup>>,
     ) -> Result<(), OutboxError> {
         for e in envelopes {
             sqlx::query(&sql.insert_outbox)
@@ -106,6 +107,12 @@ impl Backend for Postgres {
                 .bind(not_before)
                 .execute(&mut *conn)
                 .await?;
+        }
+        if wake.is_some() {
+            // After the rows (outside a transaction they are committed by now). An empty payload: unlike the
+            // coalesced NOTIFYs (marked with `origin`), this one wakes this process's relays too, since nobody
+            // else knows when the caller commits.
+            sqlx::query("SELECT pg_notify($1, '')").bind(&sql.channel).execute(&mut *conn).await?;
         }
         Ok(())
     }
@@ -341,7 +348,10 @@ impl Backend for Postgres {
                     received = listener.try_recv() => match received {
                         // This outbox's own commits woke its relays in-process already.
                         Ok(Some(notification)) if notification.payload() == sql.origin => {}
-                        Ok(Some(_)) => wake.notify_one(),
+                        Ok(Some(notification)) => {
+                            tracing::trace!(payload = notification.payload(), "outbox NOTIFY received");
+                            wake.notify_one();
+                        }
                         Ok(None) => {
                             tracing::warn!("outbox LISTEN connection lost; reconnecting");
                             wake.notify_one();

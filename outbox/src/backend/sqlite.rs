@@ -100,7 +100,21 @@ impl Backend for Sqlite {
         sql: &Sql,
         envelopes: &[Envelope],
         not_before: Option<chrono::DateTime<chrono::Utc>>,
+        wake: Option<&Arc<crate::wakeup::Wakeup>>,
     ) -> Result<(), OutboxError> {
+        if let Some(wakeup) = wake {
+            // Before the rows, so that an insert outside a transaction (its own commit) fires it too.
+            let wakeup = Arc::downgrade(wakeup);
+            let mut armed = true;
+            conn.lock_handle().await?.set_commit_hook(move || {
+                if std::mem::take(&mut armed)
+                    && let Some(wakeup) = wakeup.upgrade()
+                {
+                    wakeup.wake_local();
+                }
+                true
+            });
+        }
         for e in envelopes {
             sqlx::query(&sql.insert_outbox)
                 .bind(e.id().to_string())

@@ -1,12 +1,13 @@
-//! The catalog's event handlers. Each runs in the inbox's transaction (`ctx.tx()`): its writes, the events it
-//! publishes (`ctx.publish`) and the inbox row commit together, so a redelivered event changes nothing twice.
-//! A transient error (database trouble) is retried; a permanent one (an event that can never be applied)
-//! goes to the dead-letter queue with its reason.
+//! The catalog's event handlers: `async fn(event, tx) -> Result<(), HandlerError>`. Each gets the inbox's
+//! transaction `tx`: its writes (`&mut tx`), the events it enqueues (`tx.enqueue`) and the inbox row commit
+//! together, so a redelivered event changes nothing twice. Any error (`?`: database trouble) is transient and
+//! retried; a permanent one (`HandlerError::permanent`: an event that can never be applied) goes to the
+//! dead-letter queue with its reason.
 
 use std::collections::BTreeMap;
 
 use bus_core::HandlerError;
-use outbox::InboxContext;
+use outbox::InboxTransaction;
 use uuid::Uuid;
 
 use super::store::CatalogStore;
@@ -14,10 +15,6 @@ use crate::events::{
     OrderLine, OrderStatusChangedToAwaitingValidation, OrderStatusChangedToCancelled, OrderStatusChangedToPaid,
     OrderStockConfirmed, OrderStockRejected, StockCheck,
 };
-
-fn transient(error: sqlx::Error) -> HandlerError {
-    HandlerError::transient(error)
-}
 
 /// Units per product, products in id order (rows are always locked in one order: no deadlock between orders).
 fn units_per_product(lines: &[OrderLine]) -> Result<BTreeMap<Uuid, i64>, HandlerError> {
@@ -38,27 +35,26 @@ fn units_per_product(lines: &[OrderLine]) -> Result<BTreeMap<Uuid, i64>, Handler
 /// `OrderStatusChangedToAwaitingValidation`: reserve the stock of every line, or of none, and say which.
 pub async fn reserve_stock<DB: CatalogStore>(
     event: OrderStatusChangedToAwaitingValidation,
-    ctx: InboxContext<DB>,
+    mut tx: InboxTransaction<DB>,
 ) -> Result<(), HandlerError> {
     let wanted = units_per_product(&event.items)?;
-    let mut tx = ctx.tx().await?;
     // All or nothing: take the stock inside a savepoint and roll back to it if any product lacks units.
-    let mut savepoint = sqlx::Connection::begin(&mut *tx).await.map_err(transient)?;
+    let mut savepoint = sqlx::Connection::begin(&mut *tx).await?;
     let mut checks = Vec::with_capacity(wanted.len());
     for (&product_id, &units) in &wanted {
-        let has_stock = DB::take_stock(&mut savepoint, product_id, units).await.map_err(transient)?;
+        let has_stock = DB::take_stock(&mut savepoint, product_id, units).await?;
         checks.push(StockCheck { product_id, has_stock });
     }
     if checks.iter().all(|c| c.has_stock) {
         for (&product_id, &units) in &wanted {
-            DB::record_reservation(&mut savepoint, event.order_id, product_id, units).await.map_err(transient)?;
+            DB::record_reservation(&mut savepoint, event.order_id, product_id, units).await?;
         }
-        savepoint.commit().await.map_err(transient)?;
-        ctx.publish(&mut tx, &OrderStockConfirmed { order_id: event.order_id }).await?;
+        savepoint.commit().await?;
+        tx.enqueue(&OrderStockConfirmed { order_id: event.order_id }).await?;
         tracing::info!(order = %event.order_id, "stock reserved");
     } else {
-        savepoint.rollback().await.map_err(transient)?;
-        ctx.publish(&mut tx, &OrderStockRejected { order_id: event.order_id, items: checks }).await?;
+        savepoint.rollback().await?;
+        tx.enqueue(&OrderStockRejected { order_id: event.order_id, items: checks }).await?;
         tracing::info!(order = %event.order_id, "stock rejected");
     }
     Ok(())
@@ -67,16 +63,15 @@ pub async fn reserve_stock<DB: CatalogStore>(
 /// `OrderStatusChangedToPaid`: the reserved units are sold (the `units_sold` read model).
 pub async fn record_sale<DB: CatalogStore>(
     event: OrderStatusChangedToPaid,
-    ctx: InboxContext<DB>,
+    mut tx: InboxTransaction<DB>,
 ) -> Result<(), HandlerError> {
-    let mut tx = ctx.tx().await?;
-    let reserved = DB::take_reservations(&mut tx, event.order_id).await.map_err(transient)?;
+    let reserved = DB::take_reservations(&mut tx, event.order_id).await?;
     if reserved.is_empty() {
         // Paid is only ever published after StockConfirmed, which this service sends once the stock is reserved.
         return Err(HandlerError::permanent(format!("order {} is paid but holds no reservation", event.order_id)));
     }
     for (product_id, units) in reserved {
-        DB::add_units_sold(&mut tx, product_id, units).await.map_err(transient)?;
+        DB::add_units_sold(&mut tx, product_id, units).await?;
     }
     Ok(())
 }
@@ -84,16 +79,15 @@ pub async fn record_sale<DB: CatalogStore>(
 /// `OrderStatusChangedToCancelled`: give the reserved stock back (compensation), if any was reserved.
 pub async fn release_stock<DB: CatalogStore>(
     event: OrderStatusChangedToCancelled,
-    ctx: InboxContext<DB>,
+    mut tx: InboxTransaction<DB>,
 ) -> Result<(), HandlerError> {
-    let mut tx = ctx.tx().await?;
     // The reservations table, not the event, says what to give back: what was taken, exactly.
-    let reserved = DB::take_reservations(&mut tx, event.order_id).await.map_err(transient)?;
+    let reserved = DB::take_reservations(&mut tx, event.order_id).await?;
     if event.stock_reserved && reserved.is_empty() {
         tracing::warn!(order = %event.order_id, "cancelled after reservation, but no reservation is held");
     }
     for (product_id, units) in reserved {
-        DB::return_stock(&mut tx, product_id, units).await.map_err(transient)?;
+        DB::return_stock(&mut tx, product_id, units).await?;
     }
     Ok(())
 }

@@ -20,7 +20,6 @@ use sqlx::Pool;
 
 pub use store::{CatalogStore, Item};
 
-use crate::events::{OrderStatusChangedToAwaitingValidation, OrderStatusChangedToCancelled, OrderStatusChangedToPaid};
 use crate::host::{RunningService, ServiceHost, ServiceOptions, StartError};
 
 /// The default `HTTP_ADDR`.
@@ -41,9 +40,9 @@ pub async fn start<DB: CatalogStore>(
     let host = ServiceHost::new(name, pool, bus).await?.options(options);
     let subscription = host
         .subscription()
-        .on_inbox::<OrderStatusChangedToAwaitingValidation, DB, _>(&host.inbox, handlers::reserve_stock::<DB>)
-        .on_inbox::<OrderStatusChangedToPaid, DB, _>(&host.inbox, handlers::record_sale::<DB>)
-        .on_inbox::<OrderStatusChangedToCancelled, DB, _>(&host.inbox, handlers::release_stock::<DB>);
+        .on_inbox(&host.inbox, handlers::reserve_stock)
+        .on_inbox(&host.inbox, handlers::record_sale)
+        .on_inbox(&host.inbox, handlers::release_stock);
     let api = http::router(host.outbox.clone());
     host.start(subscription, api).await
 }

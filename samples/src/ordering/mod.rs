@@ -20,7 +20,6 @@ use sqlx::Pool;
 
 pub use store::{Order, OrderItem, OrderingStore, Product};
 
-use crate::events::{OrderStockConfirmed, OrderStockRejected, ProductCreated, ProductPriceChanged};
 use crate::host::{RunningService, ServiceHost, ServiceOptions, StartError};
 
 /// The default `HTTP_ADDR`.
@@ -41,10 +40,10 @@ pub async fn start<DB: OrderingStore>(
     let host = ServiceHost::new(name, pool, bus).await?.options(options);
     let subscription = host
         .subscription()
-        .on_inbox::<ProductCreated, DB, _>(&host.inbox, handlers::product_created::<DB>)
-        .on_inbox::<ProductPriceChanged, DB, _>(&host.inbox, handlers::price_changed::<DB>)
-        .on_inbox::<OrderStockConfirmed, DB, _>(&host.inbox, handlers::stock_confirmed::<DB>)
-        .on_inbox::<OrderStockRejected, DB, _>(&host.inbox, handlers::stock_rejected::<DB>);
+        .on_inbox(&host.inbox, handlers::product_created)
+        .on_inbox(&host.inbox, handlers::price_changed)
+        .on_inbox(&host.inbox, handlers::stock_confirmed)
+        .on_inbox(&host.inbox, handlers::stock_rejected);
     let api = http::router(host.outbox.clone());
     host.start(subscription, api).await
 }

@@ -2,7 +2,7 @@
 //!
 //! A handler is a plain async fn `async fn(E, DeliveryContext) -> Result<(), HandlerError>` or a type
 //! implementing [`Handler<E>`]. Buses see every handler as an [`EnvelopeHandler`], the type-erased form that
-//! receives the raw envelope; [`TypedHandler`] decodes the JSON payload into `E` first (a payload that does not
+//! receives the raw envelope; a typed handler decodes the JSON payload into `E` first (a payload that does not
 //! decode is a permanent failure: it can never succeed, so it is dead-lettered at once).
 //!
 //! Delivery is at least once: a handler may see the same event again (after a crash, a lost ack, a redrive).
@@ -166,14 +166,14 @@ where
 
 /// Adapts a [`Handler<E>`] to an [`EnvelopeHandler`]: decodes the payload as `E`; a payload that does not decode
 /// is a permanent failure naming the type and the serde error.
-pub struct TypedHandler<E, H> {
+pub(crate) struct TypedHandler<E, H> {
     handler: H,
     _event: PhantomData<fn(E)>,
 }
 
 impl<E, H> TypedHandler<E, H> {
     /// Wraps `handler`.
-    pub fn new(handler: H) -> Self {
+    pub(crate) fn new(handler: H) -> Self {
         Self { handler, _event: PhantomData }
     }
 }
@@ -186,37 +186,5 @@ impl<E: IntegrationEvent, H: Handler<E>> EnvelopeHandler for TypedHandler<E, H> 
             .decode()
             .map_err(|e| HandlerError::permanent(format!("payload is not a valid {}: {e}", E::TYPE_NAME)))?;
         self.handler.handle(event, ctx).await
-    }
-}
-
-/// Cross-cutting behaviour wrapped around every handler of a subscription (timeouts, tracing, metrics, ...),
-/// in the manner of a tower `Layer`.
-pub trait HandlerLayer: Send + Sync + 'static {
-    /// Wraps `inner`.
-    fn layer(&self, inner: Arc<dyn EnvelopeHandler>) -> Arc<dyn EnvelopeHandler>;
-}
-
-/// A [`HandlerLayer`] that fails a handling that takes longer than a limit, as a transient failure (retried).
-#[derive(Clone, Copy, Debug)]
-pub struct TimeoutLayer(pub std::time::Duration);
-
-struct Timeout {
-    limit: std::time::Duration,
-    inner: Arc<dyn EnvelopeHandler>,
-}
-
-#[async_trait]
-impl EnvelopeHandler for Timeout {
-    async fn handle(&self, ctx: DeliveryContext) -> Result<(), HandlerError> {
-        match tokio::time::timeout(self.limit, self.inner.handle(ctx)).await {
-            Ok(result) => result,
-            Err(_) => Err(HandlerError::transient(format!("handler timed out after {:?}", self.limit))),
-        }
-    }
-}
-
-impl HandlerLayer for TimeoutLayer {
-    fn layer(&self, inner: Arc<dyn EnvelopeHandler>) -> Arc<dyn EnvelopeHandler> {
-        Arc::new(Timeout { limit: self.0, inner })
     }
 }

@@ -10,7 +10,7 @@
 //! - [`EventBus`]: publish envelopes and learn through a [`Confirmation`] when the bus took responsibility for
 //!   them; subscribe a consumer group with typed handlers ([`Subscription`]);
 //! - [`Handler`] / [`EnvelopeHandler`]: plain async fns or types, failing with a transient or permanent
-//!   [`HandlerError`]; [`HandlerLayer`] for cross-cutting behaviour;
+//!   [`HandlerError`] (`?` converts any error into a transient one);
 //! - [`RetryPolicy`] and [`DeadLetter`]s;
 //! - [`BusError`], every error with a message naming what was wrong.
 //!
@@ -38,9 +38,10 @@ mod retry;
 mod subscription;
 
 pub mod trace;
+pub mod transport;
 
 pub use bus::EventBus;
-pub use confirmation::{Confirmation, Countdown};
+pub use confirmation::Confirmation;
 pub use counters::{DeliveryCounters, DeliveryCounts};
 pub use dead_letter::{DeadLetter, DeadLetterQueue};
 pub use envelope::{
@@ -48,9 +49,7 @@ pub use envelope::{
 };
 pub use error::{BoxError, BusError};
 pub use event::IntegrationEvent;
-pub use handler::{
-    DeliveryContext, EnvelopeHandler, FailureKind, Handler, HandlerError, HandlerLayer, TimeoutLayer, TypedHandler,
-};
+pub use handler::{DeliveryContext, EnvelopeHandler, FailureKind, Handler, HandlerError};
 pub use name::{EventTypeName, GroupName, MAX_NAME_LEN};
 pub use retry::RetryPolicy;
-pub use subscription::{MAX_PARTITIONS, Subscription, SubscriptionHandle, SubscriptionSpec};
+pub use subscription::{MAX_PARTITIONS, Subscription, SubscriptionHandle};

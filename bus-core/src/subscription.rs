@@ -9,7 +9,7 @@ use futures::future::BoxFuture;
 use crate::counters::DeliveryCounters;
 use crate::error::BusError;
 use crate::event::IntegrationEvent;
-use crate::handler::{EnvelopeHandler, Handler, HandlerLayer, TypedHandler};
+use crate::handler::{EnvelopeHandler, Handler, TypedHandler};
 use crate::name::{EventTypeName, GroupName};
 use crate::retry::RetryPolicy;
 
@@ -35,7 +35,7 @@ use crate::retry::RetryPolicy;
 pub struct Subscription {
     group: String,
     handlers: Vec<(String, Arc<dyn EnvelopeHandler>)>,
-    layers: Vec<Arc<dyn HandlerLayer>>,
+    timeout: Option<std::time::Duration>,
     retry: Option<RetryPolicy>,
     concurrency: Option<usize>,
     partitions: Option<u16>,
@@ -50,6 +50,7 @@ impl fmt::Debug for Subscription {
             .field("group", &self.group)
             .field("event_types", &self.handlers.iter().map(|(t, _)| t).collect::<Vec<_>>())
             .field("retry", &self.retry)
+            .field("timeout", &self.timeout)
             .field("concurrency", &self.concurrency)
             .field("partitions", &self.partitions)
             .finish_non_exhaustive()
@@ -62,7 +63,7 @@ impl Subscription {
         Self {
             group: group.into(),
             handlers: Vec::new(),
-            layers: Vec::new(),
+            timeout: None,
             retry: None,
             concurrency: None,
             partitions: None,
@@ -81,9 +82,11 @@ impl Subscription {
         self
     }
 
-    /// Wraps every handler in `layer` (the first layer added is the outermost).
-    pub fn layer(mut self, layer: impl HandlerLayer) -> Self {
-        self.layers.push(Arc::new(layer));
+    /// Fails a handling that takes longer than `limit` (a transient failure: retried per the retry policy).
+    /// The handler's future is dropped at the limit, so an inbox handler's transaction rolls back. No limit by
+    /// default.
+    pub fn timeout(mut self, limit: std::time::Duration) -> Self {
+        self.timeout = Some(limit);
         self
     }
 
@@ -113,7 +116,7 @@ impl Subscription {
         self
     }
 
-    /// Validates names and settings and returns the parts (buses call this).
+    /// Validates names and settings and returns the parts (buses call this; see [`crate::transport`]).
     ///
     /// # Errors
     /// [`BusError::InvalidName`] for a bad group or event type name; [`BusError::InvalidConfig`] for no handler,
@@ -127,7 +130,6 @@ impl Subscription {
         let mut handlers = BTreeMap::new();
         for (event_type, handler) in self.handlers {
             let event_type = EventTypeName::new(event_type)?;
-            let handler = self.layers.iter().rev().fold(handler, |inner, layer| layer.layer(inner));
             if handlers.insert(event_type.clone(), handler).is_some() {
                 return Err(BusError::invalid_config(
                     "subscription",
@@ -146,10 +148,14 @@ impl Subscription {
         if let Some(retry) = &self.retry {
             retry.validate()?;
         }
+        if self.timeout == Some(std::time::Duration::ZERO) {
+            return Err(BusError::invalid_config("subscription.timeout", "must be longer than zero"));
+        }
         Ok(SubscriptionSpec {
             group,
             handlers,
             retry: self.retry,
+            timeout: self.timeout,
             concurrency: self.concurrency,
             partitions: self.partitions,
         })
@@ -160,10 +166,12 @@ impl Subscription {
 pub struct SubscriptionSpec {
     /// The consumer group.
     pub group: GroupName,
-    /// One handler per event type, layers applied.
+    /// One handler per event type.
     pub handlers: BTreeMap<EventTypeName, Arc<dyn EnvelopeHandler>>,
     /// The group's retry policy, if it overrides the bus's.
     pub retry: Option<RetryPolicy>,
+    /// The handling time limit ([`Subscription::timeout`]).
+    pub timeout: Option<std::time::Duration>,
     /// The instance's concurrency, if it overrides the bus's.
     pub concurrency: Option<usize>,
     /// The group's partition count, if it is partitioned ([`Subscription::partitions`]).

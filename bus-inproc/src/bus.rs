@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bus_core::transport::Dispatcher;
 use bus_core::{
     BusError, Confirmation, DeadLetter, DeadLetterQueue, Envelope, EventBus, EventTypeName, GroupName, Subscription,
     SubscriptionHandle,
@@ -246,14 +247,14 @@ impl EventBus for InProcBus {
                 }
             }
         };
-        let handlers = Arc::new(spec.handlers);
+        let dispatcher = Arc::new(Dispatcher::new(&spec, group.retry.clone()));
         let stop = self.inner.stop.child_token();
         let instance = TaskTracker::new();
         let counters = Arc::new(Stats::with_parent(self.inner.stats.clone()));
         for _ in 0..spec.concurrency.unwrap_or(self.inner.config.concurrency) {
             let worker = Worker {
                 group: group.clone(),
-                handlers: handlers.clone(),
+                dispatcher: dispatcher.clone(),
                 stats: counters.clone(),
                 stop: stop.clone(),
                 bus_stop: self.inner.stop.clone(),

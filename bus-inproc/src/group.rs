@@ -8,7 +8,8 @@
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use bus_core::{BusError, Countdown, DeadLetter, EventTypeName, GroupName, HandlerError, RetryPolicy};
+use bus_core::transport::Countdown;
+use bus_core::{BusError, DeadLetter, EventTypeName, GroupName, HandlerError, RetryPolicy};
 
 use crate::job::{Job, Outstanding};
 

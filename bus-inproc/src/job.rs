@@ -7,7 +7,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use bus_core::{Countdown, Envelope};
+use bus_core::Envelope;
+use bus_core::transport::Countdown;
 use tokio::sync::{Notify, Semaphore};
 
 /// Events accepted by the bus and not yet handled or dead-lettered, with a wake-up when the count reaches zero.

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use bus_core::transport::Dispatcher;
 use bus_core::{
     BusError, Confirmation, DeadLetter, DeadLetterQueue, Envelope, EventBus, GroupName, Subscription,
     SubscriptionHandle,
@@ -248,7 +249,7 @@ impl EventBus for RabbitBus {
         if inner.stop.is_cancelled() {
             return Err(BusError::Closed);
         }
-        let retry = spec.retry.unwrap_or_else(|| inner.config.retry.clone());
+        let retry = spec.retry.clone().unwrap_or_else(|| inner.config.retry.clone());
         if spec.partitions.is_some() && retry.horizon() > MAX_IN_PLACE_RETRY_HORIZON {
             // Retries in place keep the delivery unacknowledged; RabbitMQ closes a channel whose delivery stays
             // unacknowledged past its consumer_timeout (30 min by default).
@@ -267,8 +268,7 @@ impl EventBus for RabbitBus {
             config: inner.config.clone(),
             link: inner.link.clone(),
             group: spec.group.clone(),
-            handlers: Arc::new(spec.handlers),
-            retry,
+            dispatcher: Dispatcher::new(&spec, retry),
             concurrency: spec.concurrency.unwrap_or(inner.config.concurrency),
             stats: counters.clone(),
             partitions: spec.partitions,

@@ -7,13 +7,11 @@
 //! inbox drops duplicates). A partitioned group retries in place (the delivery stays unacknowledged through its
 //! delays), so that the later events of its key never overtake it.
 
-use std::collections::{BTreeMap, HashMap};
-use std::panic::AssertUnwindSafe;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use bus_core::{
-    BusError, DeliveryContext, EnvelopeHandler, EventTypeName, FailureKind, GroupName, HandlerError, RetryPolicy,
-};
+use bus_core::transport::{Dispatcher, Verdict};
+use bus_core::{BusError, FailureKind, GroupName};
 use futures::FutureExt;
 use futures::StreamExt;
 use futures::future::Shared;
@@ -35,8 +33,7 @@ pub(crate) struct Instance {
     pub(crate) config: Arc<RabbitConfig>,
     pub(crate) link: Arc<Link>,
     pub(crate) group: GroupName,
-    pub(crate) handlers: Arc<BTreeMap<EventTypeName, Arc<dyn EnvelopeHandler>>>,
-    pub(crate) retry: RetryPolicy,
+    pub(crate) dispatcher: Dispatcher,
     pub(crate) concurrency: usize,
     pub(crate) stats: Arc<Stats>,
     /// The group's partition count, if it is partitioned.
@@ -102,7 +99,7 @@ impl Instance {
         let declarer = session.connection.create_channel().await.map_err(transport)?;
         let side = session.connection.create_channel().await.map_err(transport)?;
         side.confirm_select(ConfirmSelectOptions::default()).await.map_err(transport)?;
-        let event_types = self.handlers.keys().cloned().collect();
+        let event_types = self.dispatcher.event_types().cloned().collect();
         match self.partitions {
             None => {
                 topology::declare_group(&declarer, &self.config, &self.group, &event_types).await.map_err(transport)?
@@ -261,19 +258,18 @@ impl Instance {
             }
         };
         loop {
-            let error = match self.run_handler(&envelope, attempt).await {
-                Ok(()) => {
+            let (next_attempt, delay, error) = match self.dispatcher.dispatch(&envelope, attempt).await {
+                Verdict::Handled => {
                     self.stats.handled();
                     ack(&delivery, lane).await;
                     return true;
                 }
-                Err(error) => error,
+                Verdict::DeadLetter(error) => {
+                    tracing::warn!(group = %self.group, event_id = %envelope.id(), attempt, %error, "event dead-lettered");
+                    return self.dead_letter(&delivery, lane, attempt, &error.to_string(), error.kind()).await;
+                }
+                Verdict::Retry { next_attempt, delay, error } => (next_attempt, delay, error),
             };
-            if error.is_permanent() || !self.retry.should_retry(attempt) {
-                tracing::warn!(group = %self.group, event_id = %envelope.id(), attempt, %error, "event dead-lettered");
-                return self.dead_letter(&delivery, lane, attempt, &error.to_string(), error.kind()).await;
-            }
-            let delay = self.retry.delay(attempt + 1);
             if self.partitions.is_some() {
                 // Partitioned: retry in place, so that the later events of its key wait for it.
                 self.stats.retried();
@@ -284,13 +280,13 @@ impl Instance {
                     () = lane.broken.cancelled() => return false,
                     () = tokio::time::sleep(delay) => {}
                 }
-                attempt += 1;
+                attempt = next_attempt;
                 continue;
             }
             let properties = wire::with_headers(
                 &delivery.properties,
                 &[
-                    (wire::H_ATTEMPT, AMQPValue::LongLongInt(i64::from(attempt + 1))),
+                    (wire::H_ATTEMPT, AMQPValue::LongLongInt(i64::from(next_attempt))),
                     (wire::H_LAST_ERROR, wire::text_header(&error.to_string())),
                     (wire::H_FAILED_AT, wire::now_header()),
                 ],
@@ -305,29 +301,6 @@ impl Instance {
             ack(&delivery, lane).await;
             return true;
         }
-    }
-
-    /// Runs the group's handler for `envelope` (a panic is a transient failure).
-    async fn run_handler(&self, envelope: &Arc<bus_core::Envelope>, attempt: u32) -> Result<(), HandlerError> {
-        let Some(handler) = self.handlers.get(envelope.event_type()) else {
-            return Err(HandlerError::permanent(format!(
-                "group {} has no handler for {}",
-                self.group,
-                envelope.event_type()
-            )));
-        };
-        let ctx = DeliveryContext::new(envelope.clone(), attempt, self.group.clone());
-        AssertUnwindSafe(bus_core::trace::consume(envelope, self.group.as_str(), handler.handle(ctx)))
-            .catch_unwind()
-            .await
-            .unwrap_or_else(|panic| {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                Err(HandlerError::transient(format!("handler panicked: {message}")))
-            })
     }
 
     async fn dead_letter(

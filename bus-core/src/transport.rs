@@ -1,0 +1,197 @@
+//! For transport implementors (`bus-inproc`, `bus-rabbitmq`, a bus of your own): what a transport needs and a
+//! service author never does.
+//!
+//! Every transport runs deliveries through one [`Dispatcher`], so they all behave alike: the handler of the
+//! event's type is looked up (none: a permanent failure), run inside the consumer span (a child of the
+//! envelope's trace context), bounded by the subscription's [`timeout`](crate::Subscription::timeout) (over it:
+//! a transient failure), a panic is caught and becomes a transient failure, and the subscription's
+//! [`RetryPolicy`] decides from the attempt and the error whether the event is tried again (and when) or
+//! dead-lettered. The transport only carries out that [`Verdict`]: acknowledge, schedule the retry, or
+//! dead-letter, in its own way.
+
+use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+
+use crate::envelope::Envelope;
+use crate::handler::{DeliveryContext, EnvelopeHandler, HandlerError};
+use crate::name::{EventTypeName, GroupName};
+use crate::retry::RetryPolicy;
+
+pub use crate::confirmation::Countdown;
+pub use crate::subscription::SubscriptionSpec;
+
+/// What comes of one delivery, for the transport to carry out.
+#[derive(Debug)]
+pub enum Verdict {
+    /// The handler succeeded: acknowledge.
+    Handled,
+    /// A transient failure with attempts left: deliver again as attempt `next_attempt` after `delay`.
+    Retry {
+        /// The attempt number of the next delivery.
+        next_attempt: u32,
+        /// How long to wait before it (jitter applied).
+        delay: Duration,
+        /// Why this attempt failed.
+        error: HandlerError,
+    },
+    /// A permanent failure, or the last attempt failed: dead-letter with the error as the reason.
+    DeadLetter(HandlerError),
+}
+
+/// Runs the deliveries of one subscription instance: one code path for every transport (see the module docs).
+pub struct Dispatcher {
+    group: GroupName,
+    handlers: BTreeMap<EventTypeName, Arc<dyn EnvelopeHandler>>,
+    retry: RetryPolicy,
+    timeout: Option<Duration>,
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("group", &self.group)
+            .field("event_types", &self.handlers.keys().collect::<Vec<_>>())
+            .field("retry", &self.retry)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl Dispatcher {
+    /// The dispatcher of a validated subscription, with `retry` the policy in force for its group (the
+    /// subscription's own, else the bus's).
+    pub fn new(spec: &SubscriptionSpec, retry: RetryPolicy) -> Self {
+        Self { group: spec.group.clone(), handlers: spec.handlers.clone(), retry, timeout: spec.timeout }
+    }
+
+    /// The consumer group.
+    pub fn group(&self) -> &GroupName {
+        &self.group
+    }
+
+    /// The event types it handles.
+    pub fn event_types(&self) -> impl Iterator<Item = &EventTypeName> {
+        self.handlers.keys()
+    }
+
+    /// The retry policy it decides with.
+    pub fn retry(&self) -> &RetryPolicy {
+        &self.retry
+    }
+
+    /// Runs delivery `attempt` (1 for the first) of `envelope` and says what to do next.
+    pub async fn dispatch(&self, envelope: &Arc<Envelope>, attempt: u32) -> Verdict {
+        match self.run(envelope, attempt).await {
+            Ok(()) => Verdict::Handled,
+            Err(error) if !error.is_permanent() && self.retry.should_retry(attempt) => {
+                let next_attempt = attempt + 1;
+                Verdict::Retry { next_attempt, delay: self.retry.delay(next_attempt), error }
+            }
+            Err(error) => Verdict::DeadLetter(error),
+        }
+    }
+
+    async fn run(&self, envelope: &Arc<Envelope>, attempt: u32) -> Result<(), HandlerError> {
+        let Some(handler) = self.handlers.get(envelope.event_type()) else {
+            return Err(HandlerError::permanent(format!(
+                "group {} has no handler for {}",
+                self.group,
+                envelope.event_type()
+            )));
+        };
+        let ctx = DeliveryContext::new(envelope.clone(), attempt, self.group.clone());
+        let handling = crate::trace::consume(envelope, self.group.as_str(), async {
+            match self.timeout {
+                None => handler.handle(ctx).await,
+                Some(limit) => tokio::time::timeout(limit, handler.handle(ctx))
+                    .await
+                    .unwrap_or_else(|_| Err(HandlerError::transient(format!("handler timed out after {limit:?}")))),
+            }
+        });
+        AssertUnwindSafe(handling).catch_unwind().await.unwrap_or_else(|panic| {
+            Err(HandlerError::transient(format!("handler panicked: {}", panic_message(&*panic))))
+        })
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Subscription;
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Ping {
+        n: u32,
+    }
+
+    impl crate::IntegrationEvent for Ping {
+        const TYPE_NAME: &'static str = "Ping";
+    }
+
+    fn envelope(n: u32) -> Arc<Envelope> {
+        Arc::new(Envelope::for_event(&Ping { n }).unwrap().build().unwrap())
+    }
+
+    fn dispatcher(subscription: Subscription, retry: RetryPolicy) -> Dispatcher {
+        Dispatcher::new(&subscription.into_spec().unwrap(), retry)
+    }
+
+    #[tokio::test]
+    async fn a_verdict_for_every_outcome() {
+        let retry = RetryPolicy::exponential(2, Duration::from_millis(10)).with_jitter(0.0);
+        let d = dispatcher(
+            Subscription::new("g").on(|e: Ping, _ctx: DeliveryContext| async move {
+                match e.n {
+                    0 => Ok(()),
+                    1 => Err(HandlerError::transient("later")),
+                    2 => Err(HandlerError::permanent("never")),
+                    _ => panic!("boom {}", e.n),
+                }
+            }),
+            retry,
+        );
+        assert!(matches!(d.dispatch(&envelope(0), 1).await, Verdict::Handled));
+        match d.dispatch(&envelope(1), 1).await {
+            Verdict::Retry { next_attempt: 2, delay, .. } => assert_eq!(delay, Duration::from_millis(10)),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(d.dispatch(&envelope(1), 2).await, Verdict::DeadLetter(e) if !e.is_permanent()));
+        assert!(matches!(d.dispatch(&envelope(2), 1).await, Verdict::DeadLetter(e) if e.is_permanent()));
+        match d.dispatch(&envelope(3), 1).await {
+            Verdict::Retry { error, .. } => assert!(error.to_string().contains("handler panicked: boom 3"), "{error}"),
+            other => panic!("{other:?}"),
+        }
+        let other = Arc::new(Envelope::builder(EventTypeName::new("Pong").unwrap(), b"{}".to_vec()).build().unwrap());
+        match d.dispatch(&other, 1).await {
+            Verdict::DeadLetter(e) => assert!(e.is_permanent() && e.to_string().contains("no handler for Pong")),
+            v => panic!("{v:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_handler_over_its_timeout_fails_transiently() {
+        let d = dispatcher(
+            Subscription::new("g").timeout(Duration::from_millis(20)).on(|_e: Ping, _ctx: DeliveryContext| async {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                Ok(())
+            }),
+            RetryPolicy::no_retry(),
+        );
+        match d.dispatch(&envelope(0), 1).await {
+            Verdict::DeadLetter(e) => assert!(!e.is_permanent() && e.to_string().contains("timed out"), "{e}"),
+            v => panic!("{v:?}"),
+        }
+    }
+}

@@ -32,12 +32,11 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     #[doc(hidden)]
     async fn migrate(pool: &Pool<Self>, sql: &Sql) -> Result<(), OutboxError>;
 
-    /// Inserts `envelopes`, to be published from `not_before` on (none: at once). With `wake`, the commit of
-    /// the transaction open on `conn` (or the insert's own, outside a transaction) wakes the relays:
-    /// PostgreSQL: a `NOTIFY` after the insert, which PostgreSQL delivers at commit (to this process's relays
-    /// as well, through their `LISTEN`); SQLite: a one-shot commit hook on the connection, set before the
-    /// insert, that wakes this process's relays (a rollback leaves it armed: a later commit wakes them for
-    /// nothing).
+    /// Inserts `envelopes`, to be published from `not_before` on (none: at once); outside a transaction, in one
+    /// of its own (all rows or none). With `wake`, the commit wakes the relays: PostgreSQL: a `NOTIFY` after the
+    /// insert, which PostgreSQL delivers at commit (to this process's relays as well, through their `LISTEN`);
+    /// SQLite: in the caller's transaction, a one-shot commit hook on the connection that wakes this process's
+    /// relays (a rollback leaves it armed: a later commit wakes them for nothing); in its own, a wake-up after it.
     #[doc(hidden)]
     async fn insert_outbox(
         conn: &mut Self::Connection,
@@ -109,8 +108,8 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     #[doc(hidden)]
     async fn hold_ownership(pool: &Pool<Self>, sql: &Sql, relay: Uuid) -> Result<Ownership, OutboxError>;
 
-    /// Proves `owner` is still alive (PostgreSQL: the lock's connection answers; SQLite: its registration is
-    /// there, and the registrations of relays found dead are removed, which frees their rows). An error means the
+    /// Proves `owner` is still alive (PostgreSQL: the lock's connection answers; SQLite: the lock is held for the
+    /// process's life, so this only reports what the background task found: the registration gone). An error means the
     /// relay may have lost its rows to others: it must stop claiming until it holds a new ownership.
     #[doc(hidden)]
     async fn keep_ownership(pool: &Pool<Self>, sql: &Sql, owner: &mut Ownership) -> Result<(), OutboxError>;
@@ -184,10 +183,8 @@ pub struct Ownership {
     pub(crate) owner: Owner,
     /// PostgreSQL: the connection that holds the session lock, for the relay's life.
     pub(crate) connection: Option<sqlx::PgConnection>,
-    /// SQLite: the relay's file lock, and where the other relays' locks are.
-    pub(crate) lock: Option<(relay_lock::RelayLock, relay_lock::LockPlace)>,
-    /// SQLite: proofs since the registration was last refreshed.
-    pub(crate) proofs: u32,
+    /// SQLite: the relay's file lock and the task that keeps its registration.
+    pub(crate) sqlite: Option<sqlite::SqliteProof>,
 }
 
 impl std::fmt::Debug for Ownership {

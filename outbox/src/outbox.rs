@@ -91,7 +91,8 @@ impl<DB: Backend> Outbox<DB> {
     }
 
     /// Writes `event` to the outbox through `conn` (pass `&mut *tx` for a transaction of your own); its commit
-    /// wakes the relays. Returns the event id.
+    /// wakes the relays. On a connection outside a transaction the write is a transaction of its own, so an
+    /// error means nothing was written. Returns the event id.
     ///
     /// # Errors
     /// [`bus_core::BusError::PayloadTooLarge`] (naming the type and size) or another envelope error, before

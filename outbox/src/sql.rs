@@ -91,7 +91,7 @@ pub struct Sql {
     pub release: String,
     pub register_relay: String,
     pub refresh_relay: String,
-    pub other_relays: String,
+    pub registered_relays: String,
     pub forget_relay: String,
     pub status: String,
     pub failed: String,
@@ -193,7 +193,7 @@ impl Sql {
                 ),
                 register_relay: String::new(),
                 refresh_relay: String::new(),
-                other_relays: String::new(),
+                registered_relays: String::new(),
                 forget_relay: String::new(),
                 status: format!(
                     "SELECT count(*) FILTER (WHERE status = {PENDING}), \
@@ -307,9 +307,8 @@ impl Sql {
                      ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at"
                 ),
                 refresh_relay: format!("UPDATE {relays} SET heartbeat_at = {NOW} WHERE id = ?1"),
-                other_relays: format!(
-                    "SELECT id, heartbeat_at < {NOW} - {SQLITE_UNSEEN_RELAY_FORGOTTEN_AFTER_MS} FROM {relays} \
-                     WHERE id <> ?1"
+                registered_relays: format!(
+                    "SELECT id, heartbeat_at < {NOW} - {SQLITE_UNSEEN_RELAY_FORGOTTEN_AFTER_MS} FROM {relays}"
                 ),
                 forget_relay: format!("DELETE FROM {relays} WHERE id = ?1"),
                 status: format!(

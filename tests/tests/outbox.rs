@@ -31,6 +31,7 @@ on_both_databases!(
     a_handler_uses_its_inbox_transaction_in_helpers_one_after_the_other_without_waiting,
     an_inbox_transaction_that_outlives_its_handler_fails_the_handling_at_once,
     enqueue_on_a_transaction_of_ones_own_wakes_the_relay_when_it_commits,
+    enqueue_on_a_bare_connection_writes_all_the_events_or_none,
 );
 
 async fn outbox<DB: TestDb>(fixture: &Fixture<DB>) -> Outbox<DB> {
@@ -563,7 +564,10 @@ async fn a_scheduled_event_is_published_when_due_and_holds_back_its_key<DB: Test
     tx.enqueue(&Numbered { key: "later".into(), seq: 1 }).await.unwrap();
     tx.enqueue(&Numbered { key: "now".into(), seq: 0 }).await.unwrap();
     tx.commit().await.unwrap();
-    wait_until("the unscheduled key delivered", SETTLE, || async { consumer.seen.lock().unwrap().len() == 1 }).await;
+    wait_until("the unscheduled key delivered and marked", SETTLE, || async {
+        consumer.seen.lock().unwrap().len() == 1 && outbox.status().await.unwrap().published == 1
+    })
+    .await;
     let status = outbox.status().await.unwrap();
     assert_eq!((status.pending, status.scheduled), (2, 1), "{status:?}");
     assert!(status.oldest_pending_ms.unwrap_or(0) < 800, "a scheduled event is not counted as waiting: {status:?}");
@@ -705,4 +709,48 @@ async fn enqueue_on_a_transaction_of_ones_own_wakes_the_relay_when_it_commits<DB
     assert_eq!(*received.lock().unwrap(), [0, 1, 2, 3]);
     relay.shutdown().await;
     bus.shutdown(Duration::from_secs(5)).await;
+}
+
+/// On a connection outside any transaction, enqueueing several events is still all or nothing: when the
+/// database refuses one, the others are not left behind (a caller that retries would enqueue them twice).
+async fn enqueue_on_a_bare_connection_writes_all_the_events_or_none<DB: TestDb>() {
+    let fixture = DB::fixture().await;
+    let outbox = outbox(&fixture).await;
+    let table = fixture.table("outbox");
+    // The database refuses the events of key "refused".
+    match <DB as sqlx::Database>::NAME {
+        "PostgreSQL" => {
+            let function = fixture.table("refuse");
+            DB::execute(
+                &fixture.pool,
+                &format!(
+                    "CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS \
+                     $$ BEGIN IF NEW.partition_key = 'refused' THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$"
+                ),
+            )
+            .await;
+            DB::execute(
+                &fixture.pool,
+                &format!("CREATE TRIGGER refuse BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION {function}()"),
+            )
+            .await;
+        }
+        _ => {
+            DB::execute(
+                &fixture.pool,
+                &format!(
+                    "CREATE TRIGGER refuse BEFORE INSERT ON {table} WHEN NEW.partition_key = 'refused' \
+                     BEGIN SELECT RAISE(ABORT, 'refused'); END"
+                ),
+            )
+            .await;
+        }
+    }
+    let envelope = |key: &str| Envelope::for_event(&Numbered { key: key.into(), seq: 0 }).unwrap().build().unwrap();
+    let mut conn = fixture.pool.acquire().await.unwrap();
+    let refused = outbox.enqueue_envelopes(&mut *conn, &[envelope("accepted"), envelope("refused")]).await;
+    assert!(refused.is_err(), "the database refused the second event");
+    assert_eq!(outbox.status().await.unwrap().pending, 0, "the first event was left behind");
+    outbox.enqueue_envelopes(&mut *conn, &[envelope("a"), envelope("b")]).await.unwrap();
+    assert_eq!(outbox.status().await.unwrap().pending, 2);
 }

@@ -465,9 +465,31 @@ async fn rows_leased_to_a_relay_that_lost_track_of_them_are_published_at_once<DB
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_a_live_relay_keeps_its_rows_however_late_its_writes_are() {
     let fixture = sqlx::Sqlite::fixture().await;
-    let outbox = outbox(&fixture).await;
-    let other_process =
-        Outbox::new(sqlx::Sqlite::second_pool(&fixture).await, fixture.outbox_config("producer")).unwrap();
+    let other_pool = sqlx::Sqlite::second_pool(&fixture).await;
+    a_live_relay_keeps_its_rows(&fixture, other_pool).await;
+}
+
+/// SQLite: relays agree on who is alive whatever URL names their database: here the other relay opens it as a
+/// `file:` URI, which is no path of the file system (it used to take the holder for dead at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_relays_agree_on_liveness_whatever_url_names_the_database() {
+    let fixture = sqlx::Sqlite::fixture().await;
+    let path: String = sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
+        .fetch_one(&fixture.pool)
+        .await
+        .unwrap();
+    let options: sqlx::sqlite::SqliteConnectOptions = format!("sqlite:file:{path}?mode=rw").parse().unwrap();
+    let other_pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(4)
+        .connect_with(options.busy_timeout(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    a_live_relay_keeps_its_rows(&fixture, other_pool).await;
+}
+
+async fn a_live_relay_keeps_its_rows(fixture: &Fixture<sqlx::Sqlite>, other_pool: sqlx::SqlitePool) {
+    let outbox = outbox(fixture).await;
+    let other_process = Outbox::new(other_pool, fixture.outbox_config("producer")).unwrap();
     let bus = InProcBus::new();
     let received = Received::subscribe(&bus).await;
     let long_lease = RelayConfig { lease: Duration::from_secs(30), ..fast_relay() };

@@ -91,6 +91,14 @@ impl Backend for Postgres {
         not_before: Option<chrono::DateTime<chrono::Utc>>,
         wake: Option<&Arc<crate::wakeup::Wakeup>>,
     ) -> Result<(), OutboxError> {
+        if !sqlx::Connection::is_in_transaction(conn) {
+            // Outside a transaction: one of our own, so that the rows and the NOTIFY are all there or none (a
+            // caller that retries on an error never enqueues twice).
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            Self::insert_outbox(&mut tx, sql, envelopes, not_before, wake).await?;
+            tx.commit().await?;
+            return Ok(());
+        }
         for e in envelopes {
             sqlx::query(&sql.insert_outbox)
                 .bind(e.id())
@@ -109,7 +117,7 @@ impl Backend for Postgres {
                 .await?;
         }
         if wake.is_some() {
-            // After the rows (outside a transaction they are committed by now). An empty payload: unlike the
+            // Delivered when the caller's transaction commits. An empty payload: unlike the
             // coalesced NOTIFYs (marked with `origin`), this one wakes this process's relays too, since nobody
             // else knows when the caller commits.
             sqlx::query("SELECT pg_notify($1, '')").bind(&sql.channel).execute(&mut *conn).await?;
@@ -217,8 +225,7 @@ impl Backend for Postgres {
                 return Ok(Ownership {
                     owner: Owner { relay, key, namespace },
                     connection: Some(connection),
-                    lock: None,
-                    proofs: 0,
+                    sqlite: None,
                 });
             }
         }

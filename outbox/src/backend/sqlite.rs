@@ -2,7 +2,8 @@
 //! Unix milliseconds from SQLite's clock, read when each statement runs; the relay shares the producers' process, so no NOTIFY.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bus_core::Envelope;
@@ -12,31 +13,125 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::relay_lock::{Liveness, LockPlace};
+use super::relay_lock::{LockPlace, Probe, RelayLock};
 use super::{Backend, Owner, Ownership, from_ms, json_list, millis};
 use crate::error::OutboxError;
 use crate::row::{FailedEvent, OutboxRow, OutboxStatus};
 use crate::sql::{Dialect, MIGRATIONS, NOW, SQLITE_PROOF_INTERVAL_MS, SQLITE_REGISTRATION_REFRESH_MS, Sql};
 
-/// Removes the registrations of the other relays found dead (their lock is free; or, for a relay whose lock file
-/// this process cannot see, no refresh for a minute): their rows are free at the next claim.
-async fn forget_dead_relays(pool: &SqlitePool, sql: &Sql, relay: Uuid, place: &LockPlace) -> Result<(), OutboxError> {
-    let others: Vec<(String, bool)> = sqlx::query_as(&sql.other_relays).bind(relay.to_string()).fetch_all(pool).await?;
-    for (id, unseen_for_long) in others {
-        let dead = match Uuid::parse_str(&id).map(|other| place.probe(other)) {
-            Ok(Liveness::Alive) => false,
-            Ok(Liveness::Dead) => true,
-            Ok(Liveness::Unknown) | Err(_) => unseen_for_long,
-        };
-        if dead {
-            tracing::info!(%relay, dead = %id, "a relay is gone: its rows are free");
-            sqlx::query(&sql.forget_relay).bind(&id).execute(pool).await?;
-            if let Ok(other) = Uuid::parse_str(&id) {
-                place.remove(other);
+/// SQLite's side of a relay's liveness proof, beside its lock: a task that, every
+/// [`SQLITE_PROOF_INTERVAL_MS`], forgets the other relays found dead and checks that the relay's own
+/// registration is still there (refreshing it every [`SQLITE_REGISTRATION_REFRESH_MS`]). The proof itself is the
+/// lock, so a database busy for seconds delays this work but never makes the relay look dead to itself.
+pub(crate) struct SqliteProof {
+    lock: Option<RelayLock>,
+    janitor: tokio::task::JoinHandle<()>,
+    lost: Arc<AtomicBool>,
+}
+
+impl Drop for SqliteProof {
+    fn drop(&mut self) {
+        self.janitor.abort();
+    }
+}
+
+/// The statements the janitor runs, owned by its task.
+struct JanitorSql {
+    registered_relays: String,
+    forget_relay: String,
+    refresh_relay: String,
+}
+
+/// The file SQLite opened as the main database (empty for an in-memory one): the same for every process that
+/// opens it, whatever URL, URI or relative path each was given.
+async fn main_database_file(pool: &SqlitePool) -> Result<String, OutboxError> {
+    let databases: Vec<(i64, String, String)> = sqlx::query_as("PRAGMA database_list").fetch_all(pool).await?;
+    Ok(databases.into_iter().find(|(_, name, _)| name == "main").map(|(_, _, file)| file).unwrap_or_default())
+}
+
+/// Takes the relay's lock, waiting (a few seconds at most) while a prober buries a previous life of this relay.
+async fn acquire_lock(place: &LockPlace, relay: Uuid) -> Result<RelayLock, OutboxError> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match place.acquire(relay) {
+            Ok(lock) => return Ok(lock),
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(error) => {
+                return Err(OutboxError::config(
+                    "relay",
+                    format!("cannot hold the relay's lock file beside the database: {error}"),
+                ));
             }
         }
     }
-    Ok(())
+}
+
+async fn keep_registration(pool: SqlitePool, sql: JanitorSql, relay: Uuid, place: LockPlace, lost: Arc<AtomicBool>) {
+    let refresh_every = Duration::from_millis(SQLITE_REGISTRATION_REFRESH_MS.unsigned_abs());
+    let mut refreshed = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(SQLITE_PROOF_INTERVAL_MS.unsigned_abs())).await;
+        match forget_dead_relays(&pool, &sql, relay, &place).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(%relay, "the relay's registration was removed by someone else");
+                lost.store(true, Ordering::Release);
+                return;
+            }
+            Err(error) => tracing::debug!(%relay, %error, "could not look for dead relays; trying again"),
+        }
+        if refreshed.elapsed() >= refresh_every {
+            match sqlx::query(&sql.refresh_relay).bind(relay.to_string()).execute(&pool).await {
+                Ok(done) if done.rows_affected() == 0 => {
+                    tracing::warn!(%relay, "the relay's registration was removed by someone else");
+                    lost.store(true, Ordering::Release);
+                    return;
+                }
+                Ok(_) => refreshed = Instant::now(),
+                Err(error) => tracing::debug!(%relay, %error, "could not refresh the relay's registration"),
+            }
+        }
+    }
+}
+
+/// Removes the registrations of the other relays found dead (their lock is free; or, for a relay whose lock file
+/// this process cannot see, no refresh for a minute): their rows are free at the next claim. A dead relay's lock
+/// stays held until its registration is deleted, so that a relay coming back under its id registers after that.
+/// `false` if `relay`'s own registration is gone.
+async fn forget_dead_relays(
+    pool: &SqlitePool,
+    sql: &JanitorSql,
+    relay: Uuid,
+    place: &LockPlace,
+) -> Result<bool, OutboxError> {
+    let registered: Vec<(String, bool)> = sqlx::query_as(&sql.registered_relays).fetch_all(pool).await?;
+    let mut registered_self = false;
+    for (id, unseen_for_long) in registered {
+        let Ok(other) = Uuid::parse_str(&id) else {
+            if unseen_for_long {
+                sqlx::query(&sql.forget_relay).bind(&id).execute(pool).await?;
+            }
+            continue;
+        };
+        if other == relay {
+            registered_self = true;
+            continue;
+        }
+        let dead = match place.probe(other) {
+            Probe::Alive => continue,
+            Probe::Dead(dead) => Some(dead),
+            Probe::Unknown if unseen_for_long => None,
+            Probe::Unknown => continue,
+        };
+        tracing::info!(%relay, dead = %id, "a relay is gone: its rows are free");
+        sqlx::query(&sql.forget_relay).bind(&id).execute(pool).await?;
+        if let Some(dead) = dead {
+            dead.bury();
+        }
+    }
+    Ok(registered_self)
 }
 
 fn parse_uuid(seq: i64, value: &str) -> Result<Uuid, OutboxError> {
@@ -102,8 +197,20 @@ impl Backend for Sqlite {
         not_before: Option<chrono::DateTime<chrono::Utc>>,
         wake: Option<&Arc<crate::wakeup::Wakeup>>,
     ) -> Result<(), OutboxError> {
+        if !sqlx::Connection::is_in_transaction(conn) {
+            // Outside a transaction: one of our own, so that the rows are all there or none (a caller that
+            // retries on an error never enqueues twice), and the wake-up follows our own commit.
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            Self::insert_outbox(&mut tx, sql, envelopes, not_before, None).await?;
+            tx.commit().await?;
+            if let Some(wakeup) = wake {
+                wakeup.wake_local();
+            }
+            return Ok(());
+        }
         if let Some(wakeup) = wake {
-            // Before the rows, so that an insert outside a transaction (its own commit) fires it too.
+            // The caller commits: wake at its commit. (A connection has one commit hook: this replaces any the
+            // application set on it.)
             let wakeup = Arc::downgrade(wakeup);
             let mut armed = true;
             conn.lock_handle().await?.set_commit_hook(move || {
@@ -229,48 +336,50 @@ impl Backend for Sqlite {
 
     async fn hold_ownership(pool: &SqlitePool, sql: &Sql, relay: Uuid) -> Result<Ownership, OutboxError> {
         // The lock first, then the registration: whoever sees the registration can probe the lock.
-        let place = LockPlace::of(pool.connect_options().get_filename());
-        let lock = place.acquire(relay).map_err(|error| {
-            OutboxError::config("relay", format!("cannot hold the relay's lock file beside the database: {error}"))
+        let database = main_database_file(pool).await?;
+        let place = LockPlace::beside(&database).map_err(|error| {
+            OutboxError::config("relay", format!("cannot place the relay's lock file beside the database: {error}"))
         })?;
+        let lock = acquire_lock(&place, relay).await?;
         sqlx::query(&sql.register_relay).bind(relay.to_string()).execute(pool).await?;
+        let lost = Arc::new(AtomicBool::new(false));
+        let janitor_sql = JanitorSql {
+            registered_relays: sql.registered_relays.clone(),
+            forget_relay: sql.forget_relay.clone(),
+            refresh_relay: sql.refresh_relay.clone(),
+        };
+        let janitor = tokio::spawn(keep_registration(pool.clone(), janitor_sql, relay, place, lost.clone()));
         Ok(Ownership {
             owner: Owner { relay, key: 0, namespace: 0 },
             connection: None,
-            lock: Some((lock, place)),
-            proofs: 0,
+            sqlite: Some(SqliteProof { lock: Some(lock), janitor, lost }),
         })
     }
 
-    async fn keep_ownership(pool: &SqlitePool, sql: &Sql, owner: &mut Ownership) -> Result<(), OutboxError> {
-        // The proof is the lock, held as long as the process lives: a busy database delays the work below but
-        // never weakens the proof, so its errors are only logged.
-        let relay = owner.owner.relay;
-        let Some((_, place)) = &owner.lock else { return Ok(()) };
-        if let Err(error) = forget_dead_relays(pool, sql, relay, place).await {
-            tracing::debug!(%relay, %error, "could not look for dead relays; trying again");
+    async fn keep_ownership(_pool: &SqlitePool, _sql: &Sql, owner: &mut Ownership) -> Result<(), OutboxError> {
+        // The proof is the lock, held as long as the process lives; the janitor says if the registration is gone.
+        let Some(proof) = &owner.sqlite else { return Ok(()) };
+        if proof.lost.load(Ordering::Acquire) {
+            return Err(OutboxError::config("relay", "the relay's registration was removed by someone else"));
         }
-        owner.proofs += 1;
-        let every = SQLITE_REGISTRATION_REFRESH_MS / SQLITE_PROOF_INTERVAL_MS;
-        if i64::from(owner.proofs) >= every {
-            match sqlx::query(&sql.refresh_relay).bind(relay.to_string()).execute(pool).await {
-                Ok(done) if done.rows_affected() == 0 => {
-                    return Err(OutboxError::config("relay", "the relay's registration was removed by someone else"));
-                }
-                Ok(_) => owner.proofs = 0,
-                Err(error) => tracing::debug!(%relay, %error, "could not refresh the relay's registration"),
-            }
+        if proof.janitor.is_finished() {
+            return Err(OutboxError::config("relay", "the task that keeps the relay's registration stopped"));
         }
         Ok(())
     }
 
     async fn drop_ownership(pool: &SqlitePool, sql: &Sql, owner: Ownership) {
-        let forgotten = sqlx::query(&sql.forget_relay).bind(owner.owner.relay.to_string()).execute(pool).await;
-        match (forgotten, owner.lock) {
-            (Ok(_), Some((lock, _))) => lock.release(),
+        let Some(mut proof) = owner.sqlite else { return };
+        proof.janitor.abort();
+        let _ = (&mut proof.janitor).await;
+        match sqlx::query(&sql.forget_relay).bind(owner.owner.relay.to_string()).execute(pool).await {
+            Ok(_) => {
+                if let Some(lock) = proof.lock.take() {
+                    lock.release();
+                }
+            }
             // The lock file stays (unlocked) for the other relays to find this one dead and forget it.
-            (Err(error), _) => tracing::debug!(%error, "could not remove the relay's registration"),
-            (Ok(_), None) => {}
+            Err(error) => tracing::debug!(%error, "could not remove the relay's registration"),
         }
     }
 

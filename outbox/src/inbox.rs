@@ -53,7 +53,7 @@ pub struct InboxStats {
     pub handled: u64,
     /// Deliveries skipped because the inbox had already handled the event.
     pub duplicates: u64,
-    /// Deliveries whose handler (or commit) failed.
+    /// Deliveries whose handler failed (an error, a panic, a timeout) or whose commit failed.
     pub failed: u64,
 }
 
@@ -261,31 +261,49 @@ impl<E: IntegrationEvent, DB: Backend, H: InboxHandler<E, DB>> EnvelopeHandler f
             enqueued: 0,
             finished: Some(finished),
         };
+        // Counts the handling as failed unless it commits, whether it returns an error, panics or is cancelled
+        // (a timeout drops this future).
+        let failure = CountsFailure(Some(counters));
         let result = self.handler.handle(event, tx).await;
-        let Ok((tx, enqueued)) = handed_back.try_recv() else {
-            counters.failed.fetch_add(1, Ordering::Relaxed);
-            return Err(HandlerError::transient(
-                "the inbox transaction outlived its handler (moved into a task or a value that lives on?): \
-                 nothing was committed; it rolls back when its new owner drops it",
-            ));
+        let handed_back = handed_back.try_recv();
+        let (tx, enqueued) = match (result, handed_back) {
+            (Err(error), handed_back) => {
+                if let Ok((tx, _)) = handed_back {
+                    let _ = tx.rollback().await;
+                }
+                return Err(error);
+            }
+            (Ok(()), Err(_)) => {
+                return Err(HandlerError::transient(
+                    "the inbox transaction outlived its handler (moved into a task or a value that lives on?): \
+                     nothing was committed; it rolls back when its new owner drops it",
+                ));
+            }
+            (Ok(()), Ok(finished)) => finished,
         };
-        match result {
-            Ok(()) => {
-                if let Err(error) = tx.commit().await {
-                    counters.failed.fetch_add(1, Ordering::Relaxed);
-                    return Err(HandlerError::transient(error));
-                }
-                counters.handled.fetch_add(1, Ordering::Relaxed);
-                if enqueued > 0 {
-                    outbox.committed();
-                }
-                Ok(())
-            }
-            Err(error) => {
-                counters.failed.fetch_add(1, Ordering::Relaxed);
-                let _ = tx.rollback().await;
-                Err(error)
-            }
+        tx.commit().await.map_err(HandlerError::transient)?;
+        failure.disarm();
+        counters.handled.fetch_add(1, Ordering::Relaxed);
+        if enqueued > 0 {
+            outbox.committed();
+        }
+        Ok(())
+    }
+}
+
+/// Adds one to `failed` when dropped armed.
+struct CountsFailure<'a>(Option<&'a InboxCounters>);
+
+impl CountsFailure<'_> {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CountsFailure<'_> {
+    fn drop(&mut self) {
+        if let Some(counters) = self.0 {
+            counters.failed.fetch_add(1, Ordering::Relaxed);
         }
     }
 }

@@ -32,6 +32,7 @@ on_both_databases!(
     an_inbox_transaction_that_outlives_its_handler_fails_the_handling_at_once,
     enqueue_on_a_transaction_of_ones_own_wakes_the_relay_when_it_commits,
     enqueue_on_a_bare_connection_writes_all_the_events_or_none,
+    a_handling_cut_short_by_a_timeout_counts_as_failed_and_leaves_nothing,
 );
 
 async fn outbox<DB: TestDb>(fixture: &Fixture<DB>) -> Outbox<DB> {
@@ -753,4 +754,34 @@ async fn enqueue_on_a_bare_connection_writes_all_the_events_or_none<DB: TestDb>(
     assert_eq!(outbox.status().await.unwrap().pending, 0, "the first event was left behind");
     outbox.enqueue_envelopes(&mut *conn, &[envelope("a"), envelope("b")]).await.unwrap();
     assert_eq!(outbox.status().await.unwrap().pending, 2);
+}
+
+/// A handling dropped half-way (the subscription's timeout) counts as failed, and rolls back: its retry runs.
+async fn a_handling_cut_short_by_a_timeout_counts_as_failed_and_leaves_nothing<DB: TestDb>() {
+    let fixture = DB::fixture().await;
+    let outbox = outbox(&fixture).await;
+    let inbox = Inbox::new(outbox.clone(), InboxConfig::default(), &RetryPolicy::default()).unwrap();
+    let effects = fixture.effects.clone();
+    let hang = Arc::new(AtomicBool::new(true));
+    let hanging = hang.clone();
+    let handler = inbox.handler(move |_e: Numbered, mut tx: InboxTransaction<DB>| {
+        let (effects, hang) = (effects.clone(), hanging.clone());
+        async move {
+            DB::record_effect(&mut tx, &effects, "handled").await?;
+            if hang.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+            Ok(())
+        }
+    });
+    let envelope = Arc::new(Envelope::for_event(&Numbered { key: "k".into(), seq: 1 }).unwrap().build().unwrap());
+    let group = bus_core::GroupName::new("consumer").unwrap();
+    let delivery = || DeliveryContext::new(envelope.clone(), 1, group.clone());
+    let cut_short = tokio::time::timeout(Duration::from_millis(200), handler.handle(delivery())).await;
+    assert!(cut_short.is_err(), "the handler hangs until the timeout");
+    assert_eq!((inbox.stats().handled, inbox.stats().failed), (0, 1), "{:?}", inbox.stats());
+    hang.store(false, Ordering::SeqCst);
+    handler.handle(delivery()).await.expect("the retry runs: nothing of the first handling stayed");
+    assert_eq!(DB::effects(&fixture.pool, &fixture.effects).await, ["handled"]);
+    assert_eq!((inbox.stats().handled, inbox.stats().failed), (1, 1));
 }

@@ -4,9 +4,8 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 
-use futures::future::BoxFuture;
 use tokio::sync::oneshot;
 
 use crate::error::BusError;
@@ -16,15 +15,18 @@ use crate::error::BusError;
 ///
 /// Until it resolves `Ok`, the publisher must assume the event may be lost and keep it (the outbox keeps the row
 /// pending). Many confirmations can be in flight at once: publish a batch, then await them. Dropping a
-/// confirmation does not cancel the publish.
+/// confirmation does not cancel the publish. An answer the bus forgets (its side dropped unanswered) resolves to
+/// [`BusError::ConfirmationLost`], never to a success.
+///
+/// It is a oneshot receiver (or an answer known at once); transports make them with
+/// [`transport::confirmation_channel`](crate::transport::confirmation_channel) and
+/// [`transport::Countdown`](crate::transport::Countdown).
 #[must_use = "a publish is only safe once its confirmation resolved Ok"]
 pub struct Confirmation(State);
 
 enum State {
     Ready(Option<Result<(), BusError>>),
     Waiting(oneshot::Receiver<Result<(), BusError>>),
-    Future(BoxFuture<'static, Result<(), BusError>>),
-    Countdown(Arc<Shared>),
 }
 
 impl Confirmation {
@@ -38,34 +40,24 @@ impl Confirmation {
         Self(State::Ready(Some(Err(error))))
     }
 
-    /// A confirmation answered through a channel; a dropped sender resolves to [`BusError::ConfirmationLost`].
-    pub fn from_receiver(receiver: oneshot::Receiver<Result<(), BusError>>) -> Self {
-        Self(State::Waiting(receiver))
-    }
-
-    /// A confirmation answered by a future.
+    /// A confirmation answered by `future`, run as a task of its own on the current tokio runtime (so it goes
+    /// on whether or not the confirmation is awaited): for buses that wrap another bus, test doubles.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
     pub fn from_future(future: impl Future<Output = Result<(), BusError>> + Send + 'static) -> Self {
-        Self(State::Future(Box::pin(future)))
-    }
-
-    /// A confirmation that resolves `Ok` once `parties` parts are done (e.g. one per consumer group), or `Err` at
-    /// the first failure, or [`BusError::ConfirmationLost`] if every [`Countdown`] handle is dropped first. One
-    /// allocation, whatever the number of parties.
-    pub fn countdown(parties: usize) -> (Countdown, Self) {
-        let shared = Arc::new(Shared {
-            state: Mutex::new(CountdownState { remaining: parties, handles: 1, result: None, waker: None }),
+        let (answer, confirmation) = channel();
+        tokio::spawn(async move {
+            let _ = answer.send(future.await);
         });
-        if parties == 0 {
-            shared.lock().result = Some(Ok(()));
-        }
-        (Countdown(shared.clone()), Self(State::Countdown(shared)))
+        confirmation
     }
+}
 
-    /// A channel pair: answer through the sender, hand the confirmation to the publisher.
-    pub fn channel() -> (oneshot::Sender<Result<(), BusError>>, Self) {
-        let (tx, rx) = oneshot::channel();
-        (tx, Self::from_receiver(rx))
-    }
+/// A channel pair: answer through the sender, hand the confirmation to the publisher.
+pub(crate) fn channel() -> (oneshot::Sender<Result<(), BusError>>, Confirmation) {
+    let (tx, rx) = oneshot::channel();
+    (tx, Confirmation(State::Waiting(rx)))
 }
 
 impl Future for Confirmation {
@@ -79,20 +71,6 @@ impl Future for Confirmation {
             State::Waiting(rx) => Pin::new(rx).poll(cx).map(|r| {
                 r.unwrap_or_else(|_| Err(BusError::ConfirmationLost("the bus dropped the event unanswered".into())))
             }),
-            State::Future(fut) => fut.as_mut().poll(cx),
-            State::Countdown(shared) => {
-                let mut state = shared.lock();
-                match state.result.take() {
-                    Some(result) => {
-                        state.result = Some(Err(BusError::ConfirmationLost("polled after completion".into())));
-                        Poll::Ready(result)
-                    }
-                    None => {
-                        state.waker = Some(cx.waker().clone());
-                        Poll::Pending
-                    }
-                }
-            }
         }
     }
 }
@@ -101,7 +79,7 @@ impl fmt::Debug for Confirmation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.0 {
             State::Ready(_) => "ready",
-            State::Waiting(_) | State::Future(_) | State::Countdown(_) => "pending",
+            State::Waiting(_) => "pending",
         };
         f.debug_tuple("Confirmation").field(&state).finish()
     }
@@ -114,8 +92,7 @@ struct Shared {
 struct CountdownState {
     remaining: usize,
     handles: usize,
-    result: Option<Result<(), BusError>>,
-    waker: Option<Waker>,
+    answer: Option<oneshot::Sender<Result<(), BusError>>>,
 }
 
 impl Shared {
@@ -124,50 +101,58 @@ impl Shared {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn settle(&self, result: Result<(), BusError>) {
-        let waker = {
+    /// Answers with `result` unless answered already.
+    fn answer(&self, result: Result<(), BusError>) {
+        let answer = {
             let mut state = self.lock();
-            if state.result.is_some() || state.remaining == 0 && result.is_err() {
-                return;
-            }
-            state.result = Some(result);
             state.remaining = 0;
-            state.waker.take()
+            state.answer.take()
         };
-        if let Some(waker) = waker {
-            waker.wake();
+        if let Some(answer) = answer {
+            let _ = answer.send(result);
         }
     }
 }
 
-/// The answering side of [`Confirmation::countdown`]. Clone it for each party; every party calls
-/// [`part_done`](Self::part_done) or [`fail`](Self::fail). Dropping every handle before all parts are done
-/// resolves the confirmation to [`BusError::ConfirmationLost`]: a forgotten answer is never a success.
+/// A confirmation with several parties (e.g. one per consumer group): `Ok` once every party is
+/// [done](Self::part_done), `Err` at the first [failure](Self::fail), [`BusError::ConfirmationLost`] if every
+/// handle is dropped first (a forgotten answer is never a success). Clone it for each party. One allocation,
+/// whatever the number of parties.
 pub struct Countdown(Arc<Shared>);
 
 impl Countdown {
+    /// A countdown of `parties` parts and the confirmation it answers (zero parts: confirmed at once).
+    pub fn new(parties: usize) -> (Self, Confirmation) {
+        if parties == 0 {
+            let shared = Shared { state: Mutex::new(CountdownState { remaining: 0, handles: 1, answer: None }) };
+            return (Self(Arc::new(shared)), Confirmation::confirmed());
+        }
+        let (answer, confirmation) = channel();
+        let state = CountdownState { remaining: parties, handles: 1, answer: Some(answer) };
+        (Self(Arc::new(Shared { state: Mutex::new(state) })), confirmation)
+    }
+
     /// One part is done; the last one resolves the confirmation `Ok`.
     pub fn part_done(&self) {
-        let waker = {
+        let answer = {
             let mut state = self.0.lock();
-            if state.remaining == 0 || state.result.is_some() {
+            if state.remaining == 0 {
                 return;
             }
             state.remaining -= 1;
             if state.remaining > 0 {
                 return;
             }
-            state.result = Some(Ok(()));
-            state.waker.take()
+            state.answer.take()
         };
-        if let Some(waker) = waker {
-            waker.wake();
+        if let Some(answer) = answer {
+            let _ = answer.send(Ok(()));
         }
     }
 
     /// Resolves the confirmation with `error` (the first failure wins; no effect once resolved).
     pub fn fail(&self, error: BusError) {
-        self.0.settle(Err(error));
+        self.0.answer(Err(error));
     }
 }
 
@@ -186,7 +171,7 @@ impl Drop for Countdown {
             state.handles == 0 && state.remaining > 0
         };
         if last {
-            self.0.settle(Err(BusError::ConfirmationLost("every party dropped its part unanswered".into())));
+            self.0.answer(Err(BusError::ConfirmationLost("every party dropped its part unanswered".into())));
         }
     }
 }
@@ -203,14 +188,14 @@ mod tests {
 
     #[tokio::test]
     async fn dropped_sender_is_an_error_not_a_success() {
-        let (tx, confirmation) = Confirmation::channel();
+        let (tx, confirmation) = channel();
         drop(tx);
         assert!(matches!(confirmation.await, Err(BusError::ConfirmationLost(_))));
     }
 
     #[tokio::test]
     async fn countdown_resolves_after_every_part() {
-        let (first, confirmation) = Confirmation::countdown(2);
+        let (first, confirmation) = Countdown::new(2);
         let second = first.clone();
         let waiting = tokio::spawn(confirmation);
         first.part_done();
@@ -223,7 +208,7 @@ mod tests {
 
     #[tokio::test]
     async fn countdown_with_a_part_dropped_unanswered_fails() {
-        let (first, confirmation) = Confirmation::countdown(2);
+        let (first, confirmation) = Countdown::new(2);
         let second = first.clone();
         first.part_done();
         drop(first);
@@ -233,18 +218,18 @@ mod tests {
 
     #[tokio::test]
     async fn countdown_first_failure_wins() {
-        let (part, confirmation) = Confirmation::countdown(3);
+        let (part, confirmation) = Countdown::new(3);
         part.fail(BusError::Closed);
         part.part_done();
         part.part_done();
         assert!(matches!(confirmation.await, Err(BusError::Closed)));
-        let (_part, nothing_to_wait_for) = Confirmation::countdown(0);
+        let (_part, nothing_to_wait_for) = Countdown::new(0);
         assert!(nothing_to_wait_for.await.is_ok());
     }
 
     #[tokio::test]
     async fn answered_through_the_channel() {
-        let (tx, confirmation) = Confirmation::channel();
+        let (tx, confirmation) = channel();
         tx.send(Ok(())).unwrap();
         assert!(confirmation.await.is_ok());
         assert!(Confirmation::failed(BusError::Closed).await.is_err());

@@ -1,14 +1,14 @@
-//! [`DeliveryCounters`]: the counters every bus keeps (published, handled, retried, dead-lettered).
+//! [`DeliveryCounters`]: the counters every bus keeps (published, handled, retried, dead-lettered), and
+//! [`DeliveryStats`], what they read at one moment.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Counters a bus updates as events go through it. Cheap (relaxed atomics); read with
-/// [`snapshot`](Self::snapshot).
+/// Counters a bus updates as events go through it. Cheap (relaxed atomics); read with [`stats`](Self::stats).
 ///
 /// Counters may have a parent ([`with_parent`](Self::with_parent)) that every increment also reaches: a bus keeps
 /// its own totals and gives each subscription counters of its own (see
-/// [`SubscriptionHandle::counters`](crate::SubscriptionHandle::counters)), so that two services sharing one
+/// [`SubscriptionHandle::stats`](crate::SubscriptionHandle::stats)), so that two services sharing one
 /// in-process bus still report their own figures.
 #[derive(Debug, Default)]
 pub struct DeliveryCounters {
@@ -19,9 +19,9 @@ pub struct DeliveryCounters {
     parent: Option<Arc<DeliveryCounters>>,
 }
 
-/// A snapshot of [`DeliveryCounters`].
+/// What [`DeliveryCounters`] read at one moment.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DeliveryCounts {
+pub struct DeliveryStats {
     /// Events the bus took responsibility for.
     pub published: u64,
     /// Successful handlings.
@@ -39,36 +39,36 @@ impl DeliveryCounters {
     }
 
     /// One event published.
-    pub fn published(&self) {
+    pub fn count_published(&self) {
         self.published.fetch_add(1, Ordering::Relaxed);
         if let Some(parent) = &self.parent {
-            parent.published();
+            parent.count_published();
         }
     }
     /// One handling succeeded.
-    pub fn handled(&self) {
+    pub fn count_handled(&self) {
         self.handled.fetch_add(1, Ordering::Relaxed);
         if let Some(parent) = &self.parent {
-            parent.handled();
+            parent.count_handled();
         }
     }
     /// One failed handling will be retried.
-    pub fn retried(&self) {
+    pub fn count_retried(&self) {
         self.retried.fetch_add(1, Ordering::Relaxed);
         if let Some(parent) = &self.parent {
-            parent.retried();
+            parent.count_retried();
         }
     }
     /// One event was dead-lettered.
-    pub fn dead_lettered(&self) {
+    pub fn count_dead_lettered(&self) {
         self.dead_lettered.fetch_add(1, Ordering::Relaxed);
         if let Some(parent) = &self.parent {
-            parent.dead_lettered();
+            parent.count_dead_lettered();
         }
     }
     /// The current values.
-    pub fn snapshot(&self) -> DeliveryCounts {
-        DeliveryCounts {
+    pub fn stats(&self) -> DeliveryStats {
+        DeliveryStats {
             published: self.published.load(Ordering::Relaxed),
             handled: self.handled.load(Ordering::Relaxed),
             retried: self.retried.load(Ordering::Relaxed),

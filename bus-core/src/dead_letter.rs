@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use crate::envelope::Envelope;
 use crate::error::BusError;
-use crate::handler::FailureKind;
+use crate::handler::{FailureKind, HandlerError};
 use crate::name::GroupName;
 
 /// A message a consumer group could not handle: after its last attempt, or at once for a permanent failure or a
@@ -25,12 +25,45 @@ pub struct DeadLetter {
     pub group: GroupName,
     /// The last error, as text (`x-last-error` on RabbitMQ).
     pub last_error: String,
-    /// Why it was dead-lettered: attempts exhausted (transient) or a permanent failure.
-    pub kind: FailureKind,
+    /// Why it was dead-lettered.
+    pub cause: DeadLetterCause,
     /// How many attempts were made.
     pub attempts: u32,
     /// When it was dead-lettered.
     pub failed_at: DateTime<Utc>,
+}
+
+/// Why a consumer group gave up on a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeadLetterCause {
+    /// Every attempt the retry policy allows failed (transiently).
+    AttemptsExhausted,
+    /// A permanent failure, or a message that is not a valid event: no attempt could succeed.
+    Permanent,
+}
+
+impl DeadLetterCause {
+    /// The cause of giving up after `error`, the last failure (the dispatcher dead-letters a transient failure
+    /// only when no attempt is left).
+    pub fn of(error: &HandlerError) -> Self {
+        match error.kind() {
+            FailureKind::Transient => Self::AttemptsExhausted,
+            FailureKind::Permanent => Self::Permanent,
+        }
+    }
+
+    /// As text: `attempts exhausted` or `permanent` (RabbitMQ's `x-first-failure` header, `busctl dlq list`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::AttemptsExhausted => "attempts exhausted",
+            Self::Permanent => "permanent",
+        }
+    }
+
+    /// The cause written as [`as_str`](Self::as_str) (anything else reads as permanent).
+    pub fn parse(text: &str) -> Self {
+        if text == Self::AttemptsExhausted.as_str() { Self::AttemptsExhausted } else { Self::Permanent }
+    }
 }
 
 /// Listing and redriving a bus's dead letters.
@@ -50,7 +83,7 @@ impl DeadLetter {
         envelope: Envelope,
         group: GroupName,
         last_error: String,
-        kind: FailureKind,
+        cause: DeadLetterCause,
         attempts: u32,
     ) -> Self {
         Self {
@@ -59,7 +92,7 @@ impl DeadLetter {
             envelope: Some(envelope),
             group,
             last_error,
-            kind,
+            cause,
             attempts,
             failed_at: Utc::now(),
         }

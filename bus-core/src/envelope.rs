@@ -8,30 +8,13 @@ use std::fmt;
 
 use bytes::Bytes;
 use chrono::{DateTime, SubsecRound, Utc};
-use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::error::BusError;
 use crate::event::IntegrationEvent;
+use crate::limits::{DEFAULT_MAX_PAYLOAD_BYTES, MAX_METADATA_LEN, check_payload, check_text};
 use crate::name::EventTypeName;
-
-/// Default payload size limit: 256 KiB.
-pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
-
-/// Longest accepted correlation id, partition key or source service name, in bytes.
-pub const MAX_METADATA_LEN: usize = 200;
-
-/// Longest accepted `traceparent` / `tracestate`, in bytes (W3C allows 512 for tracestate).
-pub const MAX_TRACE_LEN: usize = 512;
-
-/// W3C trace context carried with an event (`traceparent`, `tracestate`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TraceContext {
-    /// The W3C `traceparent` header, e.g. `00-<trace id>-<span id>-01`.
-    pub traceparent: Option<String>,
-    /// The W3C `tracestate` header.
-    pub tracestate: Option<String>,
-}
+use crate::trace::TraceContext;
 
 /// One event and its metadata, as it travels through the outbox and the bus.
 ///
@@ -126,19 +109,20 @@ impl Envelope {
         serde_json::from_slice(&self.payload)
     }
 
-    /// The same envelope with another trace context (the outbox sets the producer span's here).
+    /// The same envelope with another trace context (the outbox sets the producer span's here); a
+    /// [`TraceContext`] is checked when it is made.
+    pub fn with_trace(mut self, trace: TraceContext) -> Self {
+        self.trace = trace;
+        self
+    }
+
+    /// Checks the payload against a limit of `limit` bytes (a bus's or an outbox's own, which may be lower than
+    /// the one the envelope was built with).
     ///
     /// # Errors
-    /// [`BusError::InvalidEnvelope`] for a too long or non-printable `traceparent`/`tracestate`.
-    pub fn with_trace(mut self, trace: TraceContext) -> Result<Self, BusError> {
-        if let Some(tp) = &trace.traceparent {
-            check_text("traceparent", tp, MAX_TRACE_LEN, true)?;
-        }
-        if let Some(ts) = &trace.tracestate {
-            check_text("tracestate", ts, MAX_TRACE_LEN, true)?;
-        }
-        self.trace = trace;
-        Ok(self)
+    /// [`BusError::PayloadTooLarge`] naming the event type and size.
+    pub fn check_payload_limit(&self, limit: usize) -> Result<(), BusError> {
+        check_payload(self.event_type.as_str(), self.payload.len(), limit)
     }
 
     /// A builder for an event caused by this one: it carries the correlation id and trace context forward (inside a
@@ -153,7 +137,7 @@ impl Envelope {
             .causation_id(Some(self.id))
             // Inside a handler the current context is the consumer span: the new event is its child.
             .trace(match crate::trace::current() {
-                Some(consumer) => TraceContext { traceparent: Some(consumer.traceparent()), tracestate: None },
+                Some(consumer) => TraceContext::of_span(&consumer),
                 None => self.trace.clone(),
             }))
     }
@@ -275,13 +259,7 @@ impl EnvelopeBuilder {
     /// [`BusError::PayloadTooLarge`] naming the event type and size, or [`BusError::InvalidEnvelope`] naming
     /// the field that is too long or holds control characters.
     pub fn build(self) -> Result<Envelope, BusError> {
-        if self.payload.len() > self.max_payload_bytes {
-            return Err(BusError::PayloadTooLarge {
-                event_type: self.event_type.to_string(),
-                size: self.payload.len(),
-                limit: self.max_payload_bytes,
-            });
-        }
+        check_payload(self.event_type.as_str(), self.payload.len(), self.max_payload_bytes)?;
         let id = self.id.unwrap_or_else(Uuid::now_v7);
         let correlation_id = self.correlation_id.unwrap_or_else(|| id.to_string());
         check_text("correlation_id", &correlation_id, MAX_METADATA_LEN, false)?;
@@ -290,12 +268,6 @@ impl EnvelopeBuilder {
         }
         if let Some(source) = &self.source {
             check_text("source", source, MAX_METADATA_LEN, false)?;
-        }
-        if let Some(tp) = &self.trace.traceparent {
-            check_text("traceparent", tp, MAX_TRACE_LEN, true)?;
-        }
-        if let Some(ts) = &self.trace.tracestate {
-            check_text("tracestate", ts, MAX_TRACE_LEN, true)?;
         }
         Ok(Envelope {
             id,
@@ -313,25 +285,10 @@ impl EnvelopeBuilder {
     }
 }
 
-fn check_text(field: &'static str, value: &str, max: usize, may_be_empty: bool) -> Result<(), BusError> {
-    if value.is_empty() && !may_be_empty {
-        return Err(BusError::InvalidEnvelope { field, reason: "it is empty".into() });
-    }
-    if value.len() > max {
-        return Err(BusError::InvalidEnvelope {
-            field,
-            reason: format!("{} bytes, over the limit of {max}", value.len()),
-        });
-    }
-    if value.chars().any(char::is_control) {
-        return Err(BusError::InvalidEnvelope { field, reason: "it contains control characters".into() });
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde::{Deserialize, Serialize};
 
     #[derive(Serialize, Deserialize, Debug, PartialEq)]
     struct Big {

@@ -96,10 +96,4 @@ impl BusError {
     pub fn invalid_config(setting: impl Into<String>, reason: impl Into<String>) -> Self {
         Self::InvalidConfig { setting: setting.into(), reason: reason.into() }
     }
-
-    /// True for errors worth retrying later with the same input (transport trouble, a lost confirmation,
-    /// a nack); false for errors the same input will hit again (bad name, too large, unroutable, closed bus).
-    pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Nacked { .. } | Self::ConfirmationLost(_) | Self::Transport(_))
-    }
 }

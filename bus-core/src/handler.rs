@@ -110,8 +110,8 @@ pub struct DeliveryContext {
 }
 
 impl DeliveryContext {
-    /// Builds a context (buses call this).
-    pub fn new(envelope: Arc<Envelope>, attempt: u32, group: GroupName) -> Self {
+    /// Builds a context (transports call [`transport::delivery_context`](crate::transport::delivery_context)).
+    pub(crate) fn new(envelope: Arc<Envelope>, attempt: u32, group: GroupName) -> Self {
         Self { envelope, attempt, group }
     }
     /// The delivered envelope.

@@ -33,6 +33,7 @@ mod envelope;
 mod error;
 mod event;
 mod handler;
+mod limits;
 mod name;
 mod retry;
 mod subscription;
@@ -42,14 +43,14 @@ pub mod transport;
 
 pub use bus::EventBus;
 pub use confirmation::Confirmation;
-pub use counters::{DeliveryCounters, DeliveryCounts};
-pub use dead_letter::{DeadLetter, DeadLetterQueue};
-pub use envelope::{
-    DEFAULT_MAX_PAYLOAD_BYTES, Envelope, EnvelopeBuilder, MAX_METADATA_LEN, MAX_TRACE_LEN, TraceContext,
-};
+pub use counters::DeliveryStats;
+pub use dead_letter::{DeadLetter, DeadLetterCause, DeadLetterQueue};
+pub use envelope::{Envelope, EnvelopeBuilder};
 pub use error::{BoxError, BusError};
 pub use event::IntegrationEvent;
 pub use handler::{DeliveryContext, EnvelopeHandler, FailureKind, Handler, HandlerError};
+pub use limits::{DEFAULT_MAX_PAYLOAD_BYTES, MAX_METADATA_LEN, MAX_TRACE_LEN};
 pub use name::{EventTypeName, GroupName, MAX_NAME_LEN};
 pub use retry::RetryPolicy;
 pub use subscription::{MAX_PARTITIONS, Subscription, SubscriptionHandle};
+pub use trace::TraceContext;

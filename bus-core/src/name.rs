@@ -53,6 +53,19 @@ macro_rules! validated_name {
                 Ok(Self(Arc::from(name)))
             }
 
+            /// A name written in the program (a literal), e.g. `from_static("ordering")`; use
+            /// [`new`](Self::new) for names that come from configuration or input.
+            ///
+            /// # Panics
+            /// If `name` breaks the rule: a literal that does is a bug, and the first run shows it.
+            #[track_caller]
+            pub fn from_static(name: &'static str) -> Self {
+                match Self::new(name) {
+                    Ok(name) => name,
+                    Err(error) => panic!("{error}"),
+                }
+            }
+
             /// The name as a string slice.
             pub fn as_str(&self) -> &str {
                 &self.0

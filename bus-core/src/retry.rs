@@ -84,7 +84,7 @@ impl RetryPolicy {
     }
 
     /// The nominal (jitter-free) delay before attempt `attempt` (≥ 2); zero for attempt 1.
-    pub fn nominal_delay(&self, attempt: u32) -> Duration {
+    fn nominal_delay(&self, attempt: u32) -> Duration {
         if attempt < 2 {
             return Duration::ZERO;
         }

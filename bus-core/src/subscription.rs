@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 
-use crate::counters::DeliveryCounters;
+use crate::counters::{DeliveryCounters, DeliveryStats};
 use crate::error::BusError;
 use crate::event::IntegrationEvent;
 use crate::handler::{EnvelopeHandler, Handler, TypedHandler};
@@ -17,10 +17,11 @@ use crate::retry::RetryPolicy;
 ///
 /// Every subscription of one group is an *instance* of that service: instances compete for the group's events
 /// (each event is handled by one instance), and every group gets every event it handles (fan-out).
-/// Names are validated when the subscription is handed to the bus, which refuses it with the first error.
+/// The group name is checked when it is made ([`GroupName`]); event type names and settings when the
+/// subscription is handed to the bus, which refuses it with the first error.
 ///
 /// ```
-/// use bus_core::{DeliveryContext, HandlerError, IntegrationEvent, Subscription};
+/// use bus_core::{DeliveryContext, GroupName, HandlerError, IntegrationEvent, Subscription};
 /// # #[derive(serde::Serialize, serde::Deserialize)] struct ProductCreated { name: String }
 /// # impl IntegrationEvent for ProductCreated { const TYPE_NAME: &'static str = "ProductCreated"; }
 ///
@@ -29,11 +30,12 @@ use crate::retry::RetryPolicy;
 ///     Ok(())
 /// }
 ///
-/// let subscription = Subscription::new("ordering").on::<ProductCreated, _>(on_product_created).concurrency(8);
+/// let subscription =
+///     Subscription::new(GroupName::from_static("ordering")).on::<ProductCreated, _>(on_product_created).concurrency(8);
 /// ```
 #[must_use = "hand the subscription to EventBus::subscribe"]
 pub struct Subscription {
-    group: String,
+    group: GroupName,
     handlers: Vec<(String, Arc<dyn EnvelopeHandler>)>,
     timeout: Option<std::time::Duration>,
     retry: Option<RetryPolicy>,
@@ -58,16 +60,10 @@ impl fmt::Debug for Subscription {
 }
 
 impl Subscription {
-    /// A subscription for consumer group `group` (the service name, e.g. `catalog`).
-    pub fn new(group: impl Into<String>) -> Self {
-        Self {
-            group: group.into(),
-            handlers: Vec::new(),
-            timeout: None,
-            retry: None,
-            concurrency: None,
-            partitions: None,
-        }
+    /// A subscription for consumer group `group` (the service name: `GroupName::from_static("catalog")`, or
+    /// [`GroupName::new`] for a name from configuration).
+    pub fn new(group: GroupName) -> Self {
+        Self { group, handlers: Vec::new(), timeout: None, retry: None, concurrency: None, partitions: None }
     }
 
     /// Handles events of type `E` with `handler` (an async fn or a [`Handler<E>`]).
@@ -119,11 +115,11 @@ impl Subscription {
     /// Validates names and settings and returns the parts (buses call this; see [`crate::transport`]).
     ///
     /// # Errors
-    /// [`BusError::InvalidName`] for a bad group or event type name; [`BusError::InvalidConfig`] for no handler,
+    /// [`BusError::InvalidName`] for a bad event type name; [`BusError::InvalidConfig`] for no handler,
     /// two handlers of one type, a zero concurrency, a partition count outside `1..=MAX_PARTITIONS` or an invalid
     /// retry policy.
     pub fn into_spec(self) -> Result<SubscriptionSpec, BusError> {
-        let group = GroupName::new(&self.group)?;
+        let group = self.group;
         if self.handlers.is_empty() {
             return Err(BusError::invalid_config("subscription", format!("group {group} has no handler")));
         }
@@ -180,7 +176,7 @@ pub struct SubscriptionSpec {
 
 /// A running subscription (one instance of a consumer group).
 ///
-/// [`stop`](Self::stop) stops taking new events, lets the events in hand finish and resolves when they have;
+/// [`shutdown`](Self::shutdown) stops taking new events, lets the events in hand finish and resolves when they have;
 /// events not yet taken stay with the group for its other instances (or a later one). Dropping the handle
 /// leaves the subscription running until the bus shuts down.
 #[must_use = "dropping the handle leaves the subscription running; keep it to stop it"]
@@ -191,14 +187,19 @@ pub struct SubscriptionHandle {
 }
 
 impl SubscriptionHandle {
-    /// Builds a handle whose [`stop`](Self::stop) runs `stop` (buses call this). `counters` are the ones the bus
+    /// Builds a handle whose [`shutdown`](Self::shutdown) runs `stop` (buses call this). `counters` are the ones the bus
     /// updates for this instance only.
     pub fn new(group: GroupName, counters: Arc<DeliveryCounters>, stop: BoxFuture<'static, ()>) -> Self {
         Self { group, counters, stop: Some(stop) }
     }
 
-    /// This instance's counters: events it handled, retried and dead-lettered (`published` stays 0). Keep a clone
-    /// to report them (metrics) for as long as you like; they outlive the handle.
+    /// What this instance did so far: events it handled, retried and dead-lettered (`published` stays 0).
+    pub fn stats(&self) -> DeliveryStats {
+        self.counters.stats()
+    }
+
+    /// This instance's live counters, for a metrics collector that reads them ([`DeliveryCounters::stats`])
+    /// for as long as it likes: they outlive the handle.
     pub fn counters(&self) -> Arc<DeliveryCounters> {
         self.counters.clone()
     }
@@ -209,7 +210,7 @@ impl SubscriptionHandle {
     }
 
     /// Stops this instance gracefully: no new events, in-flight ones finish.
-    pub async fn stop(mut self) {
+    pub async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {
             stop.await;
         }

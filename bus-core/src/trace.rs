@@ -14,9 +14,54 @@
 
 use std::future::Future;
 
-use tracing::Instrument;
+use crate::error::BusError;
+use crate::limits::{MAX_TRACE_LEN, check_text};
 
-use crate::envelope::{Envelope, TraceContext};
+/// The W3C trace context carried with an event (`traceparent`, `tracestate`), checked when made: each at most
+/// [`MAX_TRACE_LEN`](crate::MAX_TRACE_LEN) bytes without control characters. The `traceparent` is kept as given
+/// (a foreign one that does not parse simply starts a new trace where a span is opened from it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TraceContext {
+    traceparent: Option<String>,
+    tracestate: Option<String>,
+}
+
+impl TraceContext {
+    /// A trace context from its two W3C headers.
+    ///
+    /// # Errors
+    /// [`BusError::InvalidEnvelope`] naming `traceparent` or `tracestate` when it is too long or holds control
+    /// characters.
+    pub fn new(traceparent: Option<String>, tracestate: Option<String>) -> Result<Self, BusError> {
+        if let Some(tp) = &traceparent {
+            check_text("traceparent", tp, MAX_TRACE_LEN, true)?;
+        }
+        if let Some(ts) = &tracestate {
+            check_text("tracestate", ts, MAX_TRACE_LEN, true)?;
+        }
+        Ok(Self { traceparent, tracestate })
+    }
+
+    /// The trace context whose parent is `span` (no `tracestate`).
+    pub fn of_span(span: &SpanContext) -> Self {
+        Self { traceparent: Some(span.traceparent()), tracestate: None }
+    }
+
+    /// The W3C `traceparent` header, e.g. `00-<trace id>-<span id>-01`.
+    pub fn traceparent(&self) -> Option<&str> {
+        self.traceparent.as_deref()
+    }
+
+    /// The W3C `tracestate` header.
+    pub fn tracestate(&self) -> Option<&str> {
+        self.tracestate.as_deref()
+    }
+
+    /// The span context of the `traceparent`, if it parses.
+    pub fn span(&self) -> Option<SpanContext> {
+        self.traceparent.as_deref().and_then(SpanContext::parse)
+    }
+}
 
 /// A W3C span context: trace id, span id, sampled flag.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,47 +144,6 @@ pub fn current() -> Option<SpanContext> {
 /// Runs `future` with `context` as the current span context.
 pub async fn scope<F: Future>(context: SpanContext, future: F) -> F::Output {
     CURRENT.scope(context, future).await
-}
-
-/// Opens the producer span of an event being enqueued: a child of `parent` (the event's own trace context if it
-/// has one, else the current one, else a new trace). Returns the trace context to store with the event.
-pub fn producer(parent: &TraceContext, event_type: &str, event_id: uuid::Uuid) -> TraceContext {
-    let parent = parent.traceparent.as_deref().and_then(SpanContext::parse).or_else(current);
-    let span = match parent {
-        Some(parent) => parent.child(),
-        None => SpanContext::root(),
-    };
-    // Field values are only computed when a subscriber wants the span.
-    let _span = tracing::info_span!(
-        "publish",
-        otel.kind = "producer",
-        trace_id = %span.trace_id_hex(),
-        span_id = %span.span_id_hex(),
-        parent_span_id = parent.map(|p| p.span_id_hex()).as_deref(),
-        event_type,
-        %event_id,
-    )
-    .entered();
-    tracing::trace!("event enqueued");
-    TraceContext { traceparent: Some(span.traceparent()), tracestate: None }
-}
-
-/// Runs a handler's `future` inside the consumer span of `envelope` (a child of its `traceparent`, or a new trace),
-/// which is also the current context while it runs.
-pub async fn consume<F: Future>(envelope: &Envelope, group: &str, future: F) -> F::Output {
-    let parent = envelope.trace().traceparent.as_deref().and_then(SpanContext::parse);
-    let span = parent.map_or_else(SpanContext::root, |p| p.child());
-    let tracing_span = tracing::info_span!(
-        "consume",
-        otel.kind = "consumer",
-        trace_id = %span.trace_id_hex(),
-        span_id = %span.span_id_hex(),
-        parent_span_id = parent.map(|p| p.span_id_hex()).as_deref(),
-        event_type = envelope.event_type().as_str(),
-        event_id = %envelope.id(),
-        group,
-    );
-    scope(span, future.instrument(tracing_span)).await
 }
 
 #[cfg(test)]

@@ -15,14 +15,29 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
+use tracing::Instrument;
 
 use crate::envelope::Envelope;
 use crate::handler::{DeliveryContext, EnvelopeHandler, HandlerError};
 use crate::name::{EventTypeName, GroupName};
 use crate::retry::RetryPolicy;
+use crate::trace::{SpanContext, TraceContext, current, scope};
 
 pub use crate::confirmation::Countdown;
+pub use crate::counters::DeliveryCounters;
 pub use crate::subscription::SubscriptionSpec;
+
+/// The context of delivery number `attempt` (from 1) of `envelope` to consumer group `group`: what a handler
+/// receives (for a transport that runs handlers without a [`Dispatcher`], and for tests of handlers).
+pub fn delivery_context(envelope: Arc<Envelope>, attempt: u32, group: GroupName) -> DeliveryContext {
+    DeliveryContext::new(envelope, attempt, group)
+}
+
+/// A [`Confirmation`](crate::Confirmation) and the sender that answers it (a dropped sender resolves it to
+/// [`BusError::ConfirmationLost`](crate::BusError::ConfirmationLost)).
+pub fn confirmation_channel() -> (tokio::sync::oneshot::Sender<Result<(), crate::BusError>>, crate::Confirmation) {
+    crate::confirmation::channel()
+}
 
 /// What comes of one delivery, for the transport to carry out.
 #[derive(Debug)]
@@ -104,7 +119,7 @@ impl Dispatcher {
             )));
         };
         let ctx = DeliveryContext::new(envelope.clone(), attempt, self.group.clone());
-        let handling = crate::trace::consume(envelope, self.group.as_str(), async {
+        let handling = consumer_span(envelope, self.group.as_str(), async {
             match self.timeout {
                 None => handler.handle(ctx).await,
                 Some(limit) => tokio::time::timeout(limit, handler.handle(ctx))
@@ -124,6 +139,47 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
         .copied()
         .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
         .unwrap_or("(no message)")
+}
+
+/// Opens the producer span of an event being enqueued: a child of `parent` (the event's own trace context if it
+/// has one, else the current one, else a new trace). Returns the trace context to store with the event.
+pub fn producer_span(parent: &TraceContext, event_type: &str, event_id: uuid::Uuid) -> TraceContext {
+    let parent = parent.span().or_else(current);
+    let span = match parent {
+        Some(parent) => parent.child(),
+        None => SpanContext::root(),
+    };
+    // Field values are only computed when a subscriber wants the span.
+    let _span = tracing::info_span!(
+        "publish",
+        otel.kind = "producer",
+        trace_id = %span.trace_id_hex(),
+        span_id = %span.span_id_hex(),
+        parent_span_id = parent.map(|p| p.span_id_hex()).as_deref(),
+        event_type,
+        %event_id,
+    )
+    .entered();
+    tracing::trace!("event enqueued");
+    TraceContext::of_span(&span)
+}
+
+/// Runs a handler's `future` inside the consumer span of `envelope` (a child of its `traceparent`, or a new trace),
+/// which is also the current context while it runs.
+pub async fn consumer_span<F: Future>(envelope: &Envelope, group: &str, future: F) -> F::Output {
+    let parent = envelope.trace().span();
+    let span = parent.map_or_else(SpanContext::root, |p| p.child());
+    let tracing_span = tracing::info_span!(
+        "consume",
+        otel.kind = "consumer",
+        trace_id = %span.trace_id_hex(),
+        span_id = %span.span_id_hex(),
+        parent_span_id = parent.map(|p| p.span_id_hex()).as_deref(),
+        event_type = envelope.event_type().as_str(),
+        event_id = %envelope.id(),
+        group,
+    );
+    scope(span, future.instrument(tracing_span)).await
 }
 
 #[cfg(test)]
@@ -152,7 +208,7 @@ mod tests {
     async fn a_verdict_for_every_outcome() {
         let retry = RetryPolicy::exponential(2, Duration::from_millis(10)).with_jitter(0.0);
         let d = dispatcher(
-            Subscription::new("g").on(|e: Ping, _ctx: DeliveryContext| async move {
+            Subscription::new(GroupName::from_static("g")).on(|e: Ping, _ctx: DeliveryContext| async move {
                 match e.n {
                     0 => Ok(()),
                     1 => Err(HandlerError::transient("later")),
@@ -183,10 +239,12 @@ mod tests {
     #[tokio::test]
     async fn a_handler_over_its_timeout_fails_transiently() {
         let d = dispatcher(
-            Subscription::new("g").timeout(Duration::from_millis(20)).on(|_e: Ping, _ctx: DeliveryContext| async {
-                tokio::time::sleep(Duration::from_secs(10)).await;
-                Ok(())
-            }),
+            Subscription::new(GroupName::from_static("g")).timeout(Duration::from_millis(20)).on(
+                |_e: Ping, _ctx: DeliveryContext| async {
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    Ok(())
+                },
+            ),
             RetryPolicy::no_retry(),
         );
         match d.dispatch(&envelope(0), 1).await {

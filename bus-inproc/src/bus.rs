@@ -151,14 +151,7 @@ impl InProcBus {
 
     async fn publish_one(&self, envelope: Envelope) -> Result<Confirmation, BusError> {
         self.check_open()?;
-        let size = envelope.payload().len();
-        if size > self.inner.config.max_payload_bytes {
-            return Err(BusError::PayloadTooLarge {
-                event_type: envelope.event_type().to_string(),
-                size,
-                limit: self.inner.config.max_payload_bytes,
-            });
-        }
+        envelope.check_payload_limit(self.inner.config.max_payload_bytes)?;
         let groups = self
             .inner
             .routes
@@ -169,7 +162,7 @@ impl InProcBus {
             .ok_or_else(|| BusError::Unroutable { event_type: envelope.event_type().to_string() })?;
         let (ack, confirmation) = match self.inner.config.confirm_on {
             ConfirmOn::Handled => {
-                let (countdown, confirmation) = Confirmation::countdown(groups.len());
+                let (countdown, confirmation) = bus_core::transport::Countdown::new(groups.len());
                 (Some(countdown), confirmation)
             }
             ConfirmOn::Enqueued => (None, Confirmation::confirmed()),
@@ -178,7 +171,7 @@ impl InProcBus {
         for group in groups.iter() {
             group.admit(envelope.clone(), ack.clone(), &self.inner.outstanding).await?;
         }
-        self.inner.stats.published();
+        self.inner.stats.count_published();
         Ok(confirmation)
     }
 }

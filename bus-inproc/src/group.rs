@@ -9,7 +9,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bus_core::transport::Countdown;
-use bus_core::{BusError, DeadLetter, EventTypeName, GroupName, HandlerError, RetryPolicy};
+use bus_core::{BusError, DeadLetter, DeadLetterCause, EventTypeName, GroupName, HandlerError, RetryPolicy};
 
 use crate::job::{Job, Outstanding};
 
@@ -123,7 +123,7 @@ impl Group {
             (*job.envelope).clone(),
             self.name.clone(),
             error.to_string(),
-            error.kind(),
+            DeadLetterCause::of(error),
             job.attempt,
         ));
         self.complete(job);

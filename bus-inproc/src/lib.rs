@@ -32,7 +32,7 @@
 //! # Example
 //!
 //! ```
-//! use bus_core::{DeliveryContext, Envelope, EventBus, HandlerError, IntegrationEvent, Subscription};
+//! use bus_core::{DeliveryContext, Envelope, EventBus, GroupName, HandlerError, IntegrationEvent, Subscription};
 //! use bus_inproc::InProcBus;
 //! use serde::{Deserialize, Serialize};
 //!
@@ -51,7 +51,8 @@
 //!
 //! # #[tokio::main] async fn main() -> Result<(), bus_core::BusError> {
 //! let bus = InProcBus::new();
-//! let _ordering = bus.subscribe(Subscription::new("ordering").on::<ProductCreated, _>(on_created)).await?;
+//! let ordering = Subscription::new(GroupName::from_static("ordering")).on::<ProductCreated, _>(on_created);
+//! let _ordering = bus.subscribe(ordering).await?;
 //! let envelope = Envelope::for_event(&ProductCreated { name: "mug".into() })?.source("catalog").build()?;
 //! bus.publish(envelope).await?.await?; // resolves once `ordering` handled it
 //! bus.shutdown(std::time::Duration::from_secs(5)).await;

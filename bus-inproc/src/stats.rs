@@ -1,6 +1,6 @@
 //! Counters of the in-process bus.
 
-pub(crate) use bus_core::DeliveryCounters as Stats;
+pub(crate) use bus_core::transport::DeliveryCounters as Stats;
 
 /// A snapshot of the bus's counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -19,7 +19,7 @@ pub struct InProcStats {
 
 impl InProcStats {
     pub(crate) fn new(stats: &Stats, outstanding: usize) -> Self {
-        let c = stats.snapshot();
+        let c = stats.stats();
         Self {
             published: c.published,
             handled: c.handled,

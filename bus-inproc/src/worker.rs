@@ -39,11 +39,11 @@ impl Worker {
     async fn process(&self, mut job: Job) {
         match self.dispatcher.dispatch(&job.envelope, job.attempt).await {
             Verdict::Handled => {
-                self.stats.handled();
+                self.stats.count_handled();
                 self.group.complete(job);
             }
             Verdict::Retry { next_attempt, delay, error } => {
-                self.stats.retried();
+                self.stats.count_retried();
                 job.attempt = next_attempt;
                 tracing::debug!(
                     group = %self.group.name,
@@ -64,7 +64,7 @@ impl Worker {
                 });
             }
             Verdict::DeadLetter(error) => {
-                self.stats.dead_lettered();
+                self.stats.count_dead_lettered();
                 self.group.dead_letter(job, &error);
             }
         }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bus_core::{
-    BusError, DeadLetterQueue, DeliveryContext, Envelope, EventBus, FailureKind, GroupName, HandlerError,
+    BusError, DeadLetterCause, DeadLetterQueue, DeliveryContext, Envelope, EventBus, GroupName, HandlerError,
     IntegrationEvent, RetryPolicy, Subscription,
 };
 use bus_inproc::{ConfirmOn, InProcBus, InProcConfig};
@@ -54,40 +54,46 @@ async fn fans_out_to_groups_and_instances_of_a_group_compete() {
 
     let seen = seen_a1.clone();
     let _a1 = bus
-        .subscribe(Subscription::new("a").concurrency(1).on::<Plain, _>(move |e: Plain, _ctx: DeliveryContext| {
-            let seen = seen.clone();
-            let mut started = a2_started.clone();
-            async move {
-                started.wait_for(|s| *s).await.map_err(HandlerError::transient)?;
-                seen.lock().unwrap().push(e.n);
-                Ok(())
-            }
-        }))
+        .subscribe(Subscription::new(GroupName::from_static("a")).concurrency(1).on::<Plain, _>(
+            move |e: Plain, _ctx: DeliveryContext| {
+                let seen = seen.clone();
+                let mut started = a2_started.clone();
+                async move {
+                    started.wait_for(|s| *s).await.map_err(HandlerError::transient)?;
+                    seen.lock().unwrap().push(e.n);
+                    Ok(())
+                }
+            },
+        ))
         .await
         .unwrap();
     let seen = seen_a2.clone();
     let _a2 = bus
-        .subscribe(Subscription::new("a").concurrency(1).on::<Plain, _>(move |e: Plain, _ctx: DeliveryContext| {
-            let seen = seen.clone();
-            let started = a2_started_tx.clone();
-            async move {
-                seen.lock().unwrap().push(e.n);
-                started.send_replace(true);
-                tokio::task::yield_now().await;
-                Ok(())
-            }
-        }))
+        .subscribe(Subscription::new(GroupName::from_static("a")).concurrency(1).on::<Plain, _>(
+            move |e: Plain, _ctx: DeliveryContext| {
+                let seen = seen.clone();
+                let started = a2_started_tx.clone();
+                async move {
+                    seen.lock().unwrap().push(e.n);
+                    started.send_replace(true);
+                    tokio::task::yield_now().await;
+                    Ok(())
+                }
+            },
+        ))
         .await
         .unwrap();
     let seen = seen_b.clone();
     let _b = bus
-        .subscribe(Subscription::new("b").on::<Plain, _>(move |e: Plain, _ctx: DeliveryContext| {
-            let seen = seen.clone();
-            async move {
-                seen.lock().unwrap().push(e.n);
-                Ok(())
-            }
-        }))
+        .subscribe(Subscription::new(GroupName::from_static("b")).on::<Plain, _>(
+            move |e: Plain, _ctx: DeliveryContext| {
+                let seen = seen.clone();
+                async move {
+                    seen.lock().unwrap().push(e.n);
+                    Ok(())
+                }
+            },
+        ))
         .await
         .unwrap();
 
@@ -119,17 +125,19 @@ async fn failing_handler_is_retried_with_backoff_then_dead_lettered_then_redrive
     let retry = RetryPolicy::exponential(4, Duration::from_millis(20)).with_jitter(0.0);
     let (b, a, h) = (broken.clone(), attempts.clone(), handled.clone());
     let _sub = bus
-        .subscribe(Subscription::new("svc").retry(retry).on::<Plain, _>(move |_e: Plain, ctx: DeliveryContext| {
-            let (broken, attempts, handled) = (b.clone(), a.clone(), h.clone());
-            async move {
-                attempts.lock().unwrap().push((ctx.attempt(), Instant::now()));
-                if broken.load(Ordering::SeqCst) {
-                    return Err(HandlerError::transient("inventory service unavailable"));
+        .subscribe(Subscription::new(GroupName::from_static("svc")).retry(retry).on::<Plain, _>(
+            move |_e: Plain, ctx: DeliveryContext| {
+                let (broken, attempts, handled) = (b.clone(), a.clone(), h.clone());
+                async move {
+                    attempts.lock().unwrap().push((ctx.attempt(), Instant::now()));
+                    if broken.load(Ordering::SeqCst) {
+                        return Err(HandlerError::transient("inventory service unavailable"));
+                    }
+                    handled.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
                 }
-                handled.fetch_add(1, Ordering::SeqCst);
-                Ok(())
-            }
-        }))
+            },
+        ))
         .await
         .unwrap();
 
@@ -150,7 +158,7 @@ async fn failing_handler_is_retried_with_backoff_then_dead_lettered_then_redrive
     assert_eq!(dead[0].envelope.as_ref().unwrap().id(), id);
     assert!(dead[0].is(id));
     assert_eq!(dead[0].attempts, 4);
-    assert_eq!(dead[0].kind, FailureKind::Transient);
+    assert_eq!(dead[0].cause, DeadLetterCause::AttemptsExhausted);
     assert!(dead[0].last_error.contains("inventory service unavailable"), "{}", dead[0].last_error);
     let stats = bus.stats();
     assert_eq!((stats.retried, stats.dead_lettered, stats.handled), (3, 1, 0));
@@ -171,19 +179,21 @@ async fn permanent_failures_panics_and_undecodable_payloads_are_dead_lettered_wh
     let h = handled.clone();
     let retry = RetryPolicy::exponential(3, Duration::from_millis(1));
     let _sub = bus
-        .subscribe(Subscription::new("svc").retry(retry).on::<Plain, _>(move |e: Plain, _ctx: DeliveryContext| {
-            let handled = h.clone();
-            async move {
-                match e.n {
-                    13 => Err(HandlerError::permanent("13 is not a valid quantity")),
-                    666 => panic!("handler bug on 666"),
-                    n => {
-                        handled.lock().unwrap().push(n);
-                        Ok(())
+        .subscribe(Subscription::new(GroupName::from_static("svc")).retry(retry).on::<Plain, _>(
+            move |e: Plain, _ctx: DeliveryContext| {
+                let handled = h.clone();
+                async move {
+                    match e.n {
+                        13 => Err(HandlerError::permanent("13 is not a valid quantity")),
+                        666 => panic!("handler bug on 666"),
+                        n => {
+                            handled.lock().unwrap().push(n);
+                            Ok(())
+                        }
                     }
                 }
-            }
-        }))
+            },
+        ))
         .await
         .unwrap();
     let mut events: Vec<Envelope> = (0..100).map(|n| envelope(&Plain { n })).collect();
@@ -205,11 +215,11 @@ async fn permanent_failures_panics_and_undecodable_payloads_are_dead_lettered_wh
         dead.iter().find(|d| d.last_error.contains(needle)).unwrap_or_else(|| panic!("{needle}: {dead:?}"))
     };
     let permanent = by_reason("not a valid quantity");
-    assert_eq!((permanent.attempts, permanent.kind), (1, FailureKind::Permanent), "permanent: no retry");
+    assert_eq!((permanent.attempts, permanent.cause), (1, DeadLetterCause::Permanent), "permanent: no retry");
     let panicked = by_reason("handler panicked: handler bug on 666");
     assert_eq!(
-        (panicked.attempts, panicked.kind),
-        (3, FailureKind::Transient),
+        (panicked.attempts, panicked.cause),
+        (3, DeadLetterCause::AttemptsExhausted),
         "a panic is retried, then dead-lettered"
     );
     let undecodable = by_reason("payload is not a valid Plain");
@@ -226,7 +236,7 @@ async fn ten_thousand_events_over_a_hundred_keys_keep_per_key_order_in_parallel(
     let max_in_flight = Arc::new(AtomicUsize::new(0));
     let (o, f, m) = (order.clone(), in_flight.clone(), max_in_flight.clone());
     let _sub = bus
-        .subscribe(Subscription::new("svc").concurrency(8).on::<Numbered, _>(
+        .subscribe(Subscription::new(GroupName::from_static("svc")).concurrency(8).on::<Numbered, _>(
             move |e: Numbered, _ctx: DeliveryContext| {
                 let (order, in_flight, max_in_flight) = (o.clone(), f.clone(), m.clone());
                 async move {
@@ -281,7 +291,7 @@ async fn a_retried_event_holds_back_later_events_of_its_key_only() {
     let (o, f) = (order.clone(), failed_once.clone());
     let retry = RetryPolicy::exponential(3, Duration::from_millis(30)).with_jitter(0.0);
     let _sub = bus
-        .subscribe(Subscription::new("svc").retry(retry).on::<Numbered, _>(
+        .subscribe(Subscription::new(GroupName::from_static("svc")).retry(retry).on::<Numbered, _>(
             move |e: Numbered, _ctx: DeliveryContext| {
                 let (order, failed_once) = (o.clone(), f.clone());
                 async move {
@@ -320,14 +330,16 @@ async fn graceful_shutdown_handles_everything_accepted() {
     let handled = Arc::new(AtomicU32::new(0));
     let h = handled.clone();
     let _sub = bus
-        .subscribe(Subscription::new("svc").concurrency(4).on::<Plain, _>(move |_e: Plain, _ctx: DeliveryContext| {
-            let handled = h.clone();
-            async move {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                handled.fetch_add(1, Ordering::SeqCst);
-                Ok(())
-            }
-        }))
+        .subscribe(Subscription::new(GroupName::from_static("svc")).concurrency(4).on::<Plain, _>(
+            move |_e: Plain, _ctx: DeliveryContext| {
+                let handled = h.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    handled.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                }
+            },
+        ))
         .await
         .unwrap();
     for n in 0..500 {
@@ -346,14 +358,16 @@ async fn events_not_finished_within_the_grace_period_fail_their_confirmation() {
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let g = gate.clone();
     let _sub = bus
-        .subscribe(Subscription::new("svc").concurrency(1).on::<Plain, _>(move |_e: Plain, _ctx: DeliveryContext| {
-            let gate = g.clone();
-            async move {
-                // The first event is held until the test lets it go.
-                gate.acquire().await.map_err(HandlerError::transient)?.forget();
-                Ok(())
-            }
-        }))
+        .subscribe(Subscription::new(GroupName::from_static("svc")).concurrency(1).on::<Plain, _>(
+            move |_e: Plain, _ctx: DeliveryContext| {
+                let gate = g.clone();
+                async move {
+                    // The first event is held until the test lets it go.
+                    gate.acquire().await.map_err(HandlerError::transient)?.forget();
+                    Ok(())
+                }
+            },
+        ))
         .await
         .unwrap();
     let mut confirmations = Vec::new();
@@ -389,13 +403,15 @@ async fn confirmation_waits_for_the_handler_by_default() {
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let g = gate.clone();
     let _sub = bus
-        .subscribe(Subscription::new("svc").on::<Plain, _>(move |_e: Plain, _ctx: DeliveryContext| {
-            let gate = g.clone();
-            async move {
-                gate.acquire().await.map_err(HandlerError::transient)?.forget();
-                Ok(())
-            }
-        }))
+        .subscribe(Subscription::new(GroupName::from_static("svc")).on::<Plain, _>(
+            move |_e: Plain, _ctx: DeliveryContext| {
+                let gate = g.clone();
+                async move {
+                    gate.acquire().await.map_err(HandlerError::transient)?.forget();
+                    Ok(())
+                }
+            },
+        ))
         .await
         .unwrap();
     let mut confirmation = bus.publish(envelope(&Plain { n: 1 })).await.unwrap();
@@ -419,15 +435,17 @@ async fn back_pressure_bounds_the_queue() {
     let handled = Arc::new(AtomicUsize::new(0));
     let (g, m, h, b) = (gate.clone(), max_depth.clone(), handled.clone(), bus.clone());
     let _sub = bus
-        .subscribe(Subscription::new("svc").concurrency(2).on::<Plain, _>(move |_e: Plain, _ctx: DeliveryContext| {
-            let (gate, max_depth, handled, bus) = (g.clone(), m.clone(), h.clone(), b.clone());
-            async move {
-                gate.acquire().await.map_err(HandlerError::transient)?.forget();
-                max_depth.fetch_max(bus.queue_depth(&group("svc")).unwrap(), Ordering::SeqCst);
-                handled.fetch_add(1, Ordering::SeqCst);
-                Ok(())
-            }
-        }))
+        .subscribe(Subscription::new(GroupName::from_static("svc")).concurrency(2).on::<Plain, _>(
+            move |_e: Plain, _ctx: DeliveryContext| {
+                let (gate, max_depth, handled, bus) = (g.clone(), m.clone(), h.clone(), b.clone());
+                async move {
+                    gate.acquire().await.map_err(HandlerError::transient)?.forget();
+                    max_depth.fetch_max(bus.queue_depth(&group("svc")).unwrap(), Ordering::SeqCst);
+                    handled.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                }
+            },
+        ))
         .await
         .unwrap();
     for n in 0..CAPACITY as u32 {
@@ -462,23 +480,34 @@ async fn invalid_names_sizes_settings_and_routes_are_refused_with_clear_errors()
     let bus = InProcBus::with_config(InProcConfig { max_payload_bytes: 64, ..InProcConfig::default() }).unwrap();
 
     let err = bus
-        .subscribe(Subscription::new("svc").on::<Bad, _>(|_e: Bad, _c: DeliveryContext| async { Ok(()) }))
+        .subscribe(
+            Subscription::new(GroupName::from_static("svc"))
+                .on::<Bad, _>(|_e: Bad, _c: DeliveryContext| async { Ok(()) }),
+        )
         .await
         .unwrap_err();
     assert!(err.to_string().contains("invalid event type name \"Order Created!\""), "{err}");
-    let err = bus.subscribe(Subscription::new("bad group").on::<Plain, _>(ok)).await.unwrap_err();
+    let err = GroupName::new("bad group").unwrap_err();
     assert!(err.to_string().contains("consumer group name"), "{err}");
-    let err = bus.subscribe(Subscription::new("svc").concurrency(0).on::<Plain, _>(ok)).await.unwrap_err();
+    let panicked = std::panic::catch_unwind(|| GroupName::from_static("bad group")).unwrap_err();
+    assert!(panicked.downcast_ref::<String>().unwrap().contains("consumer group name"), "a literal that is no name");
+    let err = bus
+        .subscribe(Subscription::new(GroupName::from_static("svc")).concurrency(0).on::<Plain, _>(ok))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("concurrency"), "{err}");
-    let err = bus.subscribe(Subscription::new("svc")).await.unwrap_err();
+    let err = bus.subscribe(Subscription::new(GroupName::from_static("svc"))).await.unwrap_err();
     assert!(err.to_string().contains("no handler"), "{err}");
 
     let err = bus.publish(envelope(&Plain { n: 1 })).await.unwrap_err();
     assert!(matches!(err, BusError::Unroutable { .. }), "no group subscribed: {err}");
 
-    let _sub = bus.subscribe(Subscription::new("svc").on::<Plain, _>(ok)).await.unwrap();
+    let _sub = bus.subscribe(Subscription::new(GroupName::from_static("svc")).on::<Plain, _>(ok)).await.unwrap();
     let err = bus
-        .subscribe(Subscription::new("svc").on::<Numbered, _>(|_e: Numbered, _c: DeliveryContext| async { Ok(()) }))
+        .subscribe(
+            Subscription::new(GroupName::from_static("svc"))
+                .on::<Numbered, _>(|_e: Numbered, _c: DeliveryContext| async { Ok(()) }),
+        )
         .await
         .unwrap_err();
     assert!(err.to_string().contains("must handle the same event types"), "{err}");
@@ -508,14 +537,20 @@ async fn a_stopped_instance_leaves_its_events_to_the_others() {
             }
         }
     };
-    let first = bus.subscribe(Subscription::new("svc").on::<Plain, _>(make(seen.clone()))).await.unwrap();
-    first.stop().await;
+    let first = bus
+        .subscribe(Subscription::new(GroupName::from_static("svc")).on::<Plain, _>(make(seen.clone())))
+        .await
+        .unwrap();
+    first.shutdown().await;
     // No instance runs now: events wait in the group's queue.
     for n in 0..50 {
         drop(bus.publish(envelope(&Plain { n })).await.unwrap());
     }
     assert_eq!(bus.stats().outstanding, 50);
-    let _second = bus.subscribe(Subscription::new("svc").on::<Plain, _>(make(seen.clone()))).await.unwrap();
+    let _second = bus
+        .subscribe(Subscription::new(GroupName::from_static("svc")).on::<Plain, _>(make(seen.clone())))
+        .await
+        .unwrap();
     bus.settled().await;
     assert_eq!(seen.lock().unwrap().len(), 50);
     bus.shutdown(GRACE).await;

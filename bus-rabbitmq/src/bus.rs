@@ -136,14 +136,7 @@ impl RabbitBus {
         if inner.stop.is_cancelled() {
             return Err(BusError::Closed);
         }
-        let size = envelope.payload().len();
-        if size > inner.config.max_payload_bytes {
-            return Err(BusError::PayloadTooLarge {
-                event_type: envelope.event_type().to_string(),
-                size,
-                limit: inner.config.max_payload_bytes,
-            });
-        }
+        envelope.check_payload_limit(inner.config.max_payload_bytes)?;
         let (id, key) = (envelope.id(), envelope.partition_key().map(str::to_owned));
         let session = match inner.link.session(inner.config.publish_timeout).await {
             Ok(session) => session,
@@ -184,7 +177,7 @@ impl RabbitBus {
         let (event_type, inner) = (envelope.event_type().to_string(), self.inner.clone());
         // The broker's answer is awaited here, not by whoever holds the confirmation: the window permit must come
         // back when the broker answers, even if the caller publishes a whole batch before awaiting any of them.
-        let (answer_tx, confirmation) = Confirmation::channel();
+        let (answer_tx, confirmation) = bus_core::transport::confirmation_channel();
         tokio::spawn(async move {
             // Bounded: a confirm that never comes (a half-dead connection) must still resolve, or the publish
             // order fence would hold the next connection's publishes for good.
@@ -192,7 +185,7 @@ impl RabbitBus {
             drop(permit);
             let result = match answer {
                 Ok(Ok(lapin::Confirmation::Ack(None))) => {
-                    inner.stats.published();
+                    inner.stats.count_published();
                     Ok(())
                 }
                 Ok(Ok(lapin::Confirmation::Ack(Some(_)))) => Err(BusError::Unroutable { event_type }),

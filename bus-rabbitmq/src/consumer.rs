@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bus_core::transport::{Dispatcher, Verdict};
-use bus_core::{BusError, FailureKind, GroupName};
+use bus_core::{BusError, DeadLetterCause, GroupName};
 use futures::FutureExt;
 use futures::StreamExt;
 use futures::future::Shared;
@@ -254,25 +254,27 @@ impl Instance {
             Ok(envelope) => Arc::new(envelope),
             Err(Poison(reason)) => {
                 tracing::warn!(group = %self.group, %reason, "undecodable message dead-lettered");
-                return self.dead_letter(&delivery, lane, attempt, &reason, FailureKind::Permanent).await;
+                return self.dead_letter(&delivery, lane, attempt, &reason, DeadLetterCause::Permanent).await;
             }
         };
         loop {
             let (next_attempt, delay, error) = match self.dispatcher.dispatch(&envelope, attempt).await {
                 Verdict::Handled => {
-                    self.stats.handled();
+                    self.stats.count_handled();
                     ack(&delivery, lane).await;
                     return true;
                 }
                 Verdict::DeadLetter(error) => {
                     tracing::warn!(group = %self.group, event_id = %envelope.id(), attempt, %error, "event dead-lettered");
-                    return self.dead_letter(&delivery, lane, attempt, &error.to_string(), error.kind()).await;
+                    return self
+                        .dead_letter(&delivery, lane, attempt, &error.to_string(), DeadLetterCause::of(&error))
+                        .await;
                 }
                 Verdict::Retry { next_attempt, delay, error } => (next_attempt, delay, error),
             };
             if self.partitions.is_some() {
                 // Partitioned: retry in place, so that the later events of its key wait for it.
-                self.stats.retried();
+                self.stats.count_retried();
                 tracing::debug!(group = %self.group, event_id = %envelope.id(), attempt, ?delay, %error, "handling failed; retrying in place");
                 tokio::select! {
                     // Handed over or stopping: the next owner gets it (and its key's later events) back in order.
@@ -297,7 +299,7 @@ impl Instance {
                 lane.broken.cancel();
                 return false;
             }
-            self.stats.retried();
+            self.stats.count_retried();
             ack(&delivery, lane).await;
             return true;
         }
@@ -309,26 +311,22 @@ impl Instance {
         lane: &Lane,
         attempt: u32,
         reason: &str,
-        kind: FailureKind,
+        cause: DeadLetterCause,
     ) -> bool {
-        let kind = match kind {
-            FailureKind::Permanent => "permanent",
-            FailureKind::Transient => "attempts exhausted",
-        };
         let properties = wire::with_headers(
             &delivery.properties,
             &[
                 (wire::H_ATTEMPT, AMQPValue::LongLongInt(i64::from(attempt))),
                 (wire::H_LAST_ERROR, wire::text_header(reason)),
                 (wire::H_FAILED_AT, wire::now_header()),
-                (wire::H_FIRST_FAILURE, wire::text_header(kind)),
+                (wire::H_FIRST_FAILURE, wire::text_header(cause.as_str())),
             ],
         );
         if !confirmed_publish(&lane.side, &topology::dead_letter_queue(&self.group), &delivery.data, properties).await {
             lane.broken.cancel();
             return false;
         }
-        self.stats.dead_lettered();
+        self.stats.count_dead_lettered();
         ack(delivery, lane).await;
         true
     }

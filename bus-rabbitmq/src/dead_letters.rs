@@ -5,7 +5,7 @@
 //! from the dead-letter queue: a failure in between leaves a copy in both, never in neither. For a partitioned
 //! group it goes back through `<group>.partitions`, to the partition of its key.
 
-use bus_core::{BusError, DeadLetter, FailureKind, GroupName};
+use bus_core::{BusError, DeadLetter, DeadLetterCause, GroupName};
 use chrono::{DateTime, Utc};
 use lapin::Channel;
 use lapin::message::Delivery;
@@ -30,11 +30,7 @@ fn to_dead_letter(delivery: &Delivery, group: &GroupName, max_payload: usize) ->
         payload: delivery.data.clone().into(),
         group: group.clone(),
         last_error: wire::header_str(props, wire::H_LAST_ERROR).unwrap_or_default(),
-        kind: if failure.as_deref() == Some("attempts exhausted") {
-            FailureKind::Transient
-        } else {
-            FailureKind::Permanent
-        },
+        cause: DeadLetterCause::parse(failure.as_deref().unwrap_or_default()),
         attempts: wire::attempt(props),
         failed_at: wire::header_str(props, wire::H_FAILED_AT)
             .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())

@@ -45,10 +45,10 @@ pub(crate) fn properties(envelope: &Envelope) -> BasicProperties {
         headers.insert(H_PARTITION_KEY.into(), long(key));
         headers.insert(H_PARTITION_BUCKET.into(), long(&partition_bucket(key).to_string()));
     }
-    if let Some(tp) = &envelope.trace().traceparent {
+    if let Some(tp) = envelope.trace().traceparent() {
         headers.insert(H_TRACEPARENT.into(), long(tp));
     }
-    if let Some(ts) = &envelope.trace().tracestate {
+    if let Some(ts) = envelope.trace().tracestate() {
         headers.insert(H_TRACESTATE.into(), long(ts));
     }
     if let Some(seq) = envelope.sequence() {
@@ -161,10 +161,10 @@ pub(crate) fn envelope(properties: &BasicProperties, body: &[u8], max_payload: u
         .causation_id(causation)
         .partition_key(header_str(properties, H_PARTITION_KEY))
         .sequence(header_int(properties, H_OUTBOX_SEQ))
-        .trace(TraceContext {
-            traceparent: header_str(properties, H_TRACEPARENT),
-            tracestate: header_str(properties, H_TRACESTATE),
-        })
+        .trace(
+            TraceContext::new(header_str(properties, H_TRACEPARENT), header_str(properties, H_TRACESTATE))
+                .map_err(|e| Poison(e.to_string()))?,
+        )
         .max_payload_bytes(max_payload);
     if let Some(correlation) = properties.correlation_id() {
         builder = builder.correlation_id(correlation.as_str());
@@ -192,10 +192,13 @@ mod tests {
             .partition_key(Some("order-9".into()))
             .source("ordering")
             .sequence(Some(42))
-            .trace(TraceContext {
-                traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
-                tracestate: Some("v=1".into()),
-            })
+            .trace(
+                TraceContext::new(
+                    Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+                    Some("v=1".into()),
+                )
+                .unwrap(),
+            )
             .build()
             .unwrap();
         let props = properties(&original);

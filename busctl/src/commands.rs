@@ -130,7 +130,7 @@ async fn dlq(global: &Global, command: DlqCommand) -> Result<()> {
                     .iter()
                     .map(|l| json!({
                         "message_id": l.message_id, "type": l.envelope.as_ref().map(|e| e.event_type().as_str()),
-                        "attempts": l.attempts, "kind": format!("{:?}", l.kind).to_lowercase(),
+                        "attempts": l.attempts, "cause": l.cause.as_str(),
                         "reason": l.last_error, "failed_at": l.failed_at.to_rfc3339(), "bytes": l.payload.len(),
                     }))
                     .collect::<Vec<_>>());

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use bus_core::{DeliveryContext, EventBus, HandlerError, IntegrationEvent, RetryPolicy, Subscription};
+use bus_core::{DeliveryContext, EventBus, GroupName, HandlerError, IntegrationEvent, RetryPolicy, Subscription};
 use integration_tests::shop::{create_database, drop_database};
 use integration_tests::{Numbered, TestDb, amqp_url, delete_topology, rabbit_bus, unique, wait_until};
 use outbox::{DatabaseUrl, Outbox, RelayConfig};
@@ -64,7 +64,7 @@ async fn replay_rebuilds_ordering_s_product_view_and_reaches_no_other_queue() {
     {
         let running = service
             .start(
-                bus_core::GroupName::new(name.as_str()).unwrap(),
+                GroupName::new(name.as_str()).unwrap(),
                 &DatabaseUrl::parse(db).unwrap(),
                 shared.clone(),
                 samples::host::ServiceOptions::default(),
@@ -91,7 +91,7 @@ async fn replay_rebuilds_ordering_s_product_view_and_reaches_no_other_queue() {
     let bystander = Arc::new(AtomicUsize::new(0));
     let seen = bystander.clone();
     let probe = bus
-        .subscribe(Subscription::new(format!("bystander-{id}")).on(
+        .subscribe(Subscription::new(GroupName::new(format!("bystander-{id}")).unwrap()).on(
             move |_e: ProductCreatedProbe, _ctx: DeliveryContext| {
                 let seen = seen.clone();
                 async move {
@@ -162,7 +162,7 @@ async fn replay_rebuilds_ordering_s_product_view_and_reaches_no_other_queue() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(bystander.load(Ordering::SeqCst), 0, "the replay reached ordering's queue only");
 
-    probe.stop().await;
+    probe.shutdown().await;
     stop.cancel();
     bus.shutdown().await;
     delete_topology(&exchange, &[&catalog_name, &ordering_name, &format!("bystander-{id}")]).await;
@@ -246,7 +246,7 @@ async fn dlq_list_and_redrive() {
     let handled = Arc::new(AtomicUsize::new(0));
     let (fail, done) = (failing.clone(), handled.clone());
     let consumer = bus
-        .subscribe(Subscription::new(&group).on(move |_e: Numbered, _ctx: DeliveryContext| {
+        .subscribe(Subscription::new(GroupName::new(&group).unwrap()).on(move |_e: Numbered, _ctx: DeliveryContext| {
             let (fail, done) = (fail.clone(), done.clone());
             async move {
                 if fail.load(Ordering::SeqCst) {
@@ -299,7 +299,7 @@ async fn dlq_list_and_redrive() {
         handled.load(Ordering::SeqCst) == 1
     })
     .await;
-    consumer.stop().await;
+    consumer.shutdown().await;
     bus.shutdown().await;
     delete_topology(&exchange, &[&group]).await;
 }

@@ -52,7 +52,7 @@ pub use config::{InboxConfig, OutboxConfig, RelayConfig};
 pub use database_url::DatabaseUrl;
 pub use error::OutboxError;
 pub use inbox::{Inbox, InboxHandler, InboxStats, InboxTransaction, SubscriptionInboxExt};
-pub use metrics::{ServiceFigures, ServiceMetrics};
+pub use metrics::{ServiceMetrics, ServiceStats};
 pub use outbox::{Outbox, OutboxTransaction};
 pub use relay::{Relay, RelayHandle, RelayMonitor, RelayStats};
 pub use row::{FailedEvent, OutboxStatus};

@@ -27,7 +27,8 @@
 
 use std::sync::Arc;
 
-use bus_core::{DeliveryCounters, SubscriptionHandle};
+use bus_core::SubscriptionHandle;
+use bus_core::transport::DeliveryCounters;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
@@ -45,7 +46,7 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 
 /// One service's figures at one moment (see the module's table).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct ServiceFigures {
+pub struct ServiceStats {
     /// The outbox table.
     pub outbox: OutboxStatus,
     /// `bus_published_total`.
@@ -125,9 +126,9 @@ impl<DB: Backend> ServiceMetrics<DB> {
     ///
     /// # Errors
     /// The outbox's status could not be read (database unreachable).
-    pub async fn figures(&self) -> Result<ServiceFigures, OutboxError> {
+    pub async fn stats(&self) -> Result<ServiceStats, OutboxError> {
         let outbox = self.outbox.status().await?;
-        let mut figures = ServiceFigures { outbox, ..ServiceFigures::default() };
+        let mut figures = ServiceStats { outbox, ..ServiceStats::default() };
         for relay in self.relays.iter().map(RelayMonitor::stats) {
             figures.published += relay.published;
             figures.publish_failures += relay.publish_failures;
@@ -135,7 +136,7 @@ impl<DB: Backend> ServiceMetrics<DB> {
             figures.relay_batch_seconds += relay.batch_micros as f64 / 1e6;
         }
         figures.duplicates = self.inboxes.iter().map(|i| i.stats().duplicates).sum();
-        for counts in self.subscriptions.iter().map(|c| c.snapshot()) {
+        for counts in self.subscriptions.iter().map(|c| c.stats()) {
             figures.handled += counts.handled;
             figures.retried += counts.retried;
             figures.dead_lettered += counts.dead_lettered;
@@ -148,7 +149,7 @@ impl<DB: Backend> ServiceMetrics<DB> {
     /// # Errors
     /// The outbox's status could not be read (database unreachable).
     pub async fn render(&self) -> Result<String, OutboxError> {
-        let ServiceFigures {
+        let ServiceStats {
             outbox: status,
             published,
             publish_failures,
@@ -158,7 +159,7 @@ impl<DB: Backend> ServiceMetrics<DB> {
             duplicates,
             retried,
             dead_lettered,
-        } = self.figures().await?;
+        } = self.stats().await?;
         let oldest_seconds = status.oldest_pending_ms.unwrap_or(0).max(0) as f64 / 1000.0;
 
         let service = self.outbox.config().service.clone();

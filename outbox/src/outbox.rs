@@ -136,13 +136,8 @@ impl<DB: Backend> Outbox<DB> {
         envelopes: &[Envelope],
     ) -> Result<(), OutboxError> {
         let limit = self.inner.config.max_payload_bytes;
-        if let Some(big) = envelopes.iter().find(|e| e.payload().len() > limit) {
-            return Err(bus_core::BusError::PayloadTooLarge {
-                event_type: big.event_type().to_string(),
-                size: big.payload().len(),
-                limit,
-            }
-            .into());
+        for envelope in envelopes {
+            envelope.check_payload_limit(limit)?;
         }
         DB::insert_outbox(conn, &self.inner.sql, envelopes, None, Some(&self.inner.wakeup)).await
     }
@@ -154,8 +149,8 @@ impl<DB: Backend> Outbox<DB> {
             .source(self.inner.config.service.clone())
             .max_payload_bytes(self.inner.config.max_payload_bytes)
             .build()?;
-        let trace = bus_core::trace::producer(envelope.trace(), envelope.event_type().as_str(), envelope.id());
-        Ok(envelope.with_trace(trace)?)
+        let trace = bus_core::transport::producer_span(envelope.trace(), envelope.event_type().as_str(), envelope.id());
+        Ok(envelope.with_trace(trace))
     }
 
     /// Writes an event in a transaction whose owner wakes the relays after its commit

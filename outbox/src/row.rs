@@ -47,7 +47,7 @@ impl OutboxRow {
             .causation_id(self.causation_id)
             .partition_key(self.partition_key)
             .sequence(Some(self.seq))
-            .trace(TraceContext { traceparent: self.traceparent, tracestate: self.tracestate })
+            .trace(TraceContext::new(self.traceparent, self.tracestate).map_err(corrupt)?)
             .max_payload_bytes(usize::MAX);
         if let Some(source) = self.source {
             builder = builder.source(source);

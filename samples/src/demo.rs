@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use crate::client::{ClientError, ShopClient};
 use crate::config::DatabaseUrl;
-use crate::host::{FiguresHandle, StartError, listen};
+use crate::host::{StartError, StatsHandle, listen};
 use crate::{Service, catalog, ordering};
 
 /// Where the demo keeps its databases and listens.
@@ -52,9 +52,9 @@ pub struct Demo {
     /// The in-process bus both services share.
     pub bus: InProcBus,
     /// The catalog's figures.
-    pub catalog: FiguresHandle,
+    pub catalog: StatsHandle,
     /// The ordering service's figures.
-    pub ordering: FiguresHandle,
+    pub ordering: StatsHandle,
     stop: CancellationToken,
     servers: Vec<tokio::task::JoinHandle<std::io::Result<()>>>,
     _temp_dir: Option<tempfile::TempDir>,
@@ -101,7 +101,7 @@ impl Demo {
         for (service, listener) in running {
             let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: "?".into(), source })?;
             urls.push(format!("http://{addr}"));
-            figures.push(service.figures_handle());
+            figures.push(service.stats_handle());
             let stop = stop.clone();
             servers.push(tokio::spawn(service.serve(listener, async move { stop.cancelled().await })));
         }

@@ -18,8 +18,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use bus_core::{BusError, EventBus, GroupName, RetryPolicy, Subscription, SubscriptionHandle};
 use outbox::{
-    Backend, Inbox, InboxConfig, Outbox, OutboxConfig, OutboxError, RelayConfig, RelayHandle, ServiceFigures,
-    ServiceMetrics,
+    Backend, Inbox, InboxConfig, Outbox, OutboxConfig, OutboxError, RelayConfig, RelayHandle, ServiceMetrics,
+    ServiceStats,
 };
 use sqlx::Pool;
 use tokio::net::TcpListener;
@@ -103,7 +103,7 @@ impl<DB: Backend> ServiceHost<DB> {
     /// An empty subscription of this service's consumer group, with the retry policy the inbox was checked
     /// against. Add one handler per event type the service consumes.
     pub fn subscription(&self) -> Subscription {
-        let subscription = Subscription::new(self.name.as_str()).retry(self.retry.clone());
+        let subscription = Subscription::new(self.name.clone()).retry(self.retry.clone());
         match self.options.partitions {
             Some(partitions) => subscription.partitions(partitions),
             None => subscription,
@@ -153,13 +153,13 @@ impl RunningService {
     ///
     /// # Errors
     /// The database cannot be reached.
-    pub async fn figures(&self) -> Result<ServiceFigures, OutboxError> {
-        self.probe.figures().await
+    pub async fn stats(&self) -> Result<ServiceStats, OutboxError> {
+        self.probe.stats().await
     }
 
     /// A handle that reads the figures after the service was handed to [`serve`](Self::serve).
-    pub fn figures_handle(&self) -> FiguresHandle {
-        FiguresHandle { probe: self.probe.clone() }
+    pub fn stats_handle(&self) -> StatsHandle {
+        StatsHandle { probe: self.probe.clone() }
     }
 
     /// Serves the API on `listener` until `shutdown` resolves, then stops gracefully: in-flight requests finish,
@@ -173,7 +173,7 @@ impl RunningService {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let served = axum::serve(listener, self.router).with_graceful_shutdown(shutdown).await;
-        self.subscription.stop().await;
+        self.subscription.shutdown().await;
         self.relay.shutdown().await;
         self.stop.cancel();
         let _ = self.cleanup.await;
@@ -182,19 +182,19 @@ impl RunningService {
     }
 }
 
-/// Reads a running service's figures (see [`RunningService::figures_handle`]).
+/// Reads a running service's figures (see [`RunningService::stats_handle`]).
 #[derive(Clone)]
-pub struct FiguresHandle {
+pub struct StatsHandle {
     probe: Arc<dyn Probe>,
 }
 
-impl FiguresHandle {
+impl StatsHandle {
     /// The service's figures now.
     ///
     /// # Errors
     /// The database cannot be reached.
-    pub async fn figures(&self) -> Result<ServiceFigures, OutboxError> {
-        self.probe.figures().await
+    pub async fn stats(&self) -> Result<ServiceStats, OutboxError> {
+        self.probe.stats().await
     }
 }
 
@@ -211,7 +211,7 @@ pub async fn listen(addr: std::net::SocketAddr) -> Result<TcpListener, StartErro
 trait Probe: Send + Sync {
     async fn health(&self) -> Result<(), String>;
     async fn metrics(&self) -> Result<String, OutboxError>;
-    async fn figures(&self) -> Result<ServiceFigures, OutboxError>;
+    async fn stats(&self) -> Result<ServiceStats, OutboxError>;
 }
 
 struct HostProbe<DB: Backend> {
@@ -232,8 +232,8 @@ impl<DB: Backend> Probe for HostProbe<DB> {
         self.metrics.render().await
     }
 
-    async fn figures(&self) -> Result<ServiceFigures, OutboxError> {
-        self.metrics.figures().await
+    async fn stats(&self) -> Result<ServiceStats, OutboxError> {
+        self.metrics.stats().await
     }
 }
 

@@ -10,7 +10,7 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use bus_core::{EventBus, HandlerError, Subscription};
+use bus_core::{EventBus, GroupName, HandlerError, Subscription};
 use outbox::{Inbox, InboxConfig, InboxTransaction, Outbox, OutboxConfig, SubscriptionInboxExt};
 use sqlx::{PgPool, Postgres};
 
@@ -133,7 +133,7 @@ async fn run_consumer(settings: ConsumerSettings) -> Result<(), String> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| format!("signal handler: {e}"))?;
     term.recv().await;
-    handle.stop().await;
+    handle.shutdown().await;
     bus.shutdown().await;
     Ok(())
 }
@@ -176,7 +176,7 @@ pub fn ledger_subscription(
             Ok(())
         }
     };
-    Subscription::new(group).partitions(partitions).on_inbox(inbox, handler)
+    Subscription::new(GroupName::new(group).unwrap()).partitions(partitions).on_inbox(inbox, handler)
 }
 
 /// Distinct events the consumer in `schema` handled.

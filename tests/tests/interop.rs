@@ -6,7 +6,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bus_core::{DeliveryContext, Envelope, EventBus, HandlerError, IntegrationEvent, Subscription};
+use bus_core::{DeliveryContext, Envelope, EventBus, GroupName, HandlerError, IntegrationEvent, Subscription};
 use integration_tests::{amqp_url, delete_topology, rabbit_bus, unique, wait_until};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -51,13 +51,15 @@ async fn a_python_service_publishes_to_and_consumes_from_a_rust_service() {
     let received: Arc<Mutex<Vec<(OrderShipped, Envelope)>>> = Arc::default();
     let sink = received.clone();
     let consumer = bus
-        .subscribe(Subscription::new(&rust_group).on(move |event: OrderShipped, ctx: DeliveryContext| {
-            let sink = sink.clone();
-            async move {
-                sink.lock().unwrap().push((event, ctx.envelope().clone()));
-                Ok::<(), HandlerError>(())
-            }
-        }))
+        .subscribe(Subscription::new(GroupName::new(&rust_group).unwrap()).on(
+            move |event: OrderShipped, ctx: DeliveryContext| {
+                let sink = sink.clone();
+                async move {
+                    sink.lock().unwrap().push((event, ctx.envelope().clone()));
+                    Ok::<(), HandlerError>(())
+                }
+            },
+        ))
         .await
         .unwrap();
     let published = python()
@@ -112,7 +114,7 @@ async fn a_python_service_publishes_to_and_consumes_from_a_rust_service() {
     assert_eq!(got["payload"], serde_json::json!({"order_id": "o-18", "carrier": "UPS"}));
     assert!(consumer_py.wait().await.unwrap().success());
 
-    consumer.stop().await;
+    consumer.shutdown().await;
     bus.shutdown().await;
     delete_topology(&exchange, &[&rust_group, &python_queue]).await;
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bus_core::{DeliveryContext, EventBus, RetryPolicy, Subscription};
+use bus_core::{DeliveryContext, EventBus, GroupName, RetryPolicy, Subscription};
 use bus_inproc::InProcBus;
 use integration_tests::{Numbered, TestDb, fast_relay};
 use outbox::{Inbox, InboxConfig, ServiceMetrics};
@@ -37,7 +37,8 @@ async fn exported() -> BTreeSet<String> {
     let inbox = Inbox::new(outbox.clone(), InboxConfig::default(), &RetryPolicy::default()).unwrap();
     let subscription = bus
         .subscribe(
-            Subscription::new("consumer").on::<Numbered, _>(|_e: Numbered, _ctx: DeliveryContext| async { Ok(()) }),
+            Subscription::new(GroupName::from_static("consumer"))
+                .on::<Numbered, _>(|_e: Numbered, _ctx: DeliveryContext| async { Ok(()) }),
         )
         .await
         .unwrap();

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bus_core::{
-    BusError, Confirmation, DeliveryContext, Envelope, EventBus, HandlerError, RetryPolicy, Subscription,
+    BusError, Confirmation, DeliveryContext, Envelope, EventBus, GroupName, HandlerError, RetryPolicy, Subscription,
     SubscriptionHandle,
 };
 use bus_inproc::{InProcBus, InProcConfig};
@@ -87,7 +87,10 @@ async fn inbox_consumer<DB: TestDb>(
             Ok(())
         }
     };
-    let handle = bus.subscribe(Subscription::new("consumer").on_inbox(&inbox, handler)).await.expect("subscribe");
+    let handle = bus
+        .subscribe(Subscription::new(GroupName::from_static("consumer")).on_inbox(&inbox, handler))
+        .await
+        .expect("subscribe");
     (Consumer { runs, seen, _handle: handle }, inbox)
 }
 
@@ -235,7 +238,7 @@ async fn two_relays_publish_ten_thousand_events_once_each_in_key_order<DB: TestD
     let ids: Arc<Mutex<Vec<uuid::Uuid>>> = Arc::default();
     let (o, i) = (order.clone(), ids.clone());
     let _consumer = bus
-        .subscribe(Subscription::new("consumer").concurrency(8).on::<Numbered, _>(
+        .subscribe(Subscription::new(GroupName::from_static("consumer")).concurrency(8).on::<Numbered, _>(
             move |e: Numbered, ctx: DeliveryContext| {
                 let (order, ids) = (o.clone(), i.clone());
                 async move {
@@ -296,9 +299,10 @@ async fn concurrent_duplicate_deliveries_run_the_handler_once<DB: TestDb>() {
         }
     });
     let envelope = Arc::new(Envelope::for_event(&Numbered { key: "k".into(), seq: 1 }).unwrap().build().unwrap());
-    let group = bus_core::GroupName::new("consumer").unwrap();
+    let group = GroupName::new("consumer").unwrap();
     let deliveries = (0..10).map(|_| {
-        let (handler, ctx) = (handler.clone(), DeliveryContext::new(envelope.clone(), 1, group.clone()));
+        let (handler, ctx) =
+            (handler.clone(), bus_core::transport::delivery_context(envelope.clone(), 1, group.clone()));
         tokio::spawn(async move { handler.handle(ctx).await })
     });
     for result in futures::future::join_all(deliveries).await {
@@ -313,8 +317,8 @@ async fn concurrent_duplicate_deliveries_run_the_handler_once<DB: TestDb>() {
         Err(HandlerError::transient("try later"))
     });
     let other = Arc::new(Envelope::for_event(&Numbered { key: "k".into(), seq: 2 }).unwrap().build().unwrap());
-    assert!(failing.handle(DeliveryContext::new(other.clone(), 1, group.clone())).await.is_err());
-    handler.handle(DeliveryContext::new(other, 2, group)).await.unwrap();
+    assert!(failing.handle(bus_core::transport::delivery_context(other.clone(), 1, group.clone())).await.is_err());
+    handler.handle(bus_core::transport::delivery_context(other, 2, group)).await.unwrap();
     assert_eq!(runs.load(Ordering::SeqCst), 2, "after a failed attempt the event is handled for real");
 }
 
@@ -437,13 +441,15 @@ async fn postgres_notify_wakes_a_relay_in_another_process_long_before_its_poll()
     let handled_at: Arc<Mutex<Vec<Instant>>> = Arc::default();
     let h = handled_at.clone();
     let _consumer = bus
-        .subscribe(Subscription::new("consumer").on::<Numbered, _>(move |_e: Numbered, _ctx: DeliveryContext| {
-            let handled_at = h.clone();
-            async move {
-                handled_at.lock().unwrap().push(Instant::now());
-                Ok(())
-            }
-        }))
+        .subscribe(Subscription::new(GroupName::from_static("consumer")).on::<Numbered, _>(
+            move |_e: Numbered, _ctx: DeliveryContext| {
+                let handled_at = h.clone();
+                async move {
+                    handled_at.lock().unwrap().push(Instant::now());
+                    Ok(())
+                }
+            },
+        ))
         .await
         .unwrap();
     let poll = Duration::from_secs(60);
@@ -490,28 +496,33 @@ async fn events_a_handler_publishes_carry_correlation_and_causation_and_commit_w
     let a = attempts.clone();
     // The first attempt publishes and then fails: its follow-up must vanish with the rollback.
     let _middle = bus
-        .subscribe(Subscription::new("middle").on_inbox(&inbox, move |e: Numbered, mut tx: InboxTransaction<DB>| {
-            let attempts = a.clone();
-            async move {
-                tx.enqueue(&FollowUp { of: e.seq }).await?;
-                if attempts.fetch_add(1, Ordering::SeqCst) == 0 {
-                    return Err(HandlerError::transient("first attempt fails after publishing"));
+        .subscribe(Subscription::new(GroupName::from_static("middle")).on_inbox(
+            &inbox,
+            move |e: Numbered, mut tx: InboxTransaction<DB>| {
+                let attempts = a.clone();
+                async move {
+                    tx.enqueue(&FollowUp { of: e.seq }).await?;
+                    if attempts.fetch_add(1, Ordering::SeqCst) == 0 {
+                        return Err(HandlerError::transient("first attempt fails after publishing"));
+                    }
+                    Ok(())
                 }
-                Ok(())
-            }
-        }))
+            },
+        ))
         .await
         .unwrap();
     let received: Arc<Mutex<Vec<Envelope>>> = Arc::default();
     let r = received.clone();
     let _end = bus
-        .subscribe(Subscription::new("end").on::<FollowUp, _>(move |_e: FollowUp, ctx: DeliveryContext| {
-            let received = r.clone();
-            async move {
-                received.lock().unwrap().push(ctx.envelope().clone());
-                Ok(())
-            }
-        }))
+        .subscribe(Subscription::new(GroupName::from_static("end")).on::<FollowUp, _>(
+            move |_e: FollowUp, ctx: DeliveryContext| {
+                let received = r.clone();
+                async move {
+                    received.lock().unwrap().push(ctx.envelope().clone());
+                    Ok(())
+                }
+            },
+        ))
         .await
         .unwrap();
     let relay = outbox.relay(Arc::new(bus.clone()), fast_relay()).unwrap().spawn();
@@ -619,10 +630,10 @@ async fn a_handler_uses_its_inbox_transaction_in_helpers_one_after_the_other_wit
         }
     });
     let envelope = Arc::new(Envelope::for_event(&Numbered { key: "k".into(), seq: 7 }).unwrap().build().unwrap());
-    let group = bus_core::GroupName::new("consumer").unwrap();
+    let group = GroupName::new("consumer").unwrap();
     let handled = tokio::time::timeout(
         Duration::from_secs(10),
-        handler.handle(DeliveryContext::new(envelope.clone(), 1, group.clone())),
+        handler.handle(bus_core::transport::delivery_context(envelope.clone(), 1, group.clone())),
     )
     .await
     .expect("using the inbox transaction several times in one handler must not hang");
@@ -632,7 +643,7 @@ async fn a_handler_uses_its_inbox_transaction_in_helpers_one_after_the_other_wit
     assert_eq!(written, ["7-a", "7-b-inner", "7-b-outer", "7-c"], "every write committed with the inbox row");
     assert_eq!(outbox.status().await.unwrap().pending, 1, "the follow-up event committed with them");
     // And it is one handling: the same delivery again changes nothing.
-    handler.handle(DeliveryContext::new(envelope, 2, group)).await.expect("duplicate");
+    handler.handle(bus_core::transport::delivery_context(envelope, 2, group)).await.expect("duplicate");
     assert_eq!(DB::effects(&fixture.pool, &fixture.effects).await.len(), 4);
     assert_eq!((inbox.stats().handled, inbox.stats().duplicates), (1, 1));
 }
@@ -654,11 +665,13 @@ async fn an_inbox_transaction_that_outlives_its_handler_fails_the_handling_at_on
         }
     });
     let envelope = Arc::new(Envelope::for_event(&Numbered { key: "k".into(), seq: 1 }).unwrap().build().unwrap());
-    let group = bus_core::GroupName::new("consumer").unwrap();
-    let result =
-        tokio::time::timeout(Duration::from_secs(10), handler.handle(DeliveryContext::new(envelope, 1, group)))
-            .await
-            .expect("a handler whose transaction escaped must not hang");
+    let group = GroupName::new("consumer").unwrap();
+    let result = tokio::time::timeout(
+        Duration::from_secs(10),
+        handler.handle(bus_core::transport::delivery_context(envelope, 1, group)),
+    )
+    .await
+    .expect("a handler whose transaction escaped must not hang");
     let error = result.expect_err("the handling failed");
     assert!(!error.is_permanent(), "{error}");
     assert!(error.to_string().contains("outlived its handler"), "{error}");
@@ -674,13 +687,15 @@ async fn enqueue_on_a_transaction_of_ones_own_wakes_the_relay_when_it_commits<DB
     let received: Arc<Mutex<Vec<u32>>> = Arc::default();
     let r = received.clone();
     let _consumer = bus
-        .subscribe(Subscription::new("consumer").on::<Numbered, _>(move |e: Numbered, _ctx: DeliveryContext| {
-            let received = r.clone();
-            async move {
-                received.lock().unwrap().push(e.seq);
-                Ok(())
-            }
-        }))
+        .subscribe(Subscription::new(GroupName::from_static("consumer")).on::<Numbered, _>(
+            move |e: Numbered, _ctx: DeliveryContext| {
+                let received = r.clone();
+                async move {
+                    received.lock().unwrap().push(e.seq);
+                    Ok(())
+                }
+            },
+        ))
         .await
         .unwrap();
     // The relay would only poll after a minute: a wake-up must bring it.
@@ -775,8 +790,8 @@ async fn a_handling_cut_short_by_a_timeout_counts_as_failed_and_leaves_nothing<D
         }
     });
     let envelope = Arc::new(Envelope::for_event(&Numbered { key: "k".into(), seq: 1 }).unwrap().build().unwrap());
-    let group = bus_core::GroupName::new("consumer").unwrap();
-    let delivery = || DeliveryContext::new(envelope.clone(), 1, group.clone());
+    let group = GroupName::new("consumer").unwrap();
+    let delivery = || bus_core::transport::delivery_context(envelope.clone(), 1, group.clone());
     let cut_short = tokio::time::timeout(Duration::from_millis(200), handler.handle(delivery())).await;
     assert!(cut_short.is_err(), "the handler hangs until the timeout");
     assert_eq!((inbox.stats().handled, inbox.stats().failed), (0, 1), "{:?}", inbox.stats());

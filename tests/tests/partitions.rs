@@ -147,7 +147,7 @@ struct Journal {
 impl Journal {
     fn subscription(&self, group: &str, partitions: u16, instance: usize) -> Subscription {
         let journal = self.clone();
-        Subscription::new(group).partitions(partitions).concurrency(4).on::<Numbered, _>(
+        Subscription::new(GroupName::new(group).unwrap()).partitions(partitions).concurrency(4).on::<Numbered, _>(
             move |event: Numbered, _ctx: DeliveryContext| {
                 let journal = journal.clone();
                 async move {
@@ -256,7 +256,7 @@ async fn partitions_move_in_order_when_instances_leave_and_join() {
     let mut rounds = 0;
     publish_until(&publisher, &journal, KEYS, &[0, 1, 2], &mut rounds, 30).await;
     // Instance 1 leaves while events are in flight; a fourth joins later.
-    let leaving = handles[1].take().unwrap().stop();
+    let leaving = handles[1].take().unwrap().shutdown();
     let more = publish_rounds(&publisher, KEYS, rounds..rounds + 30);
     tokio::join!(leaving, more);
     rounds += 30;
@@ -279,9 +279,9 @@ async fn partitions_move_in_order_when_instances_leave_and_join() {
         );
     }
 
-    joined.stop().await;
+    joined.shutdown().await;
     for handle in handles.into_iter().flatten() {
-        handle.stop().await;
+        handle.shutdown().await;
     }
     for bus in buses.iter().chain([&joiner, &publisher]) {
         bus.shutdown().await;
@@ -301,18 +301,20 @@ async fn a_retried_event_is_never_overtaken_by_later_events_of_its_key() {
     let j = journal.clone();
     let retry = RetryPolicy::exponential(4, Duration::from_millis(150)).with_jitter(0.0);
     let handle = bus
-        .subscribe(Subscription::new(&group).partitions(PARTITIONS).retry(retry).on::<Numbered, _>(
-            move |event: Numbered, ctx: DeliveryContext| {
-                let journal = j.clone();
-                async move {
-                    if event.key == "slow" && event.seq == 0 && ctx.attempt() < 3 {
-                        return Err(HandlerError::transient("not yet"));
+        .subscribe(
+            Subscription::new(GroupName::new(&group).unwrap()).partitions(PARTITIONS).retry(retry).on::<Numbered, _>(
+                move |event: Numbered, ctx: DeliveryContext| {
+                    let journal = j.clone();
+                    async move {
+                        if event.key == "slow" && event.seq == 0 && ctx.attempt() < 3 {
+                            return Err(HandlerError::transient("not yet"));
+                        }
+                        journal.lock().unwrap().push((event.key, event.seq, ctx.attempt()));
+                        Ok(())
                     }
-                    journal.lock().unwrap().push((event.key, event.seq, ctx.attempt()));
-                    Ok(())
-                }
-            },
-        ))
+                },
+            ),
+        )
         .await
         .expect("subscribe");
     let mut confirmations = Vec::new();
@@ -337,7 +339,7 @@ async fn a_retried_event_is_never_overtaken_by_later_events_of_its_key() {
     assert!(first_slow >= 20, "other keys went on while the slow key waited: {journal:?}");
     assert_eq!(bus.stats().retried, 2);
     assert_eq!(bus.stats().dead_lettered, 0);
-    handle.stop().await;
+    handle.shutdown().await;
     bus.shutdown().await;
     delete_partitioned_topology(&exchange, &group, PARTITIONS).await;
 }
@@ -356,18 +358,20 @@ async fn retries_redrives_and_replays_stay_in_the_partition_of_their_key() {
     let (b, s) = (broken.clone(), seen.clone());
     let retry = RetryPolicy::exponential(2, Duration::from_millis(50)).with_jitter(0.0);
     let handle = bus
-        .subscribe(Subscription::new(&group).partitions(PARTITIONS).retry(retry).on::<Numbered, _>(
-            move |event: Numbered, ctx: DeliveryContext| {
-                let (broken, seen) = (b.clone(), s.clone());
-                async move {
-                    seen.lock().unwrap().push((event.seq, ctx.attempt()));
-                    if broken.load(Ordering::SeqCst) && event.key == "poisoned" {
-                        return Err(HandlerError::transient("down"));
+        .subscribe(
+            Subscription::new(GroupName::new(&group).unwrap()).partitions(PARTITIONS).retry(retry).on::<Numbered, _>(
+                move |event: Numbered, ctx: DeliveryContext| {
+                    let (broken, seen) = (b.clone(), s.clone());
+                    async move {
+                        seen.lock().unwrap().push((event.seq, ctx.attempt()));
+                        if broken.load(Ordering::SeqCst) && event.key == "poisoned" {
+                            return Err(HandlerError::transient("down"));
+                        }
+                        Ok(())
                     }
-                    Ok(())
-                }
-            },
-        ))
+                },
+            ),
+        )
         .await
         .expect("subscribe");
     let publish = |key: &str, seq: u32| {
@@ -391,7 +395,7 @@ async fn retries_redrives_and_replays_stay_in_the_partition_of_their_key() {
     assert_eq!(bus.stats().handled, 2);
     assert!(bus.dead_letters(&group_name).await.unwrap().is_empty());
 
-    handle.stop().await;
+    handle.shutdown().await;
     bus.shutdown().await;
     delete_partitioned_topology(&exchange, &group, PARTITIONS).await;
 }
@@ -405,7 +409,7 @@ async fn partitioned_settings_are_checked() {
     let exchange = bus.config().exchange.clone();
     let group = unique("svc");
     let on = |partitions: u16| {
-        Subscription::new(&group)
+        Subscription::new(GroupName::new(&group).unwrap())
             .partitions(partitions)
             .on::<Numbered, _>(|_e: Numbered, _ctx: DeliveryContext| async { Ok::<_, HandlerError>(()) })
     };
@@ -422,8 +426,8 @@ async fn partitioned_settings_are_checked() {
         let err = bus.subscribe(on(other)).await.unwrap_err().to_string();
         assert!(err.contains("partitions") && err.contains(&format!("{group}.partition-count")), "{err}");
     }
-    again.stop().await;
-    first.stop().await;
+    again.shutdown().await;
+    first.shutdown().await;
     bus.shutdown().await;
     delete_partitioned_topology(&exchange, &group, 4).await;
 }

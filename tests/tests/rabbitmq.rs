@@ -51,10 +51,13 @@ async fn published_events_carry_every_contract_property_and_header() {
             .partition_key(Some("o-1".into()))
             .source("ordering")
             .sequence(Some(99))
-            .trace(TraceContext {
-                traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
-                tracestate: Some("rojo=00f067aa0ba902b7".into()),
-            })
+            .trace(
+                TraceContext::new(
+                    Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+                    Some("rojo=00f067aa0ba902b7".into()),
+                )
+                .unwrap(),
+            )
             .build()
             .unwrap();
     bus.publish_confirmed(envelope.clone()).await.unwrap();
@@ -95,13 +98,15 @@ async fn a_message_from_a_foreign_publisher_is_handled() {
     let seen: Arc<Mutex<Vec<(Numbered, Envelope)>>> = Arc::default();
     let s = seen.clone();
     let handle = bus
-        .subscribe(Subscription::new(&group).on::<Numbered, _>(move |e: Numbered, ctx: DeliveryContext| {
-            let seen = s.clone();
-            async move {
-                seen.lock().unwrap().push((e, ctx.envelope().clone()));
-                Ok(())
-            }
-        }))
+        .subscribe(Subscription::new(GroupName::new(&group).unwrap()).on::<Numbered, _>(
+            move |e: Numbered, ctx: DeliveryContext| {
+                let seen = s.clone();
+                async move {
+                    seen.lock().unwrap().push((e, ctx.envelope().clone()));
+                    Ok(())
+                }
+            },
+        ))
         .await
         .unwrap();
     // Only what CONTRACT §1 requires, as another language's client would send it.
@@ -129,7 +134,7 @@ async fn a_message_from_a_foreign_publisher_is_handled() {
     assert_eq!(envelope.id(), id);
     assert_eq!(envelope.version(), 1);
     assert_eq!(envelope.correlation_id(), id.to_string(), "correlation defaults to the message id");
-    handle.stop().await;
+    handle.shutdown().await;
     bus.shutdown().await;
     delete_topology(&exchange, &[&group]).await;
 }
@@ -153,13 +158,15 @@ async fn poison_messages_are_dead_lettered_with_reasons_while_good_ones_flow() {
     let handled = Arc::new(Mutex::new(Vec::new()));
     let h = handled.clone();
     let handle = bus
-        .subscribe(Subscription::new(&group).on::<Numbered, _>(move |e: Numbered, _ctx: DeliveryContext| {
-            let handled = h.clone();
-            async move {
-                handled.lock().unwrap().push(e.seq);
-                Ok(())
-            }
-        }))
+        .subscribe(Subscription::new(GroupName::new(&group).unwrap()).on::<Numbered, _>(
+            move |e: Numbered, _ctx: DeliveryContext| {
+                let handled = h.clone();
+                async move {
+                    handled.lock().unwrap().push(e.seq);
+                    Ok(())
+                }
+            },
+        ))
         .await
         .unwrap();
     let plain = plain_amqp().await;
@@ -213,7 +220,7 @@ async fn poison_messages_are_dead_lettered_with_reasons_while_good_ones_flow() {
     }
     assert!(dead.iter().all(|d| d.attempts == 1), "poison is never retried");
     assert_eq!(bus.dead_letters(&group_name).await.unwrap().len(), 4, "listing does not consume");
-    handle.stop().await;
+    handle.shutdown().await;
     bus.shutdown().await;
     delete_topology(&exchange, &[&group]).await;
 }
@@ -228,7 +235,7 @@ async fn failures_are_retried_with_growing_delay_then_dead_lettered_then_redrive
     let (a, b) = (attempts.clone(), broken.clone());
     let retry = RetryPolicy::exponential(3, Duration::from_millis(200)).with_jitter(0.0);
     let handle = bus
-        .subscribe(Subscription::new(&group).retry(retry).on::<Numbered, _>(
+        .subscribe(Subscription::new(GroupName::new(&group).unwrap()).retry(retry).on::<Numbered, _>(
             move |_e: Numbered, ctx: DeliveryContext| {
                 let (attempts, broken) = (a.clone(), b.clone());
                 async move {
@@ -264,7 +271,7 @@ async fn failures_are_retried_with_growing_delay_then_dead_lettered_then_redrive
     wait_until("handled after redrive", WAIT, || async { bus.stats().handled == 1 }).await;
     assert_eq!(attempts.lock().unwrap().last().unwrap().0, 1, "redriven with attempts from 1");
     assert!(bus.dead_letters(&group_name).await.unwrap().is_empty());
-    handle.stop().await;
+    handle.shutdown().await;
     bus.shutdown().await;
     delete_topology(&exchange, &[&group]).await;
 }
@@ -285,8 +292,12 @@ async fn graceful_stop_loses_nothing_and_keeps_key_order() {
             }
         }
     };
-    let first =
-        bus.subscribe(Subscription::new(&group).concurrency(4).on::<Numbered, _>(make(seen.clone()))).await.unwrap();
+    let first = bus
+        .subscribe(
+            Subscription::new(GroupName::new(&group).unwrap()).concurrency(4).on::<Numbered, _>(make(seen.clone())),
+        )
+        .await
+        .unwrap();
     for seq in 0..100 {
         for key in ["a", "b", "c", "d", "e"] {
             bus.publish_confirmed(Envelope::for_event(&Numbered { key: key.into(), seq }).unwrap().build().unwrap())
@@ -295,11 +306,15 @@ async fn graceful_stop_loses_nothing_and_keeps_key_order() {
         }
     }
     wait_until("some handled", WAIT, || async { seen.lock().unwrap().len() > 50 }).await;
-    first.stop().await;
+    first.shutdown().await;
     let after_stop = seen.lock().unwrap().len();
     assert!(after_stop < 500, "stopped before the end");
-    let second =
-        bus.subscribe(Subscription::new(&group).concurrency(4).on::<Numbered, _>(make(seen.clone()))).await.unwrap();
+    let second = bus
+        .subscribe(
+            Subscription::new(GroupName::new(&group).unwrap()).concurrency(4).on::<Numbered, _>(make(seen.clone())),
+        )
+        .await
+        .unwrap();
     wait_until("all 500 handled", WAIT, || async { seen.lock().unwrap().len() >= 500 }).await;
     let seen = seen.lock().unwrap().clone();
     let unique: HashSet<_> = seen.iter().collect();
@@ -308,7 +323,7 @@ async fn graceful_stop_loses_nothing_and_keeps_key_order() {
         let seqs: Vec<u32> = seen.iter().filter(|(k, _)| k == key).map(|(_, s)| *s).collect();
         assert_eq!(seqs, (0..100).collect::<Vec<_>>(), "order of key {key}");
     }
-    second.stop().await;
+    second.shutdown().await;
     bus.shutdown().await;
     delete_topology(&exchange, &[&group]).await;
 }
@@ -331,13 +346,15 @@ async fn a_batch_larger_than_the_confirm_window_is_published_without_waiting_on_
     let handled = Arc::new(Mutex::new(0u32));
     let h = handled.clone();
     let handle = bus
-        .subscribe(Subscription::new(&group).on::<Numbered, _>(move |_e: Numbered, _ctx: DeliveryContext| {
-            let handled = h.clone();
-            async move {
-                *handled.lock().unwrap() += 1;
-                Ok(())
-            }
-        }))
+        .subscribe(Subscription::new(GroupName::new(&group).unwrap()).on::<Numbered, _>(
+            move |_e: Numbered, _ctx: DeliveryContext| {
+                let handled = h.clone();
+                async move {
+                    *handled.lock().unwrap() += 1;
+                    Ok(())
+                }
+            },
+        ))
         .await
         .unwrap();
     // Like the relay: the whole batch is handed over before any confirmation is awaited.
@@ -348,7 +365,7 @@ async fn a_batch_larger_than_the_confirm_window_is_published_without_waiting_on_
         confirmation.await.unwrap();
     }
     wait_until("all handled", WAIT, || async { *handled.lock().unwrap() == 200 }).await;
-    handle.stop().await;
+    handle.shutdown().await;
     bus.shutdown().await;
     delete_topology(&exchange, &[&group]).await;
 }
@@ -365,13 +382,15 @@ async fn a_scheduled_event_goes_out_through_rabbitmq_when_due() {
     let seen: Arrivals = Arc::default();
     let s = seen.clone();
     let consumer = bus
-        .subscribe(Subscription::new(&group).on::<Numbered, _>(move |e: Numbered, _ctx: DeliveryContext| {
-            let seen = s.clone();
-            async move {
-                seen.lock().unwrap().push((e.seq, chrono::Utc::now()));
-                Ok(())
-            }
-        }))
+        .subscribe(Subscription::new(GroupName::new(&group).unwrap()).on::<Numbered, _>(
+            move |e: Numbered, _ctx: DeliveryContext| {
+                let seen = s.clone();
+                async move {
+                    seen.lock().unwrap().push((e.seq, chrono::Utc::now()));
+                    Ok(())
+                }
+            },
+        ))
         .await
         .unwrap();
     let fixture = sqlx::Postgres::fixture().await;
@@ -387,7 +406,7 @@ async fn a_scheduled_event_goes_out_through_rabbitmq_when_due() {
     assert_eq!(seen.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), vec![0, 1], "in key order");
     assert!(seen[0].1 >= due, "not before its time: {:?} < {due:?}", seen[0].1);
     relay.shutdown().await;
-    consumer.stop().await;
+    consumer.shutdown().await;
     bus.shutdown().await;
     delete_topology(&exchange, &[&group]).await;
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bus_core::{EventBus, HandlerError, Subscription};
+use bus_core::{EventBus, GroupName, HandlerError, Subscription};
 use integration_tests::{Numbered, TestDb, delete_topology, rabbit_bus, unique, wait_until};
 use outbox::{Inbox, InboxConfig, InboxTransaction, Outbox, RelayConfig, SubscriptionInboxExt};
 use tokio::sync::Mutex;
@@ -28,7 +28,7 @@ async fn relay_through_a_broker_fault(events: u32, fault: &'static [&'static [&'
     let inbox = Inbox::new(outbox.clone(), InboxConfig::default(), &bus.config().retry).unwrap();
     let effects = fixture.effects.clone();
     let consumer = bus
-        .subscribe(Subscription::new(&group).on_inbox(
+        .subscribe(Subscription::new(GroupName::new(&group).unwrap()).on_inbox(
             &inbox,
             move |_e: Numbered, mut tx: InboxTransaction<sqlx::Postgres>| {
                 let effects = effects.clone();
@@ -99,7 +99,7 @@ async fn relay_through_a_broker_fault(events: u32, fault: &'static [&'static [&'
     assert_eq!(total, distinct, "no duplicate effect");
     assert_eq!((status.pending, status.failed), (0, 0), "outbox drained: {status:?}");
     relay.shutdown().await;
-    consumer.stop().await;
+    consumer.shutdown().await;
     bus.shutdown().await;
     delete_topology(&exchange, &[&group]).await;
 }
@@ -204,7 +204,7 @@ async fn partitioned_group_keeps_order_per_key_through_a_broker_restart() {
     assert_eq!((ledger.out_of_order, ledger.keys_not_in_sequence), (0, 0), "per-key order");
     relay.shutdown().await;
     for (bus, handle) in instances {
-        handle.stop().await;
+        handle.shutdown().await;
         bus.shutdown().await;
     }
     publisher.shutdown().await;

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bus_core::{
-    BusError, Confirmation, DeliveryContext, Envelope, EventBus, RetryPolicy, Subscription, SubscriptionHandle,
+    BusError, Confirmation, DeliveryContext, Envelope, EventBus, GroupName, RetryPolicy, Subscription,
+    SubscriptionHandle,
 };
 use bus_inproc::InProcBus;
 use integration_tests::{Fixture, HangingBus, Numbered, TestDb, fast_relay, on_both_databases, wait_until};
@@ -110,7 +111,7 @@ impl Received {
         let per_key: Arc<Mutex<HashMap<String, Vec<u32>>>> = Arc::default();
         let seen = per_key.clone();
         let handle = bus
-            .subscribe(Subscription::new("consumer").concurrency(4).on::<Numbered, _>(
+            .subscribe(Subscription::new(GroupName::from_static("consumer")).concurrency(4).on::<Numbered, _>(
                 move |e: Numbered, _ctx: DeliveryContext| {
                     let seen = seen.clone();
                     async move {

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bus_core::trace::{SpanContext, scope};
-use bus_core::{DeliveryContext, EventBus, HandlerError, IntegrationEvent, Subscription};
+use bus_core::{DeliveryContext, EventBus, GroupName, HandlerError, IntegrationEvent, Subscription};
 use bus_inproc::InProcBus;
 use integration_tests::{TestDb, delete_topology, rabbit_bus, unique, wait_until};
 use outbox::{Inbox, InboxConfig, InboxTransaction, Outbox, RelayConfig, SubscriptionInboxExt};
@@ -94,17 +94,20 @@ async fn one_trace_through(bus: Arc<dyn EventBus>, groups: (&str, &str)) {
         tx.enqueue(&StockReserved { order: event.order }).await?;
         Ok::<(), HandlerError>(())
     };
-    let first = bus.subscribe(Subscription::new(groups.0).on_inbox(&inbox, reserve)).await.unwrap();
+    let first =
+        bus.subscribe(Subscription::new(GroupName::new(groups.0).unwrap()).on_inbox(&inbox, reserve)).await.unwrap();
     let seen: Arc<Mutex<Option<String>>> = Arc::default();
     let sink = seen.clone();
     let second = bus
-        .subscribe(Subscription::new(groups.1).on(move |_e: StockReserved, ctx: DeliveryContext| {
-            let sink = sink.clone();
-            async move {
-                *sink.lock().unwrap() = ctx.envelope().trace().traceparent.clone();
-                Ok::<(), HandlerError>(())
-            }
-        }))
+        .subscribe(Subscription::new(GroupName::new(groups.1).unwrap()).on(
+            move |_e: StockReserved, ctx: DeliveryContext| {
+                let sink = sink.clone();
+                async move {
+                    *sink.lock().unwrap() = ctx.envelope().trace().traceparent().map(str::to_owned);
+                    Ok::<(), HandlerError>(())
+                }
+            },
+        ))
         .await
         .unwrap();
     let relay = outbox.relay(bus.clone(), RelayConfig::default()).unwrap().spawn();
@@ -136,8 +139,8 @@ async fn one_trace_through(bus: Arc<dyn EventBus>, groups: (&str, &str)) {
         assert!(fields.values().all(|v| !v.contains("o-1")), "no payload in spans: {fields:?}");
     }
     relay.shutdown().await;
-    first.stop().await;
-    second.stop().await;
+    first.shutdown().await;
+    second.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

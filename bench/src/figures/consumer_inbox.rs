@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use bus_core::{DeliveryContext, EnvelopeHandler, EventBus, HandlerError, Subscription};
+use bus_core::{DeliveryContext, EnvelopeHandler, EventBus, GroupName, HandlerError, Subscription};
 use bus_inproc::{ConfirmOn, InProcBus, InProcConfig};
 use outbox::{InboxTransaction, SubscriptionInboxExt};
 use sqlx::PgPool;
@@ -40,7 +40,7 @@ async fn drive(subscription: Subscription, bus: &InProcBus, count: u64) -> anyho
     }
     bus.settled().await;
     let elapsed = start.elapsed().as_secs_f64();
-    handle.stop().await;
+    handle.shutdown().await;
     anyhow::ensure!(bus.stats().dead_lettered == 0, "handlings failed: {:?}", bus.stats());
     Ok(count as f64 / elapsed)
 }
@@ -59,10 +59,11 @@ pub async fn run(quick: bool) -> anyhow::Result<Vec<Figure>> {
     let (mut ours_runs, mut base_runs) = (Vec::new(), Vec::new());
     for run in 1..=3 {
         sqlx::query("TRUNCATE handled").execute(&scratch.pool).await?;
-        let plain = Subscription::new("bench").on_envelope(EVENT_TYPE, Arc::new(PlainTx(scratch.pool.clone())));
+        let plain = Subscription::new(GroupName::from_static("bench"))
+            .on_envelope(EVENT_TYPE, Arc::new(PlainTx(scratch.pool.clone())));
         let b = drive(plain, &bus()?, count).await?;
         sqlx::query("TRUNCATE handled").execute(&scratch.pool).await?;
-        let with_inbox = Subscription::new("bench").on_inbox(
+        let with_inbox = Subscription::new(GroupName::from_static("bench")).on_inbox(
             &inbox,
             |event: BenchEvent, mut tx: InboxTransaction<sqlx::Postgres>| async move {
                 let event_id = tx.delivery().event_id();

@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bus_core::{DeliveryContext, Envelope, EnvelopeHandler, EventBus, EventTypeName, HandlerError, Subscription};
+use bus_core::{
+    DeliveryContext, Envelope, EnvelopeHandler, EventBus, EventTypeName, GroupName, HandlerError, Subscription,
+};
 use outbox::{Outbox, OutboxConfig, RelayConfig};
 
 use crate::broker::Sink;
@@ -55,7 +57,7 @@ pub async fn run(quick: bool) -> anyhow::Result<Vec<Figure>> {
     let group = format!("bench-e2e-{}", uuid::Uuid::new_v4().simple());
     let consumer = bus
         .subscribe(
-            Subscription::new(&group).on_envelope(
+            Subscription::new(GroupName::new(&group)?).on_envelope(
                 EVENT_TYPE,
                 Arc::new(Measure { committed: committed.clone(), latencies: latencies.clone() }),
             ),
@@ -101,7 +103,7 @@ pub async fn run(quick: bool) -> anyhow::Result<Vec<Figure>> {
         samples.last().map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
     );
     relay.shutdown().await;
-    consumer.stop().await;
+    consumer.shutdown().await;
     bus.shutdown().await;
     let channel = sink.channel.clone();
     for queue in [group.clone(), format!("{group}.retry"), format!("{group}.dlq")] {

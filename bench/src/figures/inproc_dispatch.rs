@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use async_trait::async_trait;
-use bus_core::{DeliveryContext, EnvelopeHandler, EventBus, HandlerError, Subscription};
+use bus_core::{DeliveryContext, EnvelopeHandler, EventBus, GroupName, HandlerError, Subscription};
 use bus_inproc::InProcBus;
 
 use crate::payload::{EVENT_TYPE, envelopes};
@@ -36,8 +36,12 @@ async fn ours(count: u64) -> anyhow::Result<f64> {
     let events = envelopes(count, 0)?;
     let bus = InProcBus::new();
     let counter = Arc::new(AtomicU64::new(0));
-    let _sub =
-        bus.subscribe(Subscription::new("bench").on_envelope(EVENT_TYPE, Arc::new(Count(counter.clone())))).await?;
+    let _sub = bus
+        .subscribe(
+            Subscription::new(GroupName::from_static("bench"))
+                .on_envelope(EVENT_TYPE, Arc::new(Count(counter.clone()))),
+        )
+        .await?;
     let start = Instant::now();
     let mut in_flight = VecDeque::with_capacity(IN_FLIGHT);
     let mut events = events.into_iter().peekable();

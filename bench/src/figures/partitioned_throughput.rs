@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use bus_core::{EventBus, HandlerError, Subscription, SubscriptionHandle};
+use bus_core::{EventBus, GroupName, HandlerError, Subscription, SubscriptionHandle};
 use bus_rabbitmq::{RabbitBus, RabbitConfig};
 use outbox::{Inbox, InboxTransaction, SubscriptionInboxExt};
 
@@ -32,7 +32,7 @@ async fn instance_bus(exchange: &str) -> anyhow::Result<RabbitBus> {
 }
 
 fn subscription(group: &str, inbox: &Inbox<sqlx::Postgres>) -> Subscription {
-    Subscription::new(group).partitions(PARTITIONS).on_inbox(
+    Subscription::new(GroupName::new(group).unwrap()).partitions(PARTITIONS).on_inbox(
         inbox,
         |event: BenchEvent, mut tx: InboxTransaction<sqlx::Postgres>| async move {
             let event_id = tx.delivery().event_id();
@@ -47,7 +47,7 @@ async fn drain(instances: usize, count: u64, inbox: &Inbox<sqlx::Postgres>) -> a
     let (exchange, group) = (format!("bench.{id}"), format!("bench-part-{id}"));
     let publisher = instance_bus(&exchange).await?;
     // Declare the group (its partitions), then leave it with a backlog.
-    publisher.subscribe(subscription(&group, inbox)).await?.stop().await;
+    publisher.subscribe(subscription(&group, inbox)).await?.shutdown().await;
     let mut confirmations = Vec::with_capacity(usize::try_from(count)?);
     for envelope in envelopes(count, KEYS)? {
         confirmations.push(publisher.publish(envelope).await?);
@@ -62,16 +62,16 @@ async fn drain(instances: usize, count: u64, inbox: &Inbox<sqlx::Postgres>) -> a
     let start = Instant::now();
     let handles: Vec<SubscriptionHandle> =
         futures::future::try_join_all(buses.iter().map(|bus| bus.subscribe(subscription(&group, inbox)))).await?;
-    let handled = || handles.iter().map(|h| h.counters().snapshot().handled).sum::<u64>();
+    let handled = || handles.iter().map(|h| h.stats().handled).sum::<u64>();
     while handled() < count {
         anyhow::ensure!(start.elapsed() < Duration::from_secs(600), "drain stalled at {} of {count}", handled());
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let rate = count as f64 / start.elapsed().as_secs_f64();
-    let shares: Vec<u64> = handles.iter().map(|h| h.counters().snapshot().handled).collect();
+    let shares: Vec<u64> = handles.iter().map(|h| h.stats().handled).collect();
     eprintln!("partitioned_throughput: {instances} instance(s) {rate:>7.0} events/s, handled per instance {shares:?}");
     for handle in handles {
-        handle.stop().await;
+        handle.shutdown().await;
     }
     for bus in buses.iter().chain([&publisher]) {
         bus.shutdown().await;

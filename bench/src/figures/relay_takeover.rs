@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bus_core::{BusError, Confirmation, Envelope, EventBus, Subscription, SubscriptionHandle};
+use bus_core::{BusError, Confirmation, Envelope, EventBus, GroupName, Subscription, SubscriptionHandle};
 use bus_inproc::InProcBus;
 use outbox::{Outbox, OutboxConfig, RelayConfig};
 
@@ -93,8 +93,12 @@ pub async fn run(quick: bool) -> anyhow::Result<Vec<Figure>> {
     let outbox = Outbox::new(scratch.pool.clone(), OutboxConfig::new("bench").schema(scratch.schema.clone()))?;
     outbox.migrate().await?;
     let bus = InProcBus::new();
-    let _consumer =
-        bus.subscribe(Subscription::new("bench").on_envelope(EVENT_TYPE, Arc::new(crate::figures::Discard))).await?;
+    let _consumer = bus
+        .subscribe(
+            Subscription::new(GroupName::from_static("bench"))
+                .on_envelope(EVENT_TYPE, Arc::new(crate::figures::Discard)),
+        )
+        .await?;
     let mut samples = Vec::new();
     for run in 1..=if quick { 2 } else { 5 } {
         let ms = once(&scratch, &outbox, &bus).await?;

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bus_core::{DeliveryContext, EnvelopeHandler, EventBus, HandlerError, Subscription};
+use bus_core::{DeliveryContext, EnvelopeHandler, EventBus, GroupName, HandlerError, Subscription};
 use bus_inproc::InProcBus;
 use outbox::{Outbox, OutboxConfig, RelayConfig};
 
@@ -44,8 +44,11 @@ async fn drain(scratch: &Scratch, relays: usize, count: u64) -> anyhow::Result<(
     backlog(&producer, count).await?;
     let bus = InProcBus::new();
     let seen = Arc::new(Mutex::new((0, HashSet::new())));
-    let _consumer =
-        bus.subscribe(Subscription::new("bench").on_envelope(EVENT_TYPE, Arc::new(Seen(seen.clone())))).await?;
+    let _consumer = bus
+        .subscribe(
+            Subscription::new(GroupName::from_static("bench")).on_envelope(EVENT_TYPE, Arc::new(Seen(seen.clone()))),
+        )
+        .await?;
     let mut outboxes = vec![producer];
     for _ in 1..relays {
         let pool = sqlx::postgres::PgPoolOptions::new()

@@ -91,8 +91,8 @@ async fn main() -> anyhow::Result<()> {
 
     let orders = client.orders().await?;
     let count = |status: &str| orders.iter().filter(|o| o.status == status).count();
-    let catalog = demo.catalog.figures().await?;
-    let ordering = demo.ordering.figures().await?;
+    let catalog = demo.catalog.stats().await?;
+    let ordering = demo.ordering.stats().await?;
     println!();
     println!("{:<34} {:>10}", "orders placed", placed.orders);
     println!("{:<34} {:>10}", "  repeated with same Idempotency-Key", placed.repeated_requests);

@@ -17,6 +17,25 @@
 //! Transports live in their own crates: `bus-inproc` (tokio, in-process) and `bus-rabbitmq` (lapin). The
 //! transactional outbox and the inbox live in `outbox`.
 //!
+//! # The whole API for service authors
+//! | To | Use |
+//! |---|---|
+//! | declare an event | `impl` [`IntegrationEvent`] (`TYPE_NAME`, `VERSION`, `partition_key()`) on a serde type |
+//! | build an envelope | [`Envelope::for_event`]`(&e)?` → [`EnvelopeBuilder`] (`.correlation_id`, `.source`, …) → `.build()?`; [`Envelope::caused`] for an event caused by another |
+//! | publish | [`EventBus::publish`]`(envelope).await?` → [`Confirmation`] (await it: `Ok` = the bus took it); [`EventBus::publish_confirmed`], [`EventBus::publish_batch`] |
+//! | consume | [`Subscription::new`]`(`[`GroupName::from_static`]`("svc"))` `.on::<E, _>(handler)` `.retry(`[`RetryPolicy`]`)` `.timeout(d)` `.concurrency(n)` `.partitions(n)` → [`EventBus::subscribe`] → [`SubscriptionHandle`] (`.stats()` → [`DeliveryStats`], `.shutdown()`) |
+//! | handle | `async fn(E, `[`DeliveryContext`]`) -> Result<(), `[`HandlerError`]`>` (or a [`Handler`]; raw: [`EnvelopeHandler`]); `?` = transient, [`HandlerError::permanent`] = dead-letter now |
+//! | read the delivery | [`DeliveryContext`]: `envelope()`, `event_id()`, `attempt()`, `group()` |
+//! | inspect dead letters | [`DeadLetterQueue`] (`dead_letters`, `redrive`) → [`DeadLetter`] with its [`DeadLetterCause`] |
+//! | check health | [`EventBus::health`] |
+//! | trace | [`trace::scope`] around a request, [`trace::current`]; [`TraceContext`] travels with each envelope |
+//! | handle errors | [`BusError`] (each names what was wrong); names: [`EventTypeName`], [`GroupName`] |
+//! | know the limits | [`DEFAULT_MAX_PAYLOAD_BYTES`], [`MAX_METADATA_LEN`], [`MAX_TRACE_LEN`], [`MAX_NAME_LEN`], [`MAX_PARTITIONS`] |
+//!
+//! Everything a transport needs and a service author does not (the one [`Dispatcher`](transport::Dispatcher)
+//! both buses run deliveries through, confirmation channels and countdowns, counters, spans) is in
+//! [`transport`].
+//!
 //! # Guarantees, stated plainly
 //! Delivery is **at least once** per consumer group: handlers may see an event more than once and must be
 //! idempotent, or use the inbox, which makes database effects exactly-once. Events with the same partition key

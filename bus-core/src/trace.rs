@@ -18,7 +18,7 @@ use crate::error::BusError;
 use crate::limits::{MAX_TRACE_LEN, check_text};
 
 /// The W3C trace context carried with an event (`traceparent`, `tracestate`), checked when made: each at most
-/// [`MAX_TRACE_LEN`](crate::MAX_TRACE_LEN) bytes without control characters. The `traceparent` is kept as given
+/// [`MAX_TRACE_LEN`] bytes without control characters. The `traceparent` is kept as given
 /// (a foreign one that does not parse simply starts a new trace where a span is opened from it).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TraceContext {

@@ -10,14 +10,13 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use bus_core::transport::{Dispatcher, Verdict};
-use bus_core::{BusError, DeadLetterCause, GroupName};
-use futures::FutureExt;
+use bus_core::BusError;
+use bus_core::GroupName;
+use bus_core::transport::Dispatcher;
 use futures::StreamExt;
 use futures::future::Shared;
-use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
 use lapin::{Channel, options::ConfirmSelectOptions};
 use tokio::sync::{Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -27,7 +26,9 @@ use crate::config::RabbitConfig;
 use crate::link::{Link, Session};
 use crate::stats::Stats;
 use crate::topology;
-use crate::wire::{self, Poison};
+mod key_order;
+mod partitions;
+mod settlement;
 
 pub(crate) struct Instance {
     pub(crate) config: Arc<RabbitConfig>,
@@ -121,7 +122,7 @@ impl Instance {
                 self.consume_queue(session, &queue, FieldTable::default(), &side, &permits, stop, Handover::Cancel)
                     .await
             }
-            Some(partitions) => crate::partitions::run(self, session, &side, &permits, stop, partitions).await,
+            Some(partitions) => partitions::run(self, session, &side, &permits, stop, partitions).await,
         };
         let _ = side.close(200, "OK".into()).await;
         outcome
@@ -206,130 +207,6 @@ impl Instance {
         let _ = channel.close(200, "OK".into()).await;
         outcome
     }
-
-    fn dispatch(self: &Arc<Self>, delivery: Delivery, lane: &Arc<Lane>, tasks: &TaskTracker) {
-        let decoded = wire::envelope(&delivery.properties, &delivery.data, self.config.max_payload_bytes);
-        // Register in the key's line now, in arrival order; wait for the predecessor inside the task.
-        let (done, predecessor, key) = match decoded.as_ref().ok().and_then(|e| e.partition_key()) {
-            Some(key) => {
-                let (done, finished) = oneshot::channel::<bool>();
-                let finished = finished.shared();
-                let previous =
-                    lane.tails.lock().unwrap_or_else(|p| p.into_inner()).insert(key.to_owned(), finished.clone());
-                (Some((done, finished)), previous, Some(key.to_owned()))
-            }
-            None => (None, None, None),
-        };
-        let (this, lane) = (self.clone(), lane.clone());
-        tasks.spawn(async move {
-            let predecessor_settled = match predecessor {
-                Some(previous) => previous.await.unwrap_or(false),
-                None => true,
-            };
-            // A delivery whose predecessor was not settled stays unacknowledged too: both go back to the queue, in
-            // order, when the channel closes (the consumer is stopping or restarting).
-            let settled = predecessor_settled && {
-                let permit = lane.permits.clone().acquire_owned().await;
-                // A broken lane's deliveries go back to the queue: never start one.
-                let settled = !lane.broken.is_cancelled() && this.handle(delivery, decoded, &lane).await;
-                drop(permit);
-                settled
-            };
-            if let (Some((done, finished)), Some(key)) = (done, key) {
-                let _ = done.send(settled);
-                let mut tails = lane.tails.lock().unwrap_or_else(|p| p.into_inner());
-                if tails.get(&key).is_some_and(|tail| tail.ptr_eq(&finished)) {
-                    tails.remove(&key);
-                }
-            }
-        });
-    }
-
-    /// Handles one delivery and settles it: acknowledged after the handler succeeded, or after it was
-    /// confirmed in the retry or dead-letter queue. `false` if it was left unacknowledged (the lane is stopping,
-    /// or broken because the retry/dead-letter publish failed).
-    async fn handle(&self, delivery: Delivery, decoded: Result<bus_core::Envelope, Poison>, lane: &Lane) -> bool {
-        let mut attempt = wire::attempt(&delivery.properties);
-        let envelope = match decoded {
-            Ok(envelope) => Arc::new(envelope),
-            Err(Poison(reason)) => {
-                tracing::warn!(group = %self.group, %reason, "undecodable message dead-lettered");
-                return self.dead_letter(&delivery, lane, attempt, &reason, DeadLetterCause::Permanent).await;
-            }
-        };
-        loop {
-            let (next_attempt, delay, error) = match self.dispatcher.dispatch(&envelope, attempt).await {
-                Verdict::Handled => {
-                    self.stats.count_handled();
-                    ack(&delivery, lane).await;
-                    return true;
-                }
-                Verdict::DeadLetter(error) => {
-                    tracing::warn!(group = %self.group, event_id = %envelope.id(), attempt, %error, "event dead-lettered");
-                    return self
-                        .dead_letter(&delivery, lane, attempt, &error.to_string(), DeadLetterCause::of(&error))
-                        .await;
-                }
-                Verdict::Retry { next_attempt, delay, error } => (next_attempt, delay, error),
-            };
-            if self.partitions.is_some() {
-                // Partitioned: retry in place, so that the later events of its key wait for it.
-                self.stats.count_retried();
-                tracing::debug!(group = %self.group, event_id = %envelope.id(), attempt, ?delay, %error, "handling failed; retrying in place");
-                tokio::select! {
-                    // Handed over or stopping: the next owner gets it (and its key's later events) back in order.
-                    () = lane.stop.cancelled() => return false,
-                    () = lane.broken.cancelled() => return false,
-                    () = tokio::time::sleep(delay) => {}
-                }
-                attempt = next_attempt;
-                continue;
-            }
-            let properties = wire::with_headers(
-                &delivery.properties,
-                &[
-                    (wire::H_ATTEMPT, AMQPValue::LongLongInt(i64::from(next_attempt))),
-                    (wire::H_LAST_ERROR, wire::text_header(&error.to_string())),
-                    (wire::H_FAILED_AT, wire::now_header()),
-                ],
-            )
-            .with_expiration(delay.as_millis().max(1).to_string().into());
-            tracing::debug!(group = %self.group, event_id = %envelope.id(), attempt, ?delay, %error, "handling failed; retrying later");
-            if !confirmed_publish(&lane.side, &topology::retry_queue(&self.group), &delivery.data, properties).await {
-                lane.broken.cancel();
-                return false;
-            }
-            self.stats.count_retried();
-            ack(&delivery, lane).await;
-            return true;
-        }
-    }
-
-    async fn dead_letter(
-        &self,
-        delivery: &Delivery,
-        lane: &Lane,
-        attempt: u32,
-        reason: &str,
-        cause: DeadLetterCause,
-    ) -> bool {
-        let properties = wire::with_headers(
-            &delivery.properties,
-            &[
-                (wire::H_ATTEMPT, AMQPValue::LongLongInt(i64::from(attempt))),
-                (wire::H_LAST_ERROR, wire::text_header(reason)),
-                (wire::H_FAILED_AT, wire::now_header()),
-                (wire::H_FIRST_FAILURE, wire::text_header(cause.as_str())),
-            ],
-        );
-        if !confirmed_publish(&lane.side, &topology::dead_letter_queue(&self.group), &delivery.data, properties).await {
-            lane.broken.cancel();
-            return false;
-        }
-        self.stats.count_dead_lettered();
-        ack(delivery, lane).await;
-        true
-    }
 }
 
 /// What the deliveries of one queue consumption share.
@@ -345,67 +222,3 @@ struct Lane {
     /// A delivery could not be settled: the consumption restarts, so that its channel returns it in order.
     broken: CancellationToken,
 }
-
-/// Publishes to a queue through the default exchange and waits for the broker's confirm.
-pub(crate) async fn confirmed_publish(
-    channel: &Channel,
-    queue: &str,
-    body: &[u8],
-    properties: lapin::BasicProperties,
-) -> bool {
-    confirmed_publish_to(channel, "", queue, body, properties).await
-}
-
-/// Publishes `mandatory` to `exchange` with `routing_key` and waits for the broker's confirm: `true` only if a
-/// queue took the message.
-pub(crate) async fn confirmed_publish_to(
-    channel: &Channel,
-    exchange: &str,
-    routing_key: &str,
-    body: &[u8],
-    properties: lapin::BasicProperties,
-) -> bool {
-    let queue = routing_key;
-    let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
-    let published = async {
-        match channel.basic_publish(exchange.into(), routing_key.into(), options, body, properties).await {
-            Ok(confirm) => match confirm.await {
-                Ok(lapin::Confirmation::Ack(None)) => true,
-                Ok(other) => {
-                    tracing::warn!(queue, confirmation = ?other.is_ack(), "broker did not take the message");
-                    false
-                }
-                Err(error) => {
-                    tracing::warn!(queue, %error, "publish confirm failed");
-                    false
-                }
-            },
-            Err(error) => {
-                tracing::warn!(queue, %error, "publish failed");
-                false
-            }
-        }
-    };
-    // A dead connection may leave the confirm unanswered forever: bound it.
-    tokio::time::timeout(SIDE_PUBLISH_TIMEOUT, published).await.unwrap_or_else(|_| {
-        tracing::warn!(queue, "no confirm within {SIDE_PUBLISH_TIMEOUT:?}");
-        false
-    })
-}
-
-/// How long a retry or dead-letter publish may wait for its confirm.
-const SIDE_PUBLISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Acknowledges `delivery`. If that fails the channel is dead: the broker redelivers the delivery (the inbox
-/// drops the duplicate) and everything else this channel took, so the lane is marked broken at once.
-async fn ack(delivery: &Delivery, lane: &Lane) {
-    // On a connection that died without a clean close the ack may never complete: bound it.
-    let acked = tokio::time::timeout(ACK_TIMEOUT, delivery.ack(BasicAckOptions::default())).await;
-    if !matches!(acked, Ok(Ok(_))) {
-        tracing::debug!(?acked, "ack failed; the message will be redelivered");
-        lane.broken.cancel();
-    }
-}
-
-/// How long an acknowledgement may take before the channel is taken for dead.
-const ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);

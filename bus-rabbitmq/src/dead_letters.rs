@@ -13,8 +13,8 @@ use lapin::options::{BasicAckOptions, BasicGetOptions, ConfirmSelectOptions};
 use lapin::types::AMQPValue;
 use uuid::Uuid;
 
-use crate::consumer::confirmed_publish_to;
 use crate::link::{Session, transport};
+use crate::side_publish::confirmed_publish_to;
 use crate::topology;
 use crate::wire;
 

@@ -43,7 +43,7 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
         sql: &Sql,
         envelopes: &[Envelope],
         not_before: Option<DateTime<Utc>>,
-        wake: Option<&std::sync::Arc<crate::wakeup::Wakeup>>,
+        wake: Option<&WakeLocal>,
     ) -> Result<(), OutboxError>;
 
     /// Inserts the inbox row; `true` if it is new (the handler must run), `false` for a duplicate.
@@ -174,6 +174,10 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
         stop: tokio_util::sync::CancellationToken,
     );
 }
+
+/// Wakes the relays of this process (the outbox's wake-up, without keeping it alive).
+#[doc(hidden)]
+pub type WakeLocal = std::sync::Arc<dyn Fn() + Send + Sync>;
 
 /// A relay's proof of liveness: while it is held, other relays leave the relay's leased rows alone until their
 /// lease ends; once it is gone (process killed, connection lost), they take the rows over at once.

@@ -3,15 +3,14 @@
 use std::fmt;
 use std::sync::Arc;
 
-use bus_core::{Envelope, EnvelopeBuilder, EventBus, EventTypeName, GroupName, IntegrationEvent};
+use bus_core::{Envelope, EnvelopeBuilder, EventTypeName, GroupName, IntegrationEvent};
 use chrono::{DateTime, Utc};
 use sqlx::{Pool, Transaction};
 use uuid::Uuid;
 
-use crate::backend::Backend;
-use crate::config::{OutboxConfig, RelayConfig};
+use crate::backend::{Backend, WakeLocal};
+use crate::config::OutboxConfig;
 use crate::error::OutboxError;
-use crate::relay::Relay;
 use crate::row::{FailedEvent, OutboxRow, OutboxStatus};
 use crate::sql::{Dialect, Sql};
 use crate::wakeup::Wakeup;
@@ -123,8 +122,8 @@ impl<DB: Backend> Outbox<DB> {
         not_before: Option<DateTime<Utc>>,
     ) -> Result<Uuid, OutboxError> {
         let envelope = self.envelope(builder)?;
-        let wake = Some(&self.inner.wakeup);
-        DB::insert_outbox(conn, &self.inner.sql, std::slice::from_ref(&envelope), not_before, wake).await?;
+        let wake = self.wake_local();
+        DB::insert_outbox(conn, &self.inner.sql, std::slice::from_ref(&envelope), not_before, Some(&wake)).await?;
         Ok(envelope.id())
     }
 
@@ -139,7 +138,7 @@ impl<DB: Backend> Outbox<DB> {
         for envelope in envelopes {
             envelope.check_payload_limit(limit)?;
         }
-        DB::insert_outbox(conn, &self.inner.sql, envelopes, None, Some(&self.inner.wakeup)).await
+        DB::insert_outbox(conn, &self.inner.sql, envelopes, None, Some(&self.wake_local())).await
     }
 
     /// The envelope `builder` describes, with this outbox's source and payload limit, and its producer span (a
@@ -183,12 +182,14 @@ impl<DB: Backend> Outbox<DB> {
         Ok(OutboxTransaction { tx: self.inner.pool.begin().await?, outbox: self.clone(), enqueued: 0 })
     }
 
-    /// A relay that publishes this outbox's events to `bus`. Start it with [`Relay::spawn`].
-    ///
-    /// # Errors
-    /// [`OutboxError::InvalidConfig`] naming the invalid relay setting.
-    pub fn relay(&self, bus: Arc<dyn EventBus>, config: RelayConfig) -> Result<Relay<DB>, OutboxError> {
-        Relay::new(self.clone(), bus, config)
+    /// What wakes this process's relays, for a commit the database tells us of (it does not keep them alive).
+    fn wake_local(&self) -> WakeLocal {
+        let wakeup = Arc::downgrade(&self.inner.wakeup);
+        Arc::new(move || {
+            if let Some(wakeup) = wakeup.upgrade() {
+                wakeup.wake_local();
+            }
+        })
     }
 
     /// Counts of pending, in-flight, failed and retained rows, and the oldest pending age.

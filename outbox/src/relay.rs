@@ -35,10 +35,13 @@
 //! - **Prompt.** It wakes when a producer in this process commits, on a PostgreSQL NOTIFY from other processes
 //!   (its own process's NOTIFYs are ignored), and polls as a fallback; it keeps claiming while there is a backlog.
 
+mod claim;
 mod cleanup;
+mod handle;
 mod liveness;
 mod pipeline;
 mod stats;
+mod write_back;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,9 +56,12 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use self::pipeline::{Outcomes, Pipeline, Ready, RowMeta, Verdict};
+use self::claim::{ClaimFuture, spawn_claim};
+pub use self::handle::RelayHandle;
+use self::pipeline::{Pipeline, Ready, RowMeta, Verdict};
 use self::stats::Counters;
 pub use self::stats::{RelayMonitor, RelayStats};
+use self::write_back::Written;
 use crate::backend::{Backend, Owner};
 use crate::config::RelayConfig;
 use crate::error::OutboxError;
@@ -73,9 +79,6 @@ const TRANSPORT_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Dur
 
 /// Backoff after a failed claim (database trouble).
 const CLAIM_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(10));
-
-/// Writing a batch's outcome is tried this many times (a database blip must not leave rows to the lease).
-const WRITE_TRIES: u32 = 4;
 
 /// Publishes an outbox's rows to a bus. Build it with [`Outbox::relay`], start it with [`spawn`](Self::spawn).
 pub struct Relay<DB: Backend> {
@@ -99,6 +102,13 @@ enum Event {
     Timer,
 }
 
+async fn pending_or<T>(future: Option<&mut BoxFuture<'_, T>>) -> T {
+    match future {
+        Some(future) => future.await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Aborts a helper task when the relay's own task ends, however it ends (a killed relay leaves nothing behind).
 struct AbortOnDrop<T>(JoinHandle<T>);
 
@@ -108,36 +118,14 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-async fn pending_or<T>(future: Option<&mut BoxFuture<'_, T>>) -> T {
-    match future {
-        Some(future) => future.await,
-        None => std::future::pending().await,
+impl<DB: Backend> Outbox<DB> {
+    /// A relay that publishes this outbox's events to `bus`. Start it with [`Relay::spawn`].
+    ///
+    /// # Errors
+    /// [`OutboxError::InvalidConfig`] naming the invalid relay setting.
+    pub fn relay(&self, bus: Arc<dyn EventBus>, config: RelayConfig) -> Result<Relay<DB>, OutboxError> {
+        Relay::new(self.clone(), bus, config)
     }
-}
-
-/// A claim running in its task.
-type ClaimFuture = BoxFuture<'static, Result<Vec<OutboxRow>, OutboxError>>;
-
-/// Runs a claim in a task of its own, so that it always runs to its end even while the engine awaits something
-/// else: a claim's statement that nobody reads would hold SQLite's write lock (and PostgreSQL's row locks).
-fn spawn_claim<DB: Backend>(
-    outbox: &Outbox<DB>,
-    owner: Owner,
-    held: Vec<i64>,
-    batch: usize,
-    bytes: usize,
-    lease: Duration,
-) -> ClaimFuture {
-    let (pool, sql) = (outbox.pool().clone(), outbox.sql_arc());
-    let task =
-        AbortOnDrop(tokio::spawn(async move { DB::claim(&pool, &sql, &owner, &held, batch, bytes, lease).await }));
-    Box::pin(async move {
-        let mut task = task;
-        match (&mut task.0).await {
-            Ok(claimed) => claimed,
-            Err(_) => Err(OutboxError::Database(sqlx::Error::WorkerCrashed)),
-        }
-    })
 }
 
 impl<DB: Backend> Relay<DB> {
@@ -422,71 +410,6 @@ impl<DB: Backend> Relay<DB> {
         }
     }
 
-    /// Writes outcomes back in a task of its own (fenced by owner; failures before releases, so that a failed
-    /// row blocks its key before the key's later rows are free).
-    fn spawn_write(&self, owner: Owner, id: u64, outcomes: Outcomes) -> BoxFuture<'static, Written> {
-        let (pool, sql, relay) = (self.outbox.pool().clone(), self.outbox.sql_arc(), self.id);
-        // If the task dies, its rows are still no longer held: they go to the lease.
-        let kept = outcomes.clone();
-        let task = AbortOnDrop(tokio::spawn(async move {
-            let (pool, sql) = (&pool, &*sql);
-            let mut written = Written { id, marked: 0, gave_up: 0, ok: true, outcomes: Outcomes::default() };
-            for failure in &outcomes.failures {
-                let done = retrying("record failure", || {
-                    DB::record_failure(
-                        pool,
-                        sql,
-                        &owner,
-                        failure.seq,
-                        &failure.reason,
-                        failure.give_up,
-                        failure.retry_in,
-                    )
-                })
-                .await;
-                match done {
-                    Some(true) if failure.give_up => written.gave_up += 1,
-                    Some(_) => {}
-                    None => written.ok = false,
-                }
-            }
-            if !outcomes.released.is_empty()
-                && retrying("release", || DB::release(pool, sql, &owner, &outcomes.released)).await.is_none()
-            {
-                written.ok = false;
-            }
-            if !outcomes.published.is_empty() {
-                #[cfg(feature = "failpoints")]
-                crate::failpoint::crash_point("relay-after-confirm");
-                let seqs = &outcomes.published;
-                match retrying("mark published", || DB::mark_published(pool, sql, &owner, seqs)).await {
-                    Some(marked) => {
-                        written.marked = marked;
-                        if marked < seqs.len() as u64 {
-                            tracing::warn!(
-                                %relay, marked, confirmed = seqs.len(),
-                                "some confirmed events were no longer this relay's (taken over after a lost lease \
-                                 or liveness proof): the other relay publishes them again; consumers' inboxes drop \
-                                 the duplicates"
-                            );
-                        }
-                    }
-                    None => written.ok = false,
-                }
-            }
-            written.outcomes = outcomes;
-            written
-        }));
-        Box::pin(async move {
-            let mut task = task;
-            match (&mut task.0).await {
-                Ok(written) => written,
-                // The write task panicked: its rows stay leased and go to another relay when the lease ends.
-                Err(_) => Written { id, marked: 0, gave_up: 0, ok: false, outcomes: kept },
-            }
-        })
-    }
-
     /// Renews the lease of every row the relay holds (and points them at its current liveness key). The engine
     /// does this between its other steps, so a relay that stopped making progress stops renewing.
     ///
@@ -508,83 +431,5 @@ impl<DB: Backend> Relay<DB> {
             }
             Err(error) => tracing::warn!(relay = %self.id, %error, "lease renewal failed"),
         }
-    }
-}
-
-/// A finished write-back.
-struct Written {
-    id: u64,
-    marked: u64,
-    gave_up: u64,
-    /// Every statement succeeded.
-    ok: bool,
-    outcomes: Outcomes,
-}
-
-/// Runs a write up to [`WRITE_TRIES`] times with a short backoff. `None` when every try failed: the rows then
-/// stay leased and go to another relay when the lease ends (published twice at worst, never lost).
-async fn retrying<T, F, Fut>(what: &str, mut write: F) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, OutboxError>>,
-{
-    let mut pause = Duration::from_millis(100);
-    for attempt in 1..=WRITE_TRIES {
-        match write().await {
-            Ok(done) => return Some(done),
-            Err(error) if attempt < WRITE_TRIES => {
-                tracing::warn!(%error, attempt, "relay could not {what}; trying again");
-                tokio::time::sleep(pause).await;
-                pause *= 3;
-            }
-            Err(error) => {
-                tracing::error!(%error, "relay could not {what}; its rows go to another relay when the lease ends")
-            }
-        }
-    }
-    None
-}
-
-/// A running relay.
-pub struct RelayHandle {
-    stop: CancellationToken,
-    join: JoinHandle<()>,
-    stats: Arc<Counters>,
-    listening: tokio::sync::watch::Receiver<bool>,
-}
-
-impl RelayHandle {
-    /// Resolves once the relay listens for wake-ups from other processes (PostgreSQL `LISTEN` connected; at
-    /// once on SQLite). Until then it finds new events by polling only.
-    pub async fn listening(&self) {
-        let mut listening = self.listening.clone();
-        let _ = listening.wait_for(|l| *l).await;
-    }
-
-    /// The relay's counters.
-    pub fn stats(&self) -> RelayStats {
-        self.stats.snapshot()
-    }
-
-    /// A cloneable view of the relay's counters that outlives this handle (for metrics).
-    pub fn monitor(&self) -> RelayMonitor {
-        RelayMonitor { stats: self.stats.clone() }
-    }
-
-    /// Stops gracefully: the batches in hand are published and marked, the relay gives up its liveness proof
-    /// (its remaining rows are free at once), then it returns.
-    pub async fn shutdown(self) {
-        self.stop.cancel();
-        if let Err(error) = self.join.await {
-            tracing::error!(%error, "relay task ended abnormally");
-        }
-    }
-
-    /// Kills the relay where it stands, as a crash would: its liveness proof goes with it (PostgreSQL: the lock
-    /// connection is dropped; SQLite: the file lock is released), so other relays take its rows over. For
-    /// fault-injection tests.
-    pub async fn kill(self) {
-        self.join.abort();
-        let _ = self.join.await;
     }
 }

@@ -89,7 +89,7 @@ impl Backend for Postgres {
         sql: &Sql,
         envelopes: &[Envelope],
         not_before: Option<chrono::DateTime<chrono::Utc>>,
-        wake: Option<&Arc<crate::wakeup::Wakeup>>,
+        wake: Option<&super::WakeLocal>,
     ) -> Result<(), OutboxError> {
         if !sqlx::Connection::is_in_transaction(conn) {
             // Outside a transaction: one of our own, so that the rows and the NOTIFY are all there or none (a

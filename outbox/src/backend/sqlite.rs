@@ -195,7 +195,7 @@ impl Backend for Sqlite {
         sql: &Sql,
         envelopes: &[Envelope],
         not_before: Option<chrono::DateTime<chrono::Utc>>,
-        wake: Option<&Arc<crate::wakeup::Wakeup>>,
+        wake: Option<&super::WakeLocal>,
     ) -> Result<(), OutboxError> {
         if !sqlx::Connection::is_in_transaction(conn) {
             // Outside a transaction: one of our own, so that the rows are all there or none (a caller that
@@ -203,21 +203,19 @@ impl Backend for Sqlite {
             let mut tx = sqlx::Connection::begin(&mut *conn).await?;
             Self::insert_outbox(&mut tx, sql, envelopes, not_before, None).await?;
             tx.commit().await?;
-            if let Some(wakeup) = wake {
-                wakeup.wake_local();
+            if let Some(wake) = wake {
+                wake();
             }
             return Ok(());
         }
         if let Some(wakeup) = wake {
             // The caller commits: wake at its commit. (A connection has one commit hook: this replaces any the
             // application set on it.)
-            let wakeup = Arc::downgrade(wakeup);
+            let wakeup = wakeup.clone();
             let mut armed = true;
             conn.lock_handle().await?.set_commit_hook(move || {
-                if std::mem::take(&mut armed)
-                    && let Some(wakeup) = wakeup.upgrade()
-                {
-                    wakeup.wake_local();
+                if std::mem::take(&mut armed) {
+                    wakeup();
                 }
                 true
             });

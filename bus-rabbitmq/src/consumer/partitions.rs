@@ -18,7 +18,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::consumer::{Handover, Instance};
+use super::{Handover, Instance};
 use crate::link::Session;
 use crate::membership::Membership;
 use crate::topology;

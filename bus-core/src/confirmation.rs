@@ -41,14 +41,21 @@ impl Confirmation {
     }
 
     /// A confirmation answered by `future`, run as a task of its own on the current tokio runtime (so it goes
-    /// on whether or not the confirmation is awaited): for buses that wrap another bus, test doubles.
+    /// on whether or not the confirmation is awaited, until the confirmation is dropped): for buses that wrap
+    /// another bus, test doubles.
     ///
     /// # Panics
     /// Outside a tokio runtime.
     pub fn from_future(future: impl Future<Output = Result<(), BusError>> + Send + 'static) -> Self {
-        let (answer, confirmation) = channel();
+        let (mut answer, confirmation) = channel();
         tokio::spawn(async move {
-            let _ = answer.send(future.await);
+            tokio::select! {
+                result = future => {
+                    let _ = answer.send(result);
+                }
+                // Nobody waits for the answer any more (the confirmation was dropped): stop.
+                () = answer.closed() => {}
+            }
         });
         confirmation
     }

@@ -199,7 +199,8 @@ impl SubscriptionHandle {
     }
 
     /// This instance's live counters, for a metrics collector that reads them ([`DeliveryCounters::stats`])
-    /// for as long as it likes: they outlive the handle.
+    /// for as long as it likes: they outlive the handle (the `outbox` crate's `ServiceMetrics` does).
+    #[doc(hidden)]
     pub fn counters(&self) -> Arc<DeliveryCounters> {
         self.counters.clone()
     }

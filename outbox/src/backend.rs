@@ -32,11 +32,12 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     #[doc(hidden)]
     async fn migrate(pool: &Pool<Self>, sql: &Sql) -> Result<(), OutboxError>;
 
-    /// Inserts `envelopes`, to be published from `not_before` on (none: at once); outside a transaction, in one
-    /// of its own (all rows or none). With `wake`, the commit wakes the relays: PostgreSQL: a `NOTIFY` after the
-    /// insert, which PostgreSQL delivers at commit (to this process's relays as well, through their `LISTEN`);
-    /// SQLite: in the caller's transaction, a one-shot commit hook on the connection that wakes this process's
-    /// relays (a rollback leaves it armed: a later commit wakes them for nothing); in its own, a wake-up after it.
+    /// Inserts `envelopes`, to be published from `not_before` on (none: at once), in one statement (SQLite: one
+    /// per 2,000 rows), so all rows or none, in or outside a transaction; it never opens one. With `wake`, the
+    /// commit wakes the relays: PostgreSQL: a `NOTIFY` in the same statement, which PostgreSQL delivers at commit
+    /// (to this process's relays as well, through their `LISTEN`); SQLite: a one-shot commit hook on the
+    /// connection that wakes this process's relays (a rollback leaves it armed: a later commit wakes them for
+    /// nothing).
     #[doc(hidden)]
     async fn insert_outbox(
         conn: &mut Self::Connection,

@@ -90,8 +90,10 @@ impl<DB: Backend> Outbox<DB> {
     }
 
     /// Writes `event` to the outbox through `conn` (pass `&mut *tx` for a transaction of your own); its commit
-    /// wakes the relays. On a connection outside a transaction the write is a transaction of its own, so an
-    /// error means nothing was written. Returns the event id.
+    /// wakes the relays. Outside a transaction the event commits by itself (an error before the commit means
+    /// nothing was written; a lost reply to it leaves that unknown: to retry safely, give the event an id of
+    /// your own with [`enqueue_with`](Self::enqueue_with) and [`EnvelopeBuilder::id`], and consumers' inboxes
+    /// drop the duplicate). Returns the event id.
     ///
     /// # Errors
     /// [`bus_core::BusError::PayloadTooLarge`] (naming the type and size) or another envelope error, before
@@ -128,7 +130,8 @@ impl<DB: Backend> Outbox<DB> {
     }
 
     /// Writes ready-made envelopes, in order, through `conn`; its commit wakes the relays. Each is checked
-    /// against the payload limit first.
+    /// against the payload limit first. They are written in one statement (SQLite: one per 2,000), so outside a
+    /// transaction too they are all written or none.
     pub async fn enqueue_envelopes(
         &self,
         conn: &mut DB::Connection,

@@ -77,7 +77,18 @@ pub struct Sql {
     pub channel: String,
     pub prefix: String,
     pub schema: Option<String>,
+    /// One row (PostgreSQL: `$1`..`$12`; SQLite: `?1`..`?12`).
     pub insert_outbox: String,
+    /// PostgreSQL: one statement for any number of rows (arrays `$1`..`$11`, `$12` the due time), so that they
+    /// are all written or none, in or outside a transaction. SQLite: the statement's head, followed by one
+    /// [`insert_outbox_values`](Self::insert_outbox_values) per row.
+    pub insert_outbox_rows: String,
+    /// SQLite: one row's values in [`insert_outbox_rows`](Self::insert_outbox_rows) (anonymous parameters).
+    pub insert_outbox_values: String,
+    /// PostgreSQL: [`insert_outbox`](Self::insert_outbox) and [`insert_outbox_rows`](Self::insert_outbox_rows)
+    /// with a `NOTIFY` on channel `$13` in the same statement.
+    pub insert_outbox_waking: String,
+    pub insert_outbox_rows_waking: String,
     pub insert_inbox: String,
     /// The relays' liveness table (SQLite; PostgreSQL uses session advisory locks instead).
     pub relays: String,
@@ -92,6 +103,8 @@ pub struct Sql {
     pub register_relay: String,
     pub refresh_relay: String,
     pub registered_relays: String,
+    /// SQLite: deletes one registration as it was read (`id`, `heartbeat_at`): never a newer one.
+    pub forget_registration: String,
     pub forget_relay: String,
     pub status: String,
     pub failed: String,
@@ -124,13 +137,25 @@ impl Sql {
         let origin = uuid::Uuid::new_v4().simple().to_string();
         let t = &outbox;
         let (scheduled_pg, scheduled_sqlite) = (scheduled("now()"), scheduled(NOW));
-        match dialect {
+        let mut sql = match dialect {
             Dialect::Postgres => Self {
                 insert_outbox: format!(
                     "INSERT INTO {t} (event_id, event_type, version, occurred_at, correlation_id, causation_id, \
                      partition_key, source, traceparent, tracestate, payload, next_attempt_at) \
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, coalesce($12, now()))"
                 ),
+                insert_outbox_rows: format!(
+                    "INSERT INTO {t} (event_id, event_type, version, occurred_at, correlation_id, causation_id, \
+                     partition_key, source, traceparent, tracestate, payload, next_attempt_at) \
+                     SELECT e, ty, v, o, c, ca, k, s, tp, ts, p, coalesce($12, now()) \
+                     FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::timestamptz[], $5::text[], $6::uuid[], \
+                       $7::text[], $8::text[], $9::text[], $10::text[], $11::bytea[]) \
+                       WITH ORDINALITY AS u(e, ty, v, o, c, ca, k, s, tp, ts, p, ord) \
+                     ORDER BY ord"
+                ),
+                insert_outbox_values: String::new(),
+                insert_outbox_waking: String::new(),
+                insert_outbox_rows_waking: String::new(),
                 insert_inbox: format!("INSERT INTO {inbox} (event_id, handler) VALUES ($1, $2) ON CONFLICT DO NOTHING"),
                 claim: {
                     // $1 rows, $2 relay id, $3 lease ms, $4 the relay's lock key, $5 byte budget, $6 lock namespace,
@@ -194,6 +219,7 @@ impl Sql {
                 register_relay: String::new(),
                 refresh_relay: String::new(),
                 registered_relays: String::new(),
+                forget_registration: String::new(),
                 forget_relay: String::new(),
                 status: format!(
                     "SELECT count(*) FILTER (WHERE status = {PENDING}), \
@@ -240,6 +266,13 @@ impl Sql {
                      partition_key, source, traceparent, tracestate, payload, next_attempt_at, created_at) \
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, coalesce(?12, {NOW}), {NOW})"
                 ),
+                insert_outbox_rows: format!(
+                    "INSERT INTO {t} (event_id, event_type, version, occurred_at, correlation_id, causation_id, \
+                     partition_key, source, traceparent, tracestate, payload, next_attempt_at, created_at) VALUES "
+                ),
+                insert_outbox_values: format!("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, coalesce(?, {NOW}), {NOW})"),
+                insert_outbox_waking: String::new(),
+                insert_outbox_rows_waking: String::new(),
                 insert_inbox: format!(
                     "INSERT INTO {inbox} (event_id, handler, handled_at) VALUES (?1, ?2, {NOW}) ON CONFLICT DO NOTHING"
                 ),
@@ -308,8 +341,10 @@ impl Sql {
                 ),
                 refresh_relay: format!("UPDATE {relays} SET heartbeat_at = {NOW} WHERE id = ?1"),
                 registered_relays: format!(
-                    "SELECT id, heartbeat_at < {NOW} - {SQLITE_UNSEEN_RELAY_FORGOTTEN_AFTER_MS} FROM {relays}"
+                    "SELECT id, heartbeat_at, heartbeat_at < {NOW} - {SQLITE_UNSEEN_RELAY_FORGOTTEN_AFTER_MS} \
+                     FROM {relays}"
                 ),
+                forget_registration: format!("DELETE FROM {relays} WHERE id = ?1 AND heartbeat_at = ?2"),
                 forget_relay: format!("DELETE FROM {relays} WHERE id = ?1"),
                 status: format!(
                     "SELECT coalesce(sum(status = {PENDING}), 0), \
@@ -349,7 +384,15 @@ impl Sql {
                 prefix,
                 schema: config.schema.clone(),
             },
+        };
+        if dialect == Dialect::Postgres {
+            let waking = |insert: &str| {
+                format!("WITH inserted AS ({insert} RETURNING 1) SELECT pg_notify($13, '') FROM inserted LIMIT 1")
+            };
+            sql.insert_outbox_waking = waking(&sql.insert_outbox);
+            sql.insert_outbox_rows_waking = waking(&sql.insert_outbox_rows);
         }
+        sql
     }
 
     /// A quoted index name in the tables' schema.

@@ -1,9 +1,12 @@
 //! Waking relays after a commit: directly for relays in this process, by a coalesced `NOTIFY` for the others.
 //!
-//! The NOTIFY is never sent inside the business transaction: PostgreSQL holds a global lock from NOTIFY to the
-//! end of the commit, which serializes committing transactions (−45 % commits/s at 8 writers, measured). It is
-//! sent after the commit by one background task, at most once per `notify_interval`: commits in between share
-//! the next NOTIFY, so a burst of commits costs a handful of them.
+//! For the outbox's own transactions ([`Outbox::begin`](crate::Outbox::begin)) the NOTIFY is not sent inside the
+//! business transaction: PostgreSQL holds a global lock from NOTIFY to the end of the commit, which serializes
+//! committing transactions (−45 % commits/s at 8 writers, measured). It is sent after the commit by one
+//! background task, at most once per `notify_interval`: commits in between share the next NOTIFY, so a burst of
+//! commits costs a handful of them. [`Outbox::enqueue`](crate::Outbox::enqueue) on a connection or transaction
+//! of the caller's own cannot know when that commits, so its NOTIFY goes in the insert statement and pays that
+//! cost: prefer `Outbox::begin` where many writers commit at once.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};

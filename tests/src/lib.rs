@@ -241,6 +241,8 @@ pub trait TestDb: Backend + Sized {
     async fn second_pool(fixture: &Fixture<Self>) -> Pool<Self>;
     /// Runs a statement (test-written SQL, no parameters); returns the rows affected.
     async fn execute(pool: &Pool<Self>, sql: &str) -> u64;
+    /// Runs test-written SQL (no parameters) on one connection.
+    async fn execute_on(conn: &mut Self::Connection, sql: &str);
     /// The first column of every row of a query (test-written SQL), as integers.
     async fn integers(pool: &Pool<Self>, sql: &str) -> Vec<i64>;
 }
@@ -275,6 +277,10 @@ impl TestDb for Postgres {
 
     async fn second_pool(_fixture: &Fixture<Self>) -> Pool<Self> {
         connect_pg(&database_url().await).await
+    }
+
+    async fn execute_on(conn: &mut sqlx::PgConnection, sql: &str) {
+        sqlx::query(sql).execute(&mut *conn).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
     async fn execute(pool: &Pool<Self>, sql: &str) -> u64 {
@@ -334,6 +340,10 @@ impl TestDb for Sqlite {
     async fn second_pool(fixture: &Fixture<Self>) -> Pool<Self> {
         let dir = fixture._dir.as_ref().expect("sqlite fixture has a directory");
         sqlite_pool(&dir.path().join("test.db")).await
+    }
+
+    async fn execute_on(conn: &mut sqlx::SqliteConnection, sql: &str) {
+        sqlx::query(sql).execute(&mut *conn).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
     async fn execute(pool: &Pool<Self>, sql: &str) -> u64 {

@@ -33,6 +33,7 @@ on_both_databases!(
     enqueue_on_a_transaction_of_ones_own_wakes_the_relay_when_it_commits,
     enqueue_on_a_bare_connection_writes_all_the_events_or_none,
     a_handling_cut_short_by_a_timeout_counts_as_failed_and_leaves_nothing,
+    enqueue_inside_a_transaction_begun_by_hand_belongs_to_it,
 );
 
 async fn outbox<DB: TestDb>(fixture: &Fixture<DB>) -> Outbox<DB> {
@@ -799,4 +800,24 @@ async fn a_handling_cut_short_by_a_timeout_counts_as_failed_and_leaves_nothing<D
     handler.handle(delivery()).await.expect("the retry runs: nothing of the first handling stayed");
     assert_eq!(DB::effects(&fixture.pool, &fixture.effects).await, ["handled"]);
     assert_eq!((inbox.stats().handled, inbox.stats().failed), (1, 1));
+}
+
+/// A transaction begun by hand (a raw `BEGIN`, SQLite's `BEGIN IMMEDIATE`), which sqlx does not know of: the
+/// events enqueued in it belong to it (rolled back with it), and enqueueing in it works.
+async fn enqueue_inside_a_transaction_begun_by_hand_belongs_to_it<DB: TestDb>() {
+    let fixture = DB::fixture().await;
+    let outbox = outbox(&fixture).await;
+    let begin = if <DB as sqlx::Database>::NAME == "SQLite" { "BEGIN IMMEDIATE" } else { "BEGIN" };
+    let envelopes =
+        || [0, 1].map(|seq| Envelope::for_event(&Numbered { key: "k".into(), seq }).unwrap().build().unwrap());
+    let mut conn = fixture.pool.acquire().await.unwrap();
+    DB::execute_on(&mut conn, begin).await;
+    outbox.enqueue(&mut *conn, &Numbered { key: "k".into(), seq: 0 }).await.expect("enqueue in a raw transaction");
+    outbox.enqueue_envelopes(&mut *conn, &envelopes()).await.expect("several, in a raw transaction");
+    DB::execute_on(&mut conn, "ROLLBACK").await;
+    assert_eq!(outbox.status().await.unwrap().pending, 0, "the events outlived the rollback of their transaction");
+    DB::execute_on(&mut conn, begin).await;
+    outbox.enqueue_envelopes(&mut *conn, &envelopes()).await.unwrap();
+    DB::execute_on(&mut conn, "COMMIT").await;
+    assert_eq!(outbox.status().await.unwrap().pending, 2);
 }

@@ -91,16 +91,14 @@ impl Backend for Postgres {
         not_before: Option<chrono::DateTime<chrono::Utc>>,
         wake: Option<&super::WakeLocal>,
     ) -> Result<(), OutboxError> {
-        if !sqlx::Connection::is_in_transaction(conn) {
-            // Outside a transaction: one of our own, so that the rows and the NOTIFY are all there or none (a
-            // caller that retries on an error never enqueues twice).
-            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-            Self::insert_outbox(&mut tx, sql, envelopes, not_before, wake).await?;
-            tx.commit().await?;
-            return Ok(());
-        }
-        for e in envelopes {
-            sqlx::query(&sql.insert_outbox)
+        // One statement, so that the rows (and the NOTIFY) are all written or none, whether `conn` is in a
+        // transaction or not (a raw `BEGIN` of the caller's is no transaction sqlx knows of: none is opened here).
+        // The NOTIFY is delivered at commit (the caller's, or the statement's own); its empty payload, unlike the
+        // coalesced NOTIFYs (marked with `origin`), wakes this process's relays too, since nobody else knows when
+        // the caller commits.
+        let statement = match (envelopes, wake.is_some()) {
+            ([], _) => return Ok(()),
+            ([e], waking) => sqlx::query(if waking { &sql.insert_outbox_waking } else { &sql.insert_outbox })
                 .bind(e.id())
                 .bind(e.event_type().as_str())
                 .bind(i32::try_from(e.version()).unwrap_or(i32::MAX))
@@ -112,16 +110,25 @@ impl Backend for Postgres {
                 .bind(e.trace().traceparent())
                 .bind(e.trace().tracestate())
                 .bind(e.payload().as_ref())
-                .bind(not_before)
-                .execute(&mut *conn)
-                .await?;
-        }
-        if wake.is_some() {
-            // Delivered when the caller's transaction commits. An empty payload: unlike the
-            // coalesced NOTIFYs (marked with `origin`), this one wakes this process's relays too, since nobody
-            // else knows when the caller commits.
-            sqlx::query("SELECT pg_notify($1, '')").bind(&sql.channel).execute(&mut *conn).await?;
-        }
+                .bind(not_before),
+            (many, waking) => {
+                sqlx::query(if waking { &sql.insert_outbox_rows_waking } else { &sql.insert_outbox_rows })
+                    .bind(many.iter().map(Envelope::id).collect::<Vec<_>>())
+                    .bind(many.iter().map(|e| e.event_type().as_str()).collect::<Vec<_>>())
+                    .bind(many.iter().map(|e| i32::try_from(e.version()).unwrap_or(i32::MAX)).collect::<Vec<_>>())
+                    .bind(many.iter().map(Envelope::occurred_at).collect::<Vec<_>>())
+                    .bind(many.iter().map(Envelope::correlation_id).collect::<Vec<_>>())
+                    .bind(many.iter().map(Envelope::causation_id).collect::<Vec<_>>())
+                    .bind(many.iter().map(Envelope::partition_key).collect::<Vec<_>>())
+                    .bind(many.iter().map(Envelope::source).collect::<Vec<_>>())
+                    .bind(many.iter().map(|e| e.trace().traceparent()).collect::<Vec<_>>())
+                    .bind(many.iter().map(|e| e.trace().tracestate()).collect::<Vec<_>>())
+                    .bind(many.iter().map(|e| e.payload().as_ref()).collect::<Vec<&[u8]>>())
+                    .bind(not_before)
+            }
+        };
+        let statement = if wake.is_some() { statement.bind(&sql.channel) } else { statement };
+        statement.execute(&mut *conn).await?;
         Ok(())
     }
 

@@ -110,8 +110,14 @@ impl LockPlace {
                 Some(InProcess::Burying) | None => Probe::Unknown,
             };
         };
-        // Read-only is enough to lock, and works on a file another user created.
-        let file = match File::open(&path) {
+        // Read-write where we may (network file systems lock exclusively only through a writable descriptor),
+        // else read-only, which is enough for a local lock on a file another user created.
+        let opened = OpenOptions::new().read(true).write(true).open(&path);
+        let opened = match opened {
+            Err(error) if error.kind() == ErrorKind::PermissionDenied => File::open(&path),
+            other => other,
+        };
+        let file = match opened {
             Ok(file) => file,
             Err(error) if error.kind() == ErrorKind::NotFound => return Probe::Unknown,
             Err(error) => {
@@ -146,10 +152,11 @@ fn is_at(file: &File, path: &Path) -> bool {
     }
 }
 
-/// Whether `file` is still the file at `path`: without inode numbers, whether a file is there at all.
+/// Without inode numbers there is no telling: never (a probe then finds nothing to decide from, and only the
+/// lease or the minute without refresh frees a dead relay's rows).
 #[cfg(not(unix))]
-fn is_at(_file: &File, path: &Path) -> bool {
-    path.exists()
+fn is_at(_file: &File, _path: &Path) -> bool {
+    false
 }
 
 /// What a probe found.

@@ -38,9 +38,12 @@ impl Drop for SqliteProof {
 /// The statements the janitor runs, owned by its task.
 struct JanitorSql {
     registered_relays: String,
-    forget_relay: String,
+    forget_registration: String,
     refresh_relay: String,
 }
+
+/// Rows per insert statement: 12 parameters each, within SQLite's 32,766.
+const SQLITE_ROWS_PER_INSERT: usize = 2_000;
 
 /// The file SQLite opened as the main database (empty for an in-memory one): the same for every process that
 /// opens it, whatever URL, URI or relative path each was given.
@@ -98,20 +101,22 @@ async fn keep_registration(pool: SqlitePool, sql: JanitorSql, relay: Uuid, place
 
 /// Removes the registrations of the other relays found dead (their lock is free; or, for a relay whose lock file
 /// this process cannot see, no refresh for a minute): their rows are free at the next claim. A dead relay's lock
-/// stays held until its registration is deleted, so that a relay coming back under its id registers after that.
-/// `false` if `relay`'s own registration is gone.
+/// stays held until its registration is deleted, and the delete only removes the registration as it was read,
+/// so that a relay coming back under its id (a newer registration) is never the one forgotten, even by a delete
+/// that lands late (its task aborted while SQLite still runs it). `false` if `relay`'s own registration is gone.
 async fn forget_dead_relays(
     pool: &SqlitePool,
     sql: &JanitorSql,
     relay: Uuid,
     place: &LockPlace,
 ) -> Result<bool, OutboxError> {
-    let registered: Vec<(String, bool)> = sqlx::query_as(&sql.registered_relays).fetch_all(pool).await?;
+    let registered: Vec<(String, i64, bool)> = sqlx::query_as(&sql.registered_relays).fetch_all(pool).await?;
     let mut registered_self = false;
-    for (id, unseen_for_long) in registered {
+    for (id, heartbeat_at, unseen_for_long) in registered {
+        let forget = || sqlx::query(&sql.forget_registration).bind(&id).bind(heartbeat_at).execute(pool);
         let Ok(other) = Uuid::parse_str(&id) else {
             if unseen_for_long {
-                sqlx::query(&sql.forget_relay).bind(&id).execute(pool).await?;
+                forget().await?;
             }
             continue;
         };
@@ -125,8 +130,12 @@ async fn forget_dead_relays(
             Probe::Unknown if unseen_for_long => None,
             Probe::Unknown => continue,
         };
-        tracing::info!(%relay, dead = %id, "a relay is gone: its rows are free");
-        sqlx::query(&sql.forget_relay).bind(&id).execute(pool).await?;
+        // A relay registers only once it holds its lock, so while `dead` holds it the registration read is the
+        // current one (or gone): either way the file can go. Without the lock (an unseen relay), a newer
+        // registration survives the delete.
+        if forget().await?.rows_affected() > 0 {
+            tracing::info!(%relay, dead = %id, "a relay is gone: its rows are free");
+        }
         if let Some(dead) = dead {
             dead.bury();
         }
@@ -197,45 +206,51 @@ impl Backend for Sqlite {
         not_before: Option<chrono::DateTime<chrono::Utc>>,
         wake: Option<&super::WakeLocal>,
     ) -> Result<(), OutboxError> {
-        if !sqlx::Connection::is_in_transaction(conn) {
-            // Outside a transaction: one of our own, so that the rows are all there or none (a caller that
-            // retries on an error never enqueues twice), and the wake-up follows our own commit.
-            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-            Self::insert_outbox(&mut tx, sql, envelopes, not_before, None).await?;
-            tx.commit().await?;
-            if let Some(wake) = wake {
-                wake();
-            }
+        if envelopes.is_empty() {
             return Ok(());
         }
         if let Some(wakeup) = wake {
-            // The caller commits: wake at its commit. (A connection has one commit hook: this replaces any the
-            // application set on it.)
+            // Wake at the commit, whichever it is: the caller's, or the insert's own outside a transaction (a
+            // connection has one commit hook: this replaces any the application set on it).
             let wakeup = wakeup.clone();
             let mut armed = true;
             conn.lock_handle().await?.set_commit_hook(move || {
                 if std::mem::take(&mut armed) {
-                    wakeup();
+                    // A panic here would turn the commit into a rollback: never let one out.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| wakeup()));
                 }
                 true
             });
         }
-        for e in envelopes {
-            sqlx::query(&sql.insert_outbox)
-                .bind(e.id().to_string())
-                .bind(e.event_type().as_str())
-                .bind(i64::from(e.version()))
-                .bind(e.occurred_at().timestamp_millis())
-                .bind(e.correlation_id())
-                .bind(e.causation_id().map(|c| c.to_string()))
-                .bind(e.partition_key())
-                .bind(e.source())
-                .bind(e.trace().traceparent())
-                .bind(e.trace().tracestate())
-                .bind(e.payload().as_ref())
-                .bind(not_before.map(|t| t.timestamp_millis()))
-                .execute(&mut *conn)
-                .await?;
+        // One statement per chunk of rows, so that they are all written or none (up to a chunk) whether `conn`
+        // is in a transaction or not (a raw `BEGIN` of the caller's is no transaction sqlx knows of: none is
+        // opened here).
+        for chunk in envelopes.chunks(SQLITE_ROWS_PER_INSERT) {
+            let text = match chunk {
+                [_] => std::borrow::Cow::Borrowed(sql.insert_outbox.as_str()),
+                rows => std::borrow::Cow::Owned(format!(
+                    "{}{}",
+                    sql.insert_outbox_rows,
+                    vec![sql.insert_outbox_values.as_str(); rows.len()].join(", ")
+                )),
+            };
+            let mut statement = sqlx::query(&text);
+            for e in chunk {
+                statement = statement
+                    .bind(e.id().to_string())
+                    .bind(e.event_type().as_str())
+                    .bind(i64::from(e.version()))
+                    .bind(e.occurred_at().timestamp_millis())
+                    .bind(e.correlation_id())
+                    .bind(e.causation_id().map(|c| c.to_string()))
+                    .bind(e.partition_key())
+                    .bind(e.source())
+                    .bind(e.trace().traceparent())
+                    .bind(e.trace().tracestate())
+                    .bind(e.payload().as_ref())
+                    .bind(not_before.map(|t| t.timestamp_millis()));
+            }
+            statement.execute(&mut *conn).await?;
         }
         Ok(())
     }
@@ -343,7 +358,7 @@ impl Backend for Sqlite {
         let lost = Arc::new(AtomicBool::new(false));
         let janitor_sql = JanitorSql {
             registered_relays: sql.registered_relays.clone(),
-            forget_relay: sql.forget_relay.clone(),
+            forget_registration: sql.forget_registration.clone(),
             refresh_relay: sql.refresh_relay.clone(),
         };
         let janitor = tokio::spawn(keep_registration(pool.clone(), janitor_sql, relay, place, lost.clone()));

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::RabbitConfig;
+use crate::confirms::Outcome;
 use crate::consumer::Instance;
 use crate::link::{Link, transport};
 use crate::publish_order::{Answer, PublishOrder};
@@ -150,16 +151,16 @@ impl RabbitBus {
         inner.order.clear(key.as_deref(), id, generation, inner.config.publish_timeout).await?;
         let published = session
             .publisher
-            .basic_publish(
+            .publish(
                 match route {
-                    Route::Exchange => inner.config.exchange.as_str().into(),
-                    Route::Queue(_) => "".into(),
-                    Route::Partitions(exchange) => exchange.into(),
+                    Route::Exchange => inner.config.exchange.as_str(),
+                    Route::Queue(_) => "",
+                    Route::Partitions(exchange) => exchange,
                 },
                 match route {
-                    Route::Exchange => envelope.event_type().as_str().into(),
-                    Route::Queue(queue) => queue.into(),
-                    Route::Partitions(_) => "".into(),
+                    Route::Exchange => envelope.event_type().as_str(),
+                    Route::Queue(queue) => queue,
+                    Route::Partitions(_) => "",
                 },
                 BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
                 envelope.payload(),
@@ -184,18 +185,22 @@ impl RabbitBus {
             let answer = tokio::time::timeout(CONFIRM_GIVE_UP, confirm).await;
             drop(permit);
             let result = match answer {
-                Ok(Ok(lapin::Confirmation::Ack(None))) => {
+                Ok(Ok(Outcome::Confirmed)) => {
                     inner.stats.count_published();
                     Ok(())
                 }
-                Ok(Ok(lapin::Confirmation::Ack(Some(_)))) => Err(BusError::Unroutable { event_type }),
-                Ok(Ok(lapin::Confirmation::Nack(_))) => {
-                    Err(BusError::Nacked { event_id: id, reason: "basic.nack".into() })
+                Ok(Ok(Outcome::Returned)) => Err(BusError::Unroutable { event_type }),
+                Ok(Ok(Outcome::Nacked)) => Err(BusError::Nacked { event_id: id, reason: "basic.nack".into() }),
+                Ok(Ok(Outcome::NotRequested)) => {
+                    Err(BusError::ConfirmationLost("publisher confirms are not enabled".into()))
                 }
-                Ok(Ok(_)) => Err(BusError::ConfirmationLost("publisher confirms are not enabled".into())),
-                Ok(Err(error)) => {
+                Ok(Ok(Outcome::Failed(error))) => {
                     inner.link.report_trouble();
                     Err(BusError::ConfirmationLost(error.to_string()))
+                }
+                Ok(Err(_)) => {
+                    inner.link.report_trouble();
+                    Err(BusError::ConfirmationLost("the channel's confirm path ended".into()))
                 }
                 Err(_) => {
                     inner.link.report_trouble();

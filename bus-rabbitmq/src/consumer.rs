@@ -15,14 +15,15 @@ use bus_core::GroupName;
 use bus_core::transport::Dispatcher;
 use futures::StreamExt;
 use futures::future::Shared;
+use lapin::options::ConfirmSelectOptions;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use lapin::{Channel, options::ConfirmSelectOptions};
 use tokio::sync::{Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::RabbitConfig;
+use crate::confirms::ConfirmedChannel;
 use crate::link::{Link, Session};
 use crate::stats::Stats;
 use crate::topology;
@@ -100,6 +101,7 @@ impl Instance {
         let declarer = session.connection.create_channel().await.map_err(transport)?;
         let side = session.connection.create_channel().await.map_err(transport)?;
         side.confirm_select(ConfirmSelectOptions::default()).await.map_err(transport)?;
+        let side = ConfirmedChannel::new(side);
         let event_types = self.dispatcher.event_types().cloned().collect();
         match self.partitions {
             None => {
@@ -124,7 +126,7 @@ impl Instance {
             }
             Some(partitions) => partitions::run(self, session, &side, &permits, stop, partitions).await,
         };
-        let _ = side.close(200, "OK".into()).await;
+        let _ = side.channel().close(200, "OK".into()).await;
         outcome
     }
 
@@ -138,7 +140,7 @@ impl Instance {
         session: &Session,
         queue: &str,
         arguments: FieldTable,
-        side: &Channel,
+        side: &Arc<ConfirmedChannel>,
         permits: &Arc<Semaphore>,
         stop: &CancellationToken,
         handover: Handover,
@@ -212,7 +214,7 @@ impl Instance {
 /// What the deliveries of one queue consumption share.
 struct Lane {
     /// The confirm-mode channel for retry and dead-letter publishes.
-    side: Channel,
+    side: Arc<ConfirmedChannel>,
     /// Handlers running at once, across the instance.
     permits: Arc<Semaphore>,
     /// Per partition key, the completion of the key's last delivery (`true` if it was settled).

@@ -13,6 +13,7 @@ use lapin::options::{BasicAckOptions, BasicGetOptions, ConfirmSelectOptions};
 use lapin::types::AMQPValue;
 use uuid::Uuid;
 
+use crate::confirms::ConfirmedChannel;
 use crate::link::{Session, transport};
 use crate::side_publish::confirmed_publish_to;
 use crate::topology;
@@ -64,6 +65,7 @@ pub(crate) async fn list(
 pub(crate) async fn redrive(session: &Session, group: &GroupName, id: Option<Uuid>) -> Result<usize, BusError> {
     let channel = session.connection.create_channel().await.map_err(transport)?;
     channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(transport)?;
+    let publisher = ConfirmedChannel::new(channel.clone());
     let (exchange, routing_key) = if topology::is_partitioned(&session.connection, group).await? {
         (topology::partition_exchange(group), String::new())
     } else {
@@ -77,7 +79,7 @@ pub(crate) async fn redrive(session: &Session, group: &GroupName, id: Option<Uui
             continue; // left unacknowledged: back to the queue when the channel closes
         }
         let properties = wire::with_headers(&delivery.properties, &[(wire::H_ATTEMPT, AMQPValue::LongLongInt(1))]);
-        if !confirmed_publish_to(&channel, &exchange, &routing_key, &delivery.data, properties).await {
+        if !confirmed_publish_to(&publisher, &exchange, &routing_key, &delivery.data, properties).await {
             let _ = channel.close(200, "OK".into()).await;
             return Err(BusError::Transport(format!("redrive to {group} was not confirmed by the broker").into()));
         }

@@ -35,6 +35,7 @@
 
 mod bus;
 mod config;
+mod confirms;
 mod consumer;
 mod dead_letters;
 mod link;

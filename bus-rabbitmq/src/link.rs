@@ -9,22 +9,24 @@ use std::time::Duration;
 use bus_core::BusError;
 use lapin::options::{ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RabbitConfig;
+use crate::confirms::ConfirmedChannel;
 
 /// One live connection and its publishing channel.
 pub(crate) struct Session {
     pub(crate) connection: Connection,
-    pub(crate) publisher: Channel,
+    /// The confirm-mode channel events are published on, with its ordered confirm path.
+    pub(crate) publisher: Arc<ConfirmedChannel>,
     pub(crate) generation: u64,
 }
 
 impl Session {
     pub(crate) fn healthy(&self) -> bool {
-        self.connection.status().connected() && self.publisher.status().connected()
+        self.connection.status().connected() && self.publisher.channel().status().connected()
     }
 }
 
@@ -100,7 +102,7 @@ impl Link {
             )
             .await?;
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        Ok(Session { connection, publisher, generation })
+        Ok(Session { connection, publisher: ConfirmedChannel::new(publisher), generation })
     }
 
     async fn supervise(self: Arc<Self>) {

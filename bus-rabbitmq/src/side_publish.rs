@@ -1,12 +1,13 @@
 //! Publishes of the consumer's own (retries, dead letters, redrives) on a confirm-mode channel, each awaited
 //! until the broker confirmed it and bounded in time.
 
-use lapin::Channel;
 use lapin::options::BasicPublishOptions;
+
+use crate::confirms::{ConfirmedChannel, Outcome};
 
 /// Publishes to a queue through the default exchange and waits for the broker's confirm.
 pub(crate) async fn confirmed_publish(
-    channel: &Channel,
+    channel: &ConfirmedChannel,
     queue: &str,
     body: &[u8],
     properties: lapin::BasicProperties,
@@ -17,7 +18,7 @@ pub(crate) async fn confirmed_publish(
 /// Publishes `mandatory` to `exchange` with `routing_key` and waits for the broker's confirm: `true` only if a
 /// queue took the message.
 pub(crate) async fn confirmed_publish_to(
-    channel: &Channel,
+    channel: &ConfirmedChannel,
     exchange: &str,
     routing_key: &str,
     body: &[u8],
@@ -26,15 +27,15 @@ pub(crate) async fn confirmed_publish_to(
     let queue = routing_key;
     let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
     let published = async {
-        match channel.basic_publish(exchange.into(), routing_key.into(), options, body, properties).await {
-            Ok(confirm) => match confirm.await {
-                Ok(lapin::Confirmation::Ack(None)) => true,
+        match channel.publish(exchange, routing_key, options, body, properties).await {
+            Ok(answered) => match answered.await {
+                Ok(Outcome::Confirmed) => true,
                 Ok(other) => {
-                    tracing::warn!(queue, confirmation = ?other.is_ack(), "broker did not take the message");
+                    tracing::warn!(queue, outcome = ?other, "broker did not take the message");
                     false
                 }
-                Err(error) => {
-                    tracing::warn!(queue, %error, "publish confirm failed");
+                Err(_) => {
+                    tracing::warn!(queue, "the channel's confirm path ended");
                     false
                 }
             },

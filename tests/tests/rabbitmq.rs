@@ -150,6 +150,63 @@ async fn a_publish_no_queue_takes_is_a_failure() {
     delete_topology(&exchange, &[]).await;
 }
 
+/// Unroutable events mixed into a pipelined batch (hundreds of confirms in flight, acknowledged several at a
+/// time): each unroutable one fails, every routable one succeeds, whatever confirm the broker's return comes
+/// with. (lapin pairs a return with whichever confirm it settles next.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unroutable_events_in_a_pipelined_batch_fail_and_only_they_do() {
+    let bus = rabbit_bus(|_| {}).await;
+    let exchange = bus.config().exchange.clone();
+    let group = unique("svc");
+    let handled = Arc::new(Mutex::new(HashSet::new()));
+    let h = handled.clone();
+    let handle = bus
+        .subscribe(Subscription::new(GroupName::new(&group).unwrap()).on::<Numbered, _>(
+            move |e: Numbered, _ctx: DeliveryContext| {
+                let handled = h.clone();
+                async move {
+                    handled.lock().unwrap().insert(e.seq);
+                    Ok(())
+                }
+            },
+        ))
+        .await
+        .unwrap();
+    let routable = EventTypeName::new(<Numbered as bus_core::IntegrationEvent>::TYPE_NAME).unwrap();
+    let nobody = EventTypeName::new("NobodySubscribes").unwrap();
+    let (mut wrong, mut sent_routable) = (Vec::new(), 0);
+    for round in 0..3u32 {
+        let batch: Vec<(u32, bool)> = (0..1_000).map(|i| (round * 1_000 + i, i % 7 == 3)).collect();
+        let envelopes = batch
+            .iter()
+            .map(|&(seq, unroutable)| {
+                let payload = serde_json::to_vec(&Numbered { key: "k".into(), seq }).unwrap();
+                let event_type = if unroutable { nobody.clone() } else { routable.clone() };
+                Envelope::builder(event_type, payload).build().unwrap()
+            })
+            .collect();
+        let confirmations = bus.publish_batch(envelopes).await;
+        for (&(seq, unroutable), confirmation) in batch.iter().zip(confirmations) {
+            let result = tokio::time::timeout(WAIT, confirmation).await.expect("answered");
+            match (unroutable, &result) {
+                (true, Err(BusError::Unroutable { .. })) => {}
+                (false, Ok(())) => sent_routable += 1,
+                _ => wrong.push((seq, unroutable, result.map_err(|e| e.to_string()))),
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of 3000 confirmations were wrong, e.g. {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+    wait_until("every routable event handled", WAIT, || async { handled.lock().unwrap().len() == sent_routable }).await;
+    handle.shutdown().await;
+    bus.shutdown().await;
+    delete_topology(&exchange, &[&group]).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_messages_are_dead_lettered_with_reasons_while_good_ones_flow() {
     let bus = rabbit_bus(|c| c.max_payload_bytes = 1024).await;

@@ -12,13 +12,13 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use bus_core::BusError;
-use lapin::Channel;
 use lapin::types::FieldTable;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::{Handover, Instance};
+use crate::confirms::ConfirmedChannel;
 use crate::link::Session;
 use crate::membership::Membership;
 use crate::topology;
@@ -27,7 +27,7 @@ use crate::topology;
 pub(crate) async fn run(
     instance: &Arc<Instance>,
     session: &Arc<Session>,
-    side: &Channel,
+    side: &Arc<ConfirmedChannel>,
     permits: &Arc<Semaphore>,
     stop: &CancellationToken,
     partitions: u16,
@@ -105,7 +105,7 @@ pub(crate) async fn run(
 fn rebalance(
     instance: &Arc<Instance>,
     session: &Arc<Session>,
-    side: &Channel,
+    side: &Arc<ConfirmedChannel>,
     permits: &Arc<Semaphore>,
     wanted: &BTreeSet<u16>,
     owned: &mut HashMap<u16, CancellationToken>,

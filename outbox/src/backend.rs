@@ -34,10 +34,10 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
 
     /// Inserts `envelopes`, to be published from `not_before` on (none: at once), in one statement (SQLite: one
     /// per 2,000 rows), so all rows or none, in or outside a transaction; it never opens one. With `wake`, the
-    /// commit wakes the relays: PostgreSQL: a `NOTIFY` in the same statement, which PostgreSQL delivers at commit
-    /// (to this process's relays as well, through their `LISTEN`); SQLite: a one-shot commit hook on the
-    /// connection that wakes this process's relays (a rollback leaves it armed: a later commit wakes them for
-    /// nothing).
+    /// commit wakes the relays: PostgreSQL: the statement returns its transaction id, which `wake` watches until
+    /// it ends (no `NOTIFY` inside the caller's transaction, which would serialize committers); SQLite: a
+    /// one-shot commit hook on the connection that wakes this process's relays (a rollback leaves it armed: a
+    /// later commit wakes them for nothing).
     #[doc(hidden)]
     async fn insert_outbox(
         conn: &mut Self::Connection,
@@ -46,6 +46,11 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
         not_before: Option<DateTime<Utc>>,
         wake: Option<&WakeLocal>,
     ) -> Result<(), OutboxError>;
+
+    /// Of the transactions `xids` (PostgreSQL), the ones that have ended (committed, rolled back, or too old to
+    /// tell).
+    #[doc(hidden)]
+    async fn ended_transactions(pool: &Pool<Self>, xids: &[u64]) -> Result<Vec<u64>, OutboxError>;
 
     /// Inserts the inbox row; `true` if it is new (the handler must run), `false` for a duplicate.
     #[doc(hidden)]
@@ -176,9 +181,19 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     );
 }
 
-/// Wakes the relays of this process (the outbox's wake-up, without keeping it alive).
+/// How an insert on a connection of the caller's own tells the outbox's wake-up about the commit that makes its
+/// rows visible (without keeping the outbox alive).
 #[doc(hidden)]
-pub type WakeLocal = std::sync::Arc<dyn Fn() + Send + Sync>;
+pub trait CommitWake: Send + Sync {
+    /// The rows are committed now (SQLite's commit hook).
+    fn committed(&self);
+    /// The rows are visible once PostgreSQL transaction `xid` commits.
+    fn committed_with(&self, xid: u64);
+}
+
+/// The wake-up an insert gets.
+#[doc(hidden)]
+pub type WakeLocal = std::sync::Arc<dyn CommitWake>;
 
 /// A relay's proof of liveness: while it is held, other relays leave the relay's leased rows alone until their
 /// lease ends; once it is gone (process killed, connection lost), they take the rows over at once.

@@ -33,6 +33,7 @@
 #![warn(missing_docs)]
 
 mod backend;
+mod commit_watch;
 mod config;
 mod database_url;
 mod error;

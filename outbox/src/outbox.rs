@@ -8,7 +8,8 @@ use chrono::{DateTime, Utc};
 use sqlx::{Pool, Transaction};
 use uuid::Uuid;
 
-use crate::backend::{Backend, WakeLocal};
+use crate::backend::{Backend, CommitWake, WakeLocal};
+use crate::commit_watch::CommitWatch;
 use crate::config::OutboxConfig;
 use crate::error::OutboxError;
 use crate::row::{FailedEvent, OutboxRow, OutboxStatus};
@@ -20,9 +21,9 @@ use crate::wakeup::Wakeup;
 /// Events are written in a transaction, so they commit or roll back with the business change: a rolled-back
 /// transaction never publishes anything. [`begin`](Self::begin) gives an [`OutboxTransaction`] that enqueues
 /// and wakes the relay when it commits; [`enqueue`](Self::enqueue) writes through a connection or transaction
-/// of the caller's own and makes its commit wake the relays too (PostgreSQL: a `NOTIFY` in that transaction,
-/// which serializes committing transactions that carry one, so prefer [`begin`](Self::begin) on hot paths;
-/// SQLite: a commit hook on the connection).
+/// of the caller's own and makes its commit wake the relays too (PostgreSQL: the insert returns its transaction
+/// id, watched until that commits, within a millisecond or two, with no `NOTIFY` inside the caller's
+/// transaction; SQLite: a commit hook on the connection).
 pub struct Outbox<DB: Backend> {
     inner: Arc<Inner<DB>>,
 }
@@ -32,6 +33,13 @@ struct Inner<DB: Backend> {
     config: OutboxConfig,
     sql: Arc<Sql>,
     wakeup: Arc<Wakeup>,
+    commits: Arc<CommitWatch>,
+}
+
+impl<DB: Backend> Drop for Inner<DB> {
+    fn drop(&mut self) {
+        self.commits.stop();
+    }
 }
 
 impl<DB: Backend> Clone for Outbox<DB> {
@@ -62,7 +70,7 @@ impl<DB: Backend> Outbox<DB> {
             config.notify_other_processes && dialect == Dialect::Postgres,
             config.notify_interval,
         ));
-        Ok(Self { inner: Arc::new(Inner { pool, config, sql, wakeup }) })
+        Ok(Self { inner: Arc::new(Inner { pool, config, sql, wakeup, commits: CommitWatch::new() }) })
     }
 
     /// Creates or upgrades our tables (outbox, inbox) in their own migrations table, so they never clash with
@@ -185,14 +193,9 @@ impl<DB: Backend> Outbox<DB> {
         Ok(OutboxTransaction { tx: self.inner.pool.begin().await?, outbox: self.clone(), enqueued: 0 })
     }
 
-    /// What wakes this process's relays, for a commit the database tells us of (it does not keep them alive).
+    /// What wakes the relays after a commit of the caller's own (it does not keep the outbox alive).
     fn wake_local(&self) -> WakeLocal {
-        let wakeup = Arc::downgrade(&self.inner.wakeup);
-        Arc::new(move || {
-            if let Some(wakeup) = wakeup.upgrade() {
-                wakeup.wake_local();
-            }
-        })
+        Arc::new(OutboxWake(Arc::downgrade(&self.inner)))
     }
 
     /// Counts of pending, in-flight, failed and retained rows, and the oldest pending age.
@@ -248,6 +251,23 @@ impl<DB: Backend> Outbox<DB> {
     pub async fn forget_handled(&self, group: &GroupName, event_type: &EventTypeName) -> Result<u64, OutboxError> {
         let handler = crate::handler_key::handler_key(group.as_str(), event_type.as_str());
         DB::forget_inbox(&self.inner.pool, &self.inner.sql, &handler).await
+    }
+}
+
+/// The wake-up of an insert on a connection of the caller's own.
+struct OutboxWake<DB: Backend>(std::sync::Weak<Inner<DB>>);
+
+impl<DB: Backend> CommitWake for OutboxWake<DB> {
+    fn committed(&self) {
+        if let Some(inner) = self.0.upgrade() {
+            inner.wakeup.wake_local();
+        }
+    }
+
+    fn committed_with(&self, xid: u64) {
+        if let Some(inner) = self.0.upgrade() {
+            inner.commits.watch(xid, &inner.pool, &inner.sql, &inner.wakeup);
+        }
     }
 }
 

@@ -86,7 +86,7 @@ pub struct Sql {
     /// SQLite: one row's values in [`insert_outbox_rows`](Self::insert_outbox_rows) (anonymous parameters).
     pub insert_outbox_values: String,
     /// PostgreSQL: [`insert_outbox`](Self::insert_outbox) and [`insert_outbox_rows`](Self::insert_outbox_rows)
-    /// with a `NOTIFY` on channel `$13` in the same statement.
+    /// returning the transaction id (for the wake-up after its commit).
     pub insert_outbox_waking: String,
     pub insert_outbox_rows_waking: String,
     pub insert_inbox: String,
@@ -387,7 +387,9 @@ impl Sql {
         };
         if dialect == Dialect::Postgres {
             let waking = |insert: &str| {
-                format!("WITH inserted AS ({insert} RETURNING 1) SELECT pg_notify($13, '') FROM inserted LIMIT 1")
+                format!(
+                    "WITH inserted AS ({insert} RETURNING 1) SELECT pg_current_xact_id()::text FROM inserted LIMIT 1"
+                )
             };
             sql.insert_outbox_waking = waking(&sql.insert_outbox);
             sql.insert_outbox_rows_waking = waking(&sql.insert_outbox_rows);

@@ -5,8 +5,8 @@
 //! committing transactions (−45 % commits/s at 8 writers, measured). It is sent after the commit by one
 //! background task, at most once per `notify_interval`: commits in between share the next NOTIFY, so a burst of
 //! commits costs a handful of them. [`Outbox::enqueue`](crate::Outbox::enqueue) on a connection or transaction
-//! of the caller's own cannot know when that commits, so its NOTIFY goes in the insert statement and pays that
-//! cost: prefer `Outbox::begin` where many writers commit at once.
+//! of the caller's own cannot know when that commits: the commit watch (`commit_watch`) learns it from
+//! PostgreSQL and then wakes the relays the same way.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};

@@ -91,11 +91,9 @@ impl Backend for Postgres {
         not_before: Option<chrono::DateTime<chrono::Utc>>,
         wake: Option<&super::WakeLocal>,
     ) -> Result<(), OutboxError> {
-        // One statement, so that the rows (and the NOTIFY) are all written or none, whether `conn` is in a
-        // transaction or not (a raw `BEGIN` of the caller's is no transaction sqlx knows of: none is opened here).
-        // The NOTIFY is delivered at commit (the caller's, or the statement's own); its empty payload, unlike the
-        // coalesced NOTIFYs (marked with `origin`), wakes this process's relays too, since nobody else knows when
-        // the caller commits.
+        // One statement, so that the rows are all written or none, whether `conn` is in a transaction or not (a
+        // raw `BEGIN` of the caller's is no transaction sqlx knows of: none is opened here). With `wake`, it
+        // returns its transaction id, watched until it commits (see `commit_watch`).
         let statement = match (envelopes, wake.is_some()) {
             ([], _) => return Ok(()),
             ([e], waking) => sqlx::query(if waking { &sql.insert_outbox_waking } else { &sql.insert_outbox })
@@ -127,9 +125,30 @@ impl Backend for Postgres {
                     .bind(not_before)
             }
         };
-        let statement = if wake.is_some() { statement.bind(&sql.channel) } else { statement };
-        statement.execute(&mut *conn).await?;
+        match wake {
+            None => {
+                statement.execute(&mut *conn).await?;
+            }
+            Some(wake) => {
+                let xid: Option<String> = statement.fetch_optional(&mut *conn).await?.map(|row| row.get(0));
+                match xid.and_then(|x| x.parse::<u64>().ok()) {
+                    Some(xid) => wake.committed_with(xid),
+                    None => wake.committed(),
+                }
+            }
+        }
         Ok(())
+    }
+
+    async fn ended_transactions(pool: &PgPool, xids: &[u64]) -> Result<Vec<u64>, OutboxError> {
+        let xids: Vec<String> = xids.iter().map(u64::to_string).collect();
+        let ended: Vec<String> = sqlx::query_scalar(
+            "SELECT x FROM unnest($1::text[]) AS t(x) WHERE pg_xact_status(x::xid8) IS DISTINCT FROM 'in progress'",
+        )
+        .bind(xids)
+        .fetch_all(pool)
+        .await?;
+        Ok(ended.iter().filter_map(|x| x.parse().ok()).collect())
     }
 
     async fn insert_inbox(

@@ -217,7 +217,7 @@ impl Backend for Sqlite {
             conn.lock_handle().await?.set_commit_hook(move || {
                 if std::mem::take(&mut armed) {
                     // A panic here would turn the commit into a rollback: never let one out.
-                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| wakeup()));
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| wakeup.committed()));
                 }
                 true
             });
@@ -253,6 +253,10 @@ impl Backend for Sqlite {
             statement.execute(&mut *conn).await?;
         }
         Ok(())
+    }
+
+    async fn ended_transactions(_pool: &SqlitePool, xids: &[u64]) -> Result<Vec<u64>, OutboxError> {
+        Ok(xids.to_vec())
     }
 
     async fn insert_inbox(

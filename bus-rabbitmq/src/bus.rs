@@ -148,7 +148,8 @@ impl RabbitBus {
         };
         let generation = session.generation;
         let permit = inner.window.clone().acquire_owned().await.map_err(|_| BusError::Closed)?;
-        inner.order.clear(key.as_deref(), id, generation, inner.config.publish_timeout).await?;
+        // Resolved with the broker's answer below; dropped on the way (the caller's future cancelled), as lost.
+        let cleared = inner.order.clear(key.as_deref(), id, generation, inner.config.publish_timeout).await?;
         let published = session
             .publisher
             .publish(
@@ -170,7 +171,7 @@ impl RabbitBus {
         let confirm = match published {
             Ok(confirm) => confirm,
             Err(error) => {
-                inner.order.resolved(generation, key.as_deref(), id, Answer::Lost);
+                cleared.resolve(Answer::Lost);
                 inner.link.report_trouble();
                 return Err(transport(error));
             }
@@ -212,7 +213,7 @@ impl RabbitBus {
                 Err(BusError::ConfirmationLost(_)) => Answer::Lost,
                 Err(_) => Answer::Other,
             };
-            inner.order.resolved(generation, key.as_deref(), id, answer);
+            cleared.resolve(answer);
             let _ = answer_tx.send(result);
         });
         Ok(confirmation)

@@ -17,6 +17,7 @@
 //! Events without a key are never held back: no order is promised for them.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bus_core::BusError;
@@ -54,26 +55,56 @@ struct State {
 /// The fence (see the module docs). One per bus.
 #[derive(Debug)]
 pub(crate) struct PublishOrder {
-    state: watch::Sender<State>,
+    state: Arc<watch::Sender<State>>,
 }
 
 impl Default for PublishOrder {
     fn default() -> Self {
-        Self { state: watch::channel(State::default()).0 }
+        Self { state: Arc::new(watch::channel(State::default()).0) }
+    }
+}
+
+/// A publish the fence let through, unresolved until [`Cleared::resolve`] tells what the broker said. Dropped
+/// unresolved (the publish was cancelled: its future dropped by a caller's timeout), it resolves as
+/// [`Answer::Lost`]: it may or may not have gone out, and it must not keep the next connection waiting.
+#[must_use = "resolve it with the broker's answer"]
+#[derive(Debug)]
+pub(crate) struct Cleared {
+    state: Arc<watch::Sender<State>>,
+    generation: u64,
+    key: Option<String>,
+    id: Uuid,
+    resolved: bool,
+}
+
+impl Cleared {
+    /// The broker answered (or the publish could not be sent: [`Answer::Lost`]).
+    pub(crate) fn resolve(mut self, answer: Answer) {
+        self.resolved = true;
+        resolve(&self.state, self.generation, self.key.as_deref(), self.id, answer);
+    }
+}
+
+impl Drop for Cleared {
+    fn drop(&mut self) {
+        if !self.resolved {
+            resolve(&self.state, self.generation, self.key.as_deref(), self.id, Answer::Lost);
+        }
     }
 }
 
 impl PublishOrder {
     /// Clears event `id` of key `key` to be sent on connection `generation`: waits (at most `timeout`) until
     /// nothing sent on an older connection awaits an answer, then refuses it if an earlier event of its key was
-    /// lost and not published again. On `Ok` the publish counts as unresolved until [`resolved`](Self::resolved).
+    /// lost and not published again. On `Ok` the publish counts as unresolved until the [`Cleared`] is resolved
+    /// (or dropped).
     pub(crate) async fn clear(
         &self,
         key: Option<&str>,
         id: Uuid,
         generation: u64,
         timeout: Duration,
-    ) -> Result<(), BusError> {
+    ) -> Result<Cleared, BusError> {
         let mut watch = self.state.subscribe();
         let older_answered = watch.wait_for(|s| s.unresolved.range(..generation).next().is_none());
         match tokio::time::timeout(timeout, older_answered).await {
@@ -86,23 +117,26 @@ impl PublishOrder {
                 ));
             }
         }
-        let mut cleared = Ok(());
+        let mut refused = false;
         self.state.send_modify(|s| {
             s.lost.retain(|_, lost| lost.since.elapsed() < LOST_KEY_HOLD);
             let held = key.and_then(|k| s.lost.get_mut(k)).filter(|lost| !lost.events.contains(&id));
             if let Some(lost) = held {
                 // Refused: it must not be overtaken either.
                 lost.events.insert(id);
-                cleared = Err(BusError::ConfirmationLost(format!(
-                    "an earlier event of partition key {:?} was lost with the connection; not sent, so that it \
-                     cannot overtake it",
-                    key.unwrap_or_default()
-                )));
+                refused = true;
             } else {
                 *s.unresolved.entry(generation).or_default() += 1;
             }
         });
-        cleared
+        if refused {
+            return Err(BusError::ConfirmationLost(format!(
+                "an earlier event of partition key {:?} was lost with the connection; not sent, so that it cannot \
+                 overtake it",
+                key.unwrap_or_default()
+            )));
+        }
+        Ok(Cleared { state: self.state.clone(), generation, key: key.map(str::to_owned), id, resolved: false })
     }
 
     /// Event `id` of key `key` could not be sent (no connection): it holds back its key like a lost one.
@@ -111,31 +145,31 @@ impl PublishOrder {
             self.state.send_modify(|s| mark_lost(s, key, id));
         }
     }
+}
 
-    /// The broker answered a publish cleared on `generation`, or it could not be sent (`Answer::Lost`).
-    pub(crate) fn resolved(&self, generation: u64, key: Option<&str>, id: Uuid, answer: Answer) {
-        self.state.send_modify(|s| {
-            if let Some(count) = s.unresolved.get_mut(&generation) {
-                *count -= 1;
-                if *count == 0 {
-                    s.unresolved.remove(&generation);
-                }
+/// The broker answered a publish cleared on `generation`, or it could not be sent (`Answer::Lost`).
+fn resolve(state: &watch::Sender<State>, generation: u64, key: Option<&str>, id: Uuid, answer: Answer) {
+    state.send_modify(|s| {
+        if let Some(count) = s.unresolved.get_mut(&generation) {
+            *count -= 1;
+            if *count == 0 {
+                s.unresolved.remove(&generation);
             }
-            let Some(key) = key else { return };
-            match answer {
-                Answer::Lost => mark_lost(s, key, id),
-                Answer::Confirmed => {
-                    if let Some(lost) = s.lost.get_mut(key) {
-                        lost.events.remove(&id);
-                        if lost.events.is_empty() {
-                            s.lost.remove(key);
-                        }
+        }
+        let Some(key) = key else { return };
+        match answer {
+            Answer::Lost => mark_lost(s, key, id),
+            Answer::Confirmed => {
+                if let Some(lost) = s.lost.get_mut(key) {
+                    lost.events.remove(&id);
+                    if lost.events.is_empty() {
+                        s.lost.remove(key);
                     }
                 }
-                Answer::Other => {}
             }
-        });
-    }
+            Answer::Other => {}
+        }
+    });
 }
 
 fn mark_lost(state: &mut State, key: &str, id: Uuid) {
@@ -154,35 +188,61 @@ mod tests {
     async fn a_lost_event_holds_back_its_key_until_it_is_published_again() {
         let order = PublishOrder::default();
         let (lost, refused, later) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
-        order.clear(Some("k"), lost, 1, SHORT).await.unwrap();
+        let first = order.clear(Some("k"), lost, 1, SHORT).await.unwrap();
         // The connection is replaced: nothing goes out on the new one while the first is unanswered, and what
         // was refused holds back its key too.
         assert!(order.clear(Some("k"), refused, 2, SHORT).await.is_err());
-        order.resolved(1, Some("k"), lost, Answer::Lost);
+        first.resolve(Answer::Lost);
         assert!(order.clear(Some("k"), later, 2, SHORT).await.is_err(), "would overtake the lost events");
-        order.clear(Some("j"), Uuid::now_v7(), 2, SHORT).await.expect("another key is not held back");
-        order.clear(None, Uuid::now_v7(), 2, SHORT).await.expect("no key, no order");
+        let other_key = order.clear(Some("j"), Uuid::now_v7(), 2, SHORT).await.expect("another key is not held back");
+        other_key.resolve(Answer::Confirmed);
+        let keyless = order.clear(None, Uuid::now_v7(), 2, SHORT).await.expect("no key, no order");
+        keyless.resolve(Answer::Confirmed);
         // The caller publishes the held-back events again, in their order: they go, and once all are confirmed
         // the key flows again.
+        let mut again = Vec::new();
         for id in [lost, refused, later] {
-            order.clear(Some("k"), id, 2, SHORT).await.expect("a held-back event goes again");
+            again.push(order.clear(Some("k"), id, 2, SHORT).await.expect("a held-back event goes again"));
         }
         let extra = Uuid::now_v7();
         assert!(order.clear(Some("k"), extra, 2, SHORT).await.is_err(), "until they are confirmed");
-        for id in [lost, refused, later] {
-            order.resolved(2, Some("k"), id, Answer::Confirmed);
+        for cleared in again {
+            cleared.resolve(Answer::Confirmed);
         }
-        order.clear(Some("k"), extra, 2, SHORT).await.expect("the last one refused goes again");
-        order.resolved(2, Some("k"), extra, Answer::Confirmed);
-        order.clear(Some("k"), Uuid::now_v7(), 2, SHORT).await.expect("then its key flows again");
+        let last = order.clear(Some("k"), extra, 2, SHORT).await.expect("the last one refused goes again");
+        last.resolve(Answer::Confirmed);
+        order
+            .clear(Some("k"), Uuid::now_v7(), 2, SHORT)
+            .await
+            .expect("then its key flows again")
+            .resolve(Answer::Confirmed);
     }
 
     #[tokio::test]
     async fn without_a_loss_nothing_is_refused() {
         let order = PublishOrder::default();
-        let first = Uuid::now_v7();
-        order.clear(Some("k"), first, 1, SHORT).await.unwrap();
-        order.resolved(1, Some("k"), first, Answer::Confirmed);
-        order.clear(Some("k"), Uuid::now_v7(), 2, SHORT).await.expect("the older publish was confirmed");
+        let first = order.clear(Some("k"), Uuid::now_v7(), 1, SHORT).await.unwrap();
+        first.resolve(Answer::Confirmed);
+        order
+            .clear(Some("k"), Uuid::now_v7(), 2, SHORT)
+            .await
+            .expect("the older publish was confirmed")
+            .resolve(Answer::Confirmed);
+    }
+
+    /// A publish whose future is dropped after the fence let it through (a caller's timeout) neither keeps the
+    /// next connection's publishes waiting nor lets its key's later events overtake it.
+    #[tokio::test]
+    async fn a_cancelled_publish_resolves_as_lost() {
+        let order = PublishOrder::default();
+        let cancelled = Uuid::now_v7();
+        drop(order.clear(Some("k"), cancelled, 1, SHORT).await.unwrap());
+        order
+            .clear(Some("j"), Uuid::now_v7(), 2, SHORT)
+            .await
+            .expect("the next connection does not wait")
+            .resolve(Answer::Confirmed);
+        assert!(order.clear(Some("k"), Uuid::now_v7(), 2, SHORT).await.is_err(), "its key waits for it");
+        order.clear(Some("k"), cancelled, 2, SHORT).await.expect("it goes again").resolve(Answer::Confirmed);
     }
 }

@@ -164,7 +164,7 @@ impl RabbitBus {
                     Route::Partitions(_) => "",
                 },
                 BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
-                envelope.payload(),
+                envelope.payload().clone(),
                 wire::properties(&envelope),
             )
             .await;

@@ -11,9 +11,10 @@
 //! channel (every frame before its reply, that ack frame included, has been processed by then), collects the
 //! returns of every answered confirm, and only then tells each answered publish what became of it.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use futures::FutureExt;
 use lapin::options::{BasicPublishOptions, BasicQosOptions};
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
@@ -37,8 +38,11 @@ pub(crate) enum Outcome {
 /// A confirm-mode channel with its ordered confirm path. Cheap to share (`Arc`).
 pub(crate) struct ConfirmedChannel {
     channel: Channel,
-    /// Held across each publish, so that tags and the settling queue follow one order.
-    publishing: Mutex<mpsc::UnboundedSender<Pending>>,
+    /// Held from a publish's first frame until its confirm is in the settling queue, so that tags and the queue
+    /// follow one order, and taken by the settling task before it harvests returns: every message already on
+    /// the wire is in its queue by then.
+    publishing: Arc<Mutex<()>>,
+    queue: mpsc::UnboundedSender<Pending>,
 }
 
 struct Pending {
@@ -47,10 +51,6 @@ struct Pending {
     answer: oneshot::Sender<Outcome>,
 }
 
-/// Returns whose message is not answered yet are remembered at most this many (a message whose publish was
-/// cancelled after it was sent is never answered).
-const MAX_REMEMBERED_RETURNS: usize = 100_000;
-
 /// A round trip that takes longer means a half-dead connection: settle what is answered anyway (its publishers
 /// give up on their own deadline).
 const BARRIER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -58,9 +58,10 @@ const BARRIER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 impl ConfirmedChannel {
     /// Takes `channel`, already in confirm mode, and starts its settling task.
     pub(crate) fn new(channel: Channel) -> Arc<Self> {
-        let (pending, queue) = mpsc::unbounded_channel();
-        tokio::spawn(settle(channel.clone(), queue));
-        Arc::new(Self { channel, publishing: Mutex::new(pending) })
+        let (queue, settling) = mpsc::unbounded_channel();
+        let publishing = Arc::new(Mutex::new(()));
+        tokio::spawn(settle(channel.clone(), publishing.clone(), settling));
+        Arc::new(Self { channel, publishing, queue })
     }
 
     /// The underlying channel (status, close).
@@ -68,24 +69,50 @@ impl ConfirmedChannel {
         &self.channel
     }
 
-    /// Publishes one message; the receiver gets the broker's answer. Dropping the receiver does not cancel the
-    /// publish. An error means it was not sent.
+    /// Publishes one message; the receiver gets the broker's answer. The publish runs in a task of its own, so
+    /// dropping this future (a caller's timeout) never leaves a message on the wire whose confirm nobody
+    /// settles; dropping the receiver does not cancel it either. An error means it was not sent.
     pub(crate) async fn publish(
         &self,
         exchange: &str,
         routing_key: &str,
         options: BasicPublishOptions,
-        body: &[u8],
+        body: Bytes,
         properties: BasicProperties,
     ) -> Result<oneshot::Receiver<Outcome>, lapin::Error> {
         let message_id = properties.message_id().as_ref().map(|id| id.as_str().to_owned());
-        let pending = self.publishing.lock().await;
-        let confirm =
-            self.channel.basic_publish(exchange.into(), routing_key.into(), options, body, properties).await?;
-        let (answer, answered) = oneshot::channel();
-        // The settling task lives as long as this channel's sender: it cannot be gone here.
-        let _ = pending.send(Pending { message_id, confirm, answer });
-        Ok(answered)
+        let (channel, publishing, queue) = (self.channel.clone(), self.publishing.clone(), self.queue.clone());
+        let (exchange, routing_key) = (exchange.to_owned(), routing_key.to_owned());
+        let (sent, sending) = oneshot::channel();
+        tokio::spawn(async move {
+            let _turn = publishing.lock_owned().await;
+            let published = channel.basic_publish(
+                exchange.as_str().into(),
+                routing_key.as_str().into(),
+                options,
+                &body,
+                properties,
+            );
+            match published.await {
+                Ok(confirm) => {
+                    let (answer, answered) = oneshot::channel();
+                    // The settling task lives as long as this channel's sender.
+                    let _ = queue.send(Pending { message_id, confirm, answer });
+                    let _ = sent.send(Ok(answered));
+                }
+                Err(error) => {
+                    let _ = sent.send(Err(error));
+                }
+            }
+        });
+        match sending.await {
+            Ok(result) => result,
+            // The task ended without a word: only a runtime shutting down does that.
+            Err(_) => Err(lapin::Error::from(lapin::ErrorKind::InvalidChannelState(
+                lapin::ChannelState::Closed,
+                "the publish task ended (runtime shutting down)",
+            ))),
+        }
     }
 }
 
@@ -95,9 +122,12 @@ struct InFlight {
     answered: Option<Result<Confirmation, lapin::Error>>,
 }
 
-async fn settle(channel: Channel, mut queue: mpsc::UnboundedReceiver<Pending>) {
+/// Returns not matched to their publish yet, by message id (counted: one event may be in flight twice).
+type Returned = HashMap<String, usize>;
+
+async fn settle(channel: Channel, publishing: Arc<Mutex<()>>, mut queue: mpsc::UnboundedReceiver<Pending>) {
     let mut in_flight: VecDeque<InFlight> = VecDeque::new();
-    let mut returned: HashSet<String> = HashSet::new();
+    let mut returned = Returned::new();
     let mut open = true;
     loop {
         // Wait until the oldest publish is answered, taking new ones in meanwhile.
@@ -131,6 +161,8 @@ async fn settle(channel: Channel, mut queue: mpsc::UnboundedReceiver<Pending>) {
                 continue;
             }
         }
+        // Every message on the wire is in the queue once no publish is between its first frame and its hand-over.
+        drop(publishing.lock().await);
         while let Ok(pending) = queue.try_recv() {
             in_flight.push_back(InFlight { pending, answered: None });
         }
@@ -149,7 +181,7 @@ async fn settle(channel: Channel, mut queue: mpsc::UnboundedReceiver<Pending>) {
         while in_flight.front().is_some_and(|flight| flight.answered.is_some()) {
             let Some(InFlight { pending, answered: Some(answered) }) = in_flight.pop_front() else { break };
             let own_return = match &pending.message_id {
-                Some(id) => returned.remove(id),
+                Some(id) => take_return(&mut returned, id),
                 // Nothing to match by: the return lapin gave this confirm, if it has no id either.
                 None => matches!(
                     &answered,
@@ -166,18 +198,41 @@ async fn settle(channel: Channel, mut queue: mpsc::UnboundedReceiver<Pending>) {
             };
             let _ = pending.answer.send(outcome);
         }
+        // A return belongs to a message on the wire, which is in flight once no publish is mid-hand-over (it may
+        // be newer than every confirm settled here: lapin may have handed its return to an older one). Forget
+        // the others: their publish was settled without them (none should be left).
+        if !returned.is_empty() {
+            drop(publishing.lock().await);
+            while let Ok(pending) = queue.try_recv() {
+                in_flight.push_back(InFlight { pending, answered: None });
+            }
+            let flying: HashSet<&str> = in_flight.iter().filter_map(|f| f.pending.message_id.as_deref()).collect();
+            returned.retain(|id, _| flying.contains(id.as_str()));
+        }
     }
 }
 
 /// Remembers the message a confirm came back with, by its id (without an id there is nothing to match it by: it
 /// stays with the confirm lapin gave it to).
-fn remember_return(answered: &Result<Confirmation, lapin::Error>, returned: &mut HashSet<String>) {
+fn remember_return(answered: &Result<Confirmation, lapin::Error>, returned: &mut Returned) {
     if let Ok(Confirmation::Ack(Some(message)) | Confirmation::Nack(Some(message))) = answered
         && let Some(id) = message.properties.message_id()
     {
-        if returned.len() >= MAX_REMEMBERED_RETURNS {
-            returned.clear();
+        *returned.entry(id.as_str().to_owned()).or_default() += 1;
+    }
+}
+
+/// Whether a return of message `id` is waiting, taking it.
+fn take_return(returned: &mut Returned, id: &str) -> bool {
+    match returned.get_mut(id) {
+        Some(count) if *count > 1 => {
+            *count -= 1;
+            true
         }
-        returned.insert(id.as_str().to_owned());
+        Some(_) => {
+            returned.remove(id);
+            true
+        }
+        None => false,
     }
 }

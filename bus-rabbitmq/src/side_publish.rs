@@ -27,7 +27,7 @@ pub(crate) async fn confirmed_publish_to(
     let queue = routing_key;
     let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
     let published = async {
-        match channel.publish(exchange, routing_key, options, body, properties).await {
+        match channel.publish(exchange, routing_key, options, bytes::Bytes::copy_from_slice(body), properties).await {
             Ok(answered) => match answered.await {
                 Ok(Outcome::Confirmed) => true,
                 Ok(other) => {

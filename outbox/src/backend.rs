@@ -47,8 +47,8 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
         wake: Option<&WakeLocal>,
     ) -> Result<(), OutboxError>;
 
-    /// Of the transactions `xids` (PostgreSQL), the ones that have ended (committed, rolled back, or too old to
-    /// tell).
+    /// Of the transactions `xids` (PostgreSQL), the ones a new snapshot sees as ended (committed or rolled back,
+    /// and no longer running).
     #[doc(hidden)]
     async fn ended_transactions(pool: &Pool<Self>, xids: &[u64]) -> Result<Vec<u64>, OutboxError>;
 

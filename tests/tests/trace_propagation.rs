@@ -145,6 +145,7 @@ async fn one_trace_through(bus: Arc<dyn EventBus>, groups: (&str, &str)) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_trace_from_producer_to_consumer_and_on_in_process() {
+    recorded();
     let bus = InProcBus::new();
     one_trace_through(Arc::new(bus.clone()), ("stock", "shipping")).await;
     bus.shutdown(Duration::from_secs(5)).await;
@@ -152,6 +153,8 @@ async fn one_trace_from_producer_to_consumer_and_on_in_process() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_trace_from_producer_to_consumer_and_on_over_rabbitmq() {
+    // Before anything that sets up the harness's log subscriber: this binary's global one records spans.
+    recorded();
     let bus = rabbit_bus(|_| {}).await;
     let exchange = bus.config().exchange.clone();
     let (first, second) = (unique("stock"), unique("shipping"));

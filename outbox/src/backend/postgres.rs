@@ -143,7 +143,7 @@ impl Backend for Postgres {
     async fn ended_transactions(pool: &PgPool, xids: &[u64]) -> Result<Vec<u64>, OutboxError> {
         let xids: Vec<String> = xids.iter().map(u64::to_string).collect();
         let ended: Vec<String> = sqlx::query_scalar(
-            "SELECT x FROM unnest($1::text[]) AS t(x) WHERE pg_xact_status(x::xid8) IS DISTINCT FROM 'in progress'",
+            "SELECT x FROM unnest($1::text[]) AS t(x) WHERE pg_visible_in_snapshot(x::xid8, pg_current_snapshot())",
         )
         .bind(xids)
         .fetch_all(pool)

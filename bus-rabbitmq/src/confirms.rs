@@ -16,9 +16,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::FutureExt;
+use futures::future::BoxFuture;
 use lapin::options::{BasicPublishOptions, BasicQosOptions};
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, OwnedMutexGuard, mpsc, oneshot};
 
 /// What the broker did with one publish.
 #[derive(Debug)]
@@ -69,9 +70,10 @@ impl ConfirmedChannel {
         &self.channel
     }
 
-    /// Publishes one message; the receiver gets the broker's answer. The publish runs in a task of its own, so
-    /// dropping this future (a caller's timeout) never leaves a message on the wire whose confirm nobody
-    /// settles; dropping the receiver does not cancel it either. An error means it was not sent.
+    /// Publishes one message; the receiver gets the broker's answer. Dropping this future (a caller's timeout)
+    /// once the message may be on the wire finishes the hand-over in a task of its own, so that no message's
+    /// confirm escapes the settling; dropping the receiver does not cancel the publish either. An error means it
+    /// was not sent.
     pub(crate) async fn publish(
         &self,
         exchange: &str,
@@ -81,37 +83,50 @@ impl ConfirmedChannel {
         properties: BasicProperties,
     ) -> Result<oneshot::Receiver<Outcome>, lapin::Error> {
         let message_id = properties.message_id().as_ref().map(|id| id.as_str().to_owned());
-        let (channel, publishing, queue) = (self.channel.clone(), self.publishing.clone(), self.queue.clone());
-        let (exchange, routing_key) = (exchange.to_owned(), routing_key.to_owned());
-        let (sent, sending) = oneshot::channel();
-        tokio::spawn(async move {
-            let _turn = publishing.lock_owned().await;
-            let published = channel.basic_publish(
-                exchange.as_str().into(),
-                routing_key.as_str().into(),
-                options,
-                &body,
-                properties,
-            );
-            match published.await {
-                Ok(confirm) => {
-                    let (answer, answered) = oneshot::channel();
-                    // The settling task lives as long as this channel's sender.
-                    let _ = queue.send(Pending { message_id, confirm, answer });
-                    let _ = sent.send(Ok(answered));
-                }
-                Err(error) => {
-                    let _ = sent.send(Err(error));
-                }
-            }
+        let turn = self.publishing.clone().lock_owned().await;
+        let (channel, exchange, routing_key) = (self.channel.clone(), exchange.to_owned(), routing_key.to_owned());
+        let sending: BoxFuture<'static, Result<PublisherConfirm, lapin::Error>> = Box::pin(async move {
+            channel
+                .basic_publish(exchange.as_str().into(), routing_key.as_str().into(), options, &body, properties)
+                .await
         });
-        match sending.await {
-            Ok(result) => result,
-            // The task ended without a word: only a runtime shutting down does that.
-            Err(_) => Err(lapin::Error::from(lapin::ErrorKind::InvalidChannelState(
-                lapin::ChannelState::Closed,
-                "the publish task ended (runtime shutting down)",
-            ))),
+        let mut handover = Handover { turn: Some(turn), sending: Some(sending), queue: self.queue.clone(), message_id };
+        let sent = match handover.sending.as_mut() {
+            Some(sending) => sending.await,
+            None => unreachable!("set just above"),
+        };
+        handover.sending = None;
+        let confirm = sent?;
+        let (answer, answered) = oneshot::channel();
+        // The settling task lives as long as this channel's sender.
+        let _ = handover.queue.send(Pending { message_id: handover.message_id.take(), confirm, answer });
+        // Dropping the hand-over gives the turn to the next publish.
+        Ok(answered)
+    }
+}
+
+/// A publish between its turn and the hand-over of its confirm. Dropped half-way (the caller's future dropped),
+/// it finishes in a task of its own: the message may be on the wire, so its confirm must reach the settling.
+struct Handover {
+    turn: Option<OwnedMutexGuard<()>>,
+    sending: Option<BoxFuture<'static, Result<PublisherConfirm, lapin::Error>>>,
+    queue: mpsc::UnboundedSender<Pending>,
+    message_id: Option<String>,
+}
+
+impl Drop for Handover {
+    fn drop(&mut self) {
+        let Some(sending) = self.sending.take() else { return };
+        let (turn, queue, message_id) = (self.turn.take(), self.queue.clone(), self.message_id.take());
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Ok(confirm) = sending.await {
+                    // Nobody waits for this answer; the settling still collects the returns it carries.
+                    let (answer, _) = oneshot::channel();
+                    let _ = queue.send(Pending { message_id, confirm, answer });
+                }
+                drop(turn);
+            });
         }
     }
 }

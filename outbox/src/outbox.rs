@@ -131,9 +131,19 @@ impl<DB: Backend> Outbox<DB> {
         builder: EnvelopeBuilder,
         not_before: Option<DateTime<Utc>>,
     ) -> Result<Uuid, OutboxError> {
+        self.insert(conn, builder, not_before, Some(&self.wake_local())).await
+    }
+
+    /// Writes one event through `conn`, to be published from `not_before` on, with `wake` for the commit.
+    async fn insert(
+        &self,
+        conn: &mut DB::Connection,
+        builder: EnvelopeBuilder,
+        not_before: Option<DateTime<Utc>>,
+        wake: Option<&WakeLocal>,
+    ) -> Result<Uuid, OutboxError> {
         let envelope = self.envelope(builder)?;
-        let wake = self.wake_local();
-        DB::insert_outbox(conn, &self.inner.sql, std::slice::from_ref(&envelope), not_before, Some(&wake)).await?;
+        DB::insert_outbox(conn, &self.inner.sql, std::slice::from_ref(&envelope), not_before, wake).await?;
         Ok(envelope.id())
     }
 
@@ -171,9 +181,7 @@ impl<DB: Backend> Outbox<DB> {
         builder: EnvelopeBuilder,
         not_before: Option<DateTime<Utc>>,
     ) -> Result<Uuid, OutboxError> {
-        let envelope = self.envelope(builder)?;
-        DB::insert_outbox(conn, &self.inner.sql, std::slice::from_ref(&envelope), not_before, None).await?;
-        Ok(envelope.id())
+        self.insert(conn, builder, not_before, None).await
     }
 
     /// Tells the relays that events were committed: the ones in this process wake at once, others through a

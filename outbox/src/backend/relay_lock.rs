@@ -159,6 +159,19 @@ fn is_at(_file: &File, _path: &Path) -> bool {
     false
 }
 
+/// Removes relay `relay`'s lock file while its lock is held (`file`), then lets the lock go; in memory, its entry.
+fn remove_while_held(relay: Uuid, file: Option<(File, PathBuf)>) {
+    match file {
+        Some((file, path)) => {
+            let _ = std::fs::remove_file(&path);
+            drop(file);
+        }
+        None => {
+            in_process().remove(&relay);
+        }
+    }
+}
+
 /// What a probe found.
 #[derive(Debug)]
 pub(crate) enum Probe {
@@ -183,15 +196,7 @@ impl DeadRelay {
     /// Removes the dead relay's lock file (then lets the lock go): only once its registration is deleted.
     pub fn bury(mut self) {
         self.buried = true;
-        match self.file.take() {
-            Some((file, path)) => {
-                let _ = std::fs::remove_file(&path);
-                drop(file);
-            }
-            None => {
-                in_process().remove(&self.relay);
-            }
-        }
+        remove_while_held(self.relay, self.file.take());
     }
 }
 
@@ -218,15 +223,7 @@ impl RelayLock {
     /// Releases the lock and removes its file: only once the relay's registration is deleted, so that nobody
     /// is left with a registration to probe and no file.
     pub fn release(mut self) {
-        match self.file.take() {
-            Some((file, path)) => {
-                let _ = std::fs::remove_file(&path);
-                drop(file);
-            }
-            None => {
-                in_process().remove(&self.relay);
-            }
-        }
+        remove_while_held(self.relay, self.file.take());
     }
 }
 

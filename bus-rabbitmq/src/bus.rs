@@ -139,17 +139,15 @@ impl RabbitBus {
         }
         envelope.check_payload_limit(inner.config.max_payload_bytes)?;
         let (id, key) = (envelope.id(), envelope.partition_key().map(str::to_owned));
-        let session = match inner.link.session(inner.config.publish_timeout).await {
-            Ok(session) => session,
-            Err(error) => {
-                inner.order.unsent(key.as_deref(), id);
-                return Err(error);
-            }
-        };
+        // Until the fence lets it through, an end of any kind (no connection, a caller's future dropped while it
+        // waits) leaves it unsent: its key waits for it.
+        let not_yet_cleared = Unsent { order: &inner.order, key: key.as_deref(), id };
+        let session = inner.link.session(inner.config.publish_timeout).await?;
         let generation = session.generation;
         let permit = inner.window.clone().acquire_owned().await.map_err(|_| BusError::Closed)?;
         // Resolved with the broker's answer below; dropped on the way (the caller's future cancelled), as lost.
         let cleared = inner.order.clear(key.as_deref(), id, generation, inner.config.publish_timeout).await?;
+        std::mem::forget(not_yet_cleared);
         let published = session
             .publisher
             .publish(
@@ -217,6 +215,20 @@ impl RabbitBus {
             let _ = answer_tx.send(result);
         });
         Ok(confirmation)
+    }
+}
+
+/// Marks event `id` of key `key` unsent when dropped (see [`PublishOrder::unsent`]); forgotten once the fence let
+/// the publish through.
+struct Unsent<'a> {
+    order: &'a PublishOrder,
+    key: Option<&'a str>,
+    id: uuid::Uuid,
+}
+
+impl Drop for Unsent<'_> {
+    fn drop(&mut self) {
+        self.order.unsent(self.key, self.id);
     }
 }
 

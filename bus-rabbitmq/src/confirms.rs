@@ -8,8 +8,14 @@
 //! broker sends a message's return before its ack, and lapin processes frames in order, so once a message's
 //! ack has been processed its return is attached to a confirm already settled by lapin, at the latest in the
 //! same ack frame. The settling task therefore waits for the oldest answer, then for a round trip on the same
-//! channel (every frame before its reply, that ack frame included, has been processed by then), collects the
-//! returns of every answered confirm, and only then tells each answered publish what became of it.
+//! channel (every frame before its reply, that ack frame included, has been processed by then), then takes the
+//! publish turn (every message on the wire is in its queue then, newer ones included, whose confirms may carry
+//! an older message's return), collects the returns of every answered confirm, and only then tells each
+//! answered publish what became of it.
+//!
+//! Limits: a return is matched by the message id (a message without one keeps lapin's pairing); while the
+//! connection is blocked by the broker (`connection.blocked`), the publish holding the turn cannot finish, so
+//! answers wait too (callers give up after their confirm deadline and publish again).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -176,15 +182,18 @@ async fn settle(channel: Channel, publishing: Arc<Mutex<()>>, mut queue: mpsc::U
                 continue;
             }
         }
-        // Every message on the wire is in the queue once no publish is between its first frame and its hand-over.
-        drop(publishing.lock().await);
+        // Every frame read before the reply to this has been processed: the ack frames that settled the answered
+        // confirms included, with every confirm they settled. (A failed round trip means a dead channel, whose
+        // confirms all fail.)
+        let barrier = channel.basic_qos(0, BasicQosOptions::default());
+        let _ = tokio::time::timeout(BARRIER_TIMEOUT, barrier).await;
+        // Then, with the publish turn held until the answers are given, every message on the wire is in the
+        // queue: a confirm that carries an answered message's return (lapin may give it to a newer message of
+        // the same ack frame) is harvested with the rest.
+        let turn = publishing.lock().await;
         while let Ok(pending) = queue.try_recv() {
             in_flight.push_back(InFlight { pending, answered: None });
         }
-        // Every frame before the reply to this has been processed: every return of an answered message is on
-        // an answered confirm now. (A failed round trip means a dead channel, whose confirms all fail.)
-        let barrier = channel.basic_qos(0, BasicQosOptions::default());
-        let _ = tokio::time::timeout(BARRIER_TIMEOUT, barrier).await;
         for flight in &mut in_flight {
             if flight.answered.is_none() {
                 flight.answered = (&mut flight.pending.confirm).now_or_never();
@@ -213,17 +222,14 @@ async fn settle(channel: Channel, publishing: Arc<Mutex<()>>, mut queue: mpsc::U
             };
             let _ = pending.answer.send(outcome);
         }
-        // A return belongs to a message on the wire, which is in flight once no publish is mid-hand-over (it may
-        // be newer than every confirm settled here: lapin may have handed its return to an older one). Forget
-        // the others: their publish was settled without them (none should be left).
+        // A return belongs to a message on the wire, all in flight while the turn is held (it may be newer than
+        // every confirm settled here: lapin may have handed its return to an older one). Forget the others:
+        // their publish was settled without them (none should be left).
         if !returned.is_empty() {
-            drop(publishing.lock().await);
-            while let Ok(pending) = queue.try_recv() {
-                in_flight.push_back(InFlight { pending, answered: None });
-            }
             let flying: HashSet<&str> = in_flight.iter().filter_map(|f| f.pending.message_id.as_deref()).collect();
             returned.retain(|id, _| flying.contains(id.as_str()));
         }
+        drop(turn);
     }
 }
 

@@ -4,7 +4,7 @@
 //! a foreign service that sends only the required properties is understood. A message that cannot be understood
 //! is a [`Poison`]: it goes to the dead-letter queue with the reason, never back to the handler.
 
-use bus_core::{Envelope, EventTypeName, TraceContext};
+use bus_core::{BusError, Envelope, EventTypeName, TraceContext};
 use chrono::{DateTime, SecondsFormat, Utc};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -154,25 +154,42 @@ pub(crate) fn envelope(properties: &BasicProperties, body: &[u8], max_payload: u
         })
         .unwrap_or_else(Utc::now);
     let causation = header_str(properties, H_CAUSATION).and_then(|c| Uuid::parse_str(&c).ok());
-    let mut builder = Envelope::builder(event_type, body.to_vec())
-        .id(id)
-        .version(version)
-        .occurred_at(occurred_at)
-        .causation_id(causation)
-        .partition_key(header_str(properties, H_PARTITION_KEY))
-        .sequence(header_int(properties, H_OUTBOX_SEQ))
-        .trace(
-            TraceContext::new(header_str(properties, H_TRACEPARENT), header_str(properties, H_TRACESTATE))
-                .map_err(|e| Poison(e.to_string()))?,
-        )
-        .max_payload_bytes(max_payload);
-    if let Some(correlation) = properties.correlation_id() {
-        builder = builder.correlation_id(correlation.as_str());
+    // Lenient with what a foreign publisher may get wrong in metadata (CONTRACT: only what can never succeed is
+    // dead-lettered): a trace header, correlation id or app id that breaks the limits is dropped, not fatal.
+    let valid_trace = |header: &str| {
+        header_str(properties, header).filter(|value| TraceContext::new(Some(value.clone()), None).is_ok())
+    };
+    let trace = TraceContext::new(valid_trace(H_TRACEPARENT), valid_trace(H_TRACESTATE)).unwrap_or_default();
+    let mut correlation = properties.correlation_id().as_ref().map(|c| c.as_str());
+    let mut source = properties.app_id().as_ref().map(|a| a.as_str());
+    loop {
+        let mut builder = Envelope::builder(event_type.clone(), body.to_vec())
+            .id(id)
+            .version(version)
+            .occurred_at(occurred_at)
+            .causation_id(causation)
+            .partition_key(header_str(properties, H_PARTITION_KEY))
+            .sequence(header_int(properties, H_OUTBOX_SEQ))
+            .trace(trace.clone())
+            .max_payload_bytes(max_payload);
+        if let Some(correlation) = correlation {
+            builder = builder.correlation_id(correlation);
+        }
+        if let Some(source) = source {
+            builder = builder.source(source);
+        }
+        match builder.build() {
+            Err(BusError::InvalidEnvelope { field: "correlation_id", reason }) if correlation.is_some() => {
+                tracing::debug!(event_id = %id, %reason, "correlation_id dropped (the event id stands in)");
+                correlation = None;
+            }
+            Err(BusError::InvalidEnvelope { field: "source", reason }) if source.is_some() => {
+                tracing::debug!(event_id = %id, %reason, "app_id dropped");
+                source = None;
+            }
+            built => return built.map_err(|e| Poison(e.to_string())),
+        }
     }
-    if let Some(app) = properties.app_id() {
-        builder = builder.source(app.as_str());
-    }
-    builder.build().map_err(|e| Poison(e.to_string()))
 }
 
 fn truncate(s: &str) -> String {
@@ -182,6 +199,31 @@ fn truncate(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bad_metadata_of_a_foreign_publisher_is_dropped_not_fatal() {
+        let id = Uuid::now_v7();
+        let mut headers = FieldTable::default();
+        headers.insert(H_TRACEPARENT.into(), long("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"));
+        headers.insert(H_TRACESTATE.into(), long(&"a".repeat(600)));
+        let props = BasicProperties::default()
+            .with_message_id(id.to_string().into())
+            .with_type("OrderPaid".into())
+            .with_app_id("".into())
+            .with_correlation_id("".into())
+            .with_headers(headers);
+        let envelope = envelope(&props, b"{}", 1024).expect("handled, not dead-lettered");
+        assert_eq!(envelope.correlation_id(), id.to_string(), "the event id stands in");
+        assert_eq!(envelope.source(), None);
+        assert_eq!(envelope.trace().tracestate(), None, "the oversized tracestate is dropped");
+        assert!(envelope.trace().traceparent().is_some(), "the valid traceparent is kept");
+        let no_id = BasicProperties::default().with_type("OrderPaid".into());
+        assert!(envelope_of(&no_id).is_err(), "what can never succeed still is poison");
+    }
+
+    fn envelope_of(props: &BasicProperties) -> Result<Envelope, Poison> {
+        envelope(props, b"{}", 1024)
+    }
 
     #[test]
     fn round_trip_keeps_every_field() {

@@ -190,6 +190,12 @@ impl RabbitBus {
                 }
                 Ok(Ok(Outcome::Returned)) => Err(BusError::Unroutable { event_type }),
                 Ok(Ok(Outcome::Nacked)) => Err(BusError::Nacked { event_id: id, reason: "basic.nack".into() }),
+                Ok(Ok(Outcome::Unchecked)) => {
+                    inner.link.report_trouble();
+                    Err(BusError::ConfirmationLost(
+                        "acknowledged, but whether it was returned could not be checked".into(),
+                    ))
+                }
                 Ok(Ok(Outcome::NotRequested)) => {
                     Err(BusError::ConfirmationLost("publisher confirms are not enabled".into()))
                 }

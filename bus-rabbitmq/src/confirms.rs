@@ -40,6 +40,9 @@ pub(crate) enum Outcome {
     Failed(lapin::Error),
     /// The channel is not in confirm mode (a bug: every channel here is).
     NotRequested,
+    /// Acknowledged, but the round trip that proves its return (if any) was seen failed or timed out: it may
+    /// have been returned, so it must be treated as not confirmed (published again, never taken as delivered).
+    Unchecked,
 }
 
 /// A confirm-mode channel with its ordered confirm path. Cheap to share (`Arc`).
@@ -58,8 +61,8 @@ struct Pending {
     answer: oneshot::Sender<Outcome>,
 }
 
-/// A round trip that takes longer means a half-dead connection: settle what is answered anyway (its publishers
-/// give up on their own deadline).
+/// A round trip that takes longer means a half-dead connection: what is answered is settled, an ack as
+/// [`Outcome::Unchecked`].
 const BARRIER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl ConfirmedChannel {
@@ -186,7 +189,7 @@ async fn settle(channel: Channel, publishing: Arc<Mutex<()>>, mut queue: mpsc::U
         // confirms included, with every confirm they settled. (A failed round trip means a dead channel, whose
         // confirms all fail.)
         let barrier = channel.basic_qos(0, BasicQosOptions::default());
-        let _ = tokio::time::timeout(BARRIER_TIMEOUT, barrier).await;
+        let checked = matches!(tokio::time::timeout(BARRIER_TIMEOUT, barrier).await, Ok(Ok(())));
         // Then, with the publish turn held until the answers are given, every message on the wire is in the
         // queue: a confirm that carries an answered message's return (lapin may give it to a newer message of
         // the same ack frame) is harvested with the rest.
@@ -216,6 +219,7 @@ async fn settle(channel: Channel, publishing: Arc<Mutex<()>>, mut queue: mpsc::U
             let outcome = match answered {
                 Err(error) => Outcome::Failed(error),
                 Ok(_) if own_return => Outcome::Returned,
+                Ok(Confirmation::Ack(_)) if !checked => Outcome::Unchecked,
                 Ok(Confirmation::Ack(_)) => Outcome::Confirmed,
                 Ok(Confirmation::Nack(_)) => Outcome::Nacked,
                 Ok(Confirmation::NotRequested) => Outcome::NotRequested,

@@ -44,7 +44,7 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
         sql: &Sql,
         envelopes: &[Envelope],
         not_before: Option<DateTime<Utc>>,
-        wake: Option<&WakeLocal>,
+        wake: Option<&WakeAtCommit>,
     ) -> Result<(), OutboxError>;
 
     /// Of the transactions `xids` (PostgreSQL), the ones a new snapshot sees as ended (committed or rolled back,
@@ -193,7 +193,7 @@ pub trait CommitWake: Send + Sync {
 
 /// The wake-up an insert gets.
 #[doc(hidden)]
-pub type WakeLocal = std::sync::Arc<dyn CommitWake>;
+pub type WakeAtCommit = std::sync::Arc<dyn CommitWake>;
 
 /// A relay's proof of liveness: while it is held, other relays leave the relay's leased rows alone until their
 /// lease ends; once it is gone (process killed, connection lost), they take the rows over at once.

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{Pool, Transaction};
 use uuid::Uuid;
 
-use crate::backend::{Backend, CommitWake, WakeLocal};
+use crate::backend::{Backend, CommitWake, WakeAtCommit};
 use crate::commit_watch::CommitWatch;
 use crate::config::OutboxConfig;
 use crate::error::OutboxError;
@@ -140,7 +140,7 @@ impl<DB: Backend> Outbox<DB> {
         conn: &mut DB::Connection,
         builder: EnvelopeBuilder,
         not_before: Option<DateTime<Utc>>,
-        wake: Option<&WakeLocal>,
+        wake: Option<&WakeAtCommit>,
     ) -> Result<Uuid, OutboxError> {
         let envelope = self.envelope(builder)?;
         DB::insert_outbox(conn, &self.inner.sql, std::slice::from_ref(&envelope), not_before, wake).await?;
@@ -202,7 +202,7 @@ impl<DB: Backend> Outbox<DB> {
     }
 
     /// What wakes the relays after a commit of the caller's own (it does not keep the outbox alive).
-    fn wake_local(&self) -> WakeLocal {
+    fn wake_local(&self) -> WakeAtCommit {
         Arc::new(OutboxWake(Arc::downgrade(&self.inner)))
     }
 

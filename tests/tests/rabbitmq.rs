@@ -17,6 +17,28 @@ use lapin::types::{AMQPValue, FieldTable};
 
 const WAIT: Duration = Duration::from_secs(30);
 
+/// Subscribes group `group` to `Numbered` events, recording each handled one's `seq` in arrival order.
+async fn recording_consumer(
+    bus: &bus_rabbitmq::RabbitBus,
+    group: &str,
+) -> (bus_core::SubscriptionHandle, Arc<Mutex<Vec<u32>>>) {
+    let handled: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let h = handled.clone();
+    let handle = bus
+        .subscribe(Subscription::new(GroupName::new(group).unwrap()).on::<Numbered, _>(
+            move |e: Numbered, _ctx: DeliveryContext| {
+                let handled = h.clone();
+                async move {
+                    handled.lock().unwrap().push(e.seq);
+                    Ok(())
+                }
+            },
+        ))
+        .await
+        .unwrap();
+    (handle, handled)
+}
+
 fn text(value: &AMQPValue) -> String {
     match value {
         AMQPValue::LongString(s) => String::from_utf8(s.as_bytes().to_vec()).unwrap(),
@@ -158,20 +180,7 @@ async fn unroutable_events_in_a_pipelined_batch_fail_and_only_they_do() {
     let bus = rabbit_bus(|_| {}).await;
     let exchange = bus.config().exchange.clone();
     let group = unique("svc");
-    let handled = Arc::new(Mutex::new(HashSet::new()));
-    let h = handled.clone();
-    let handle = bus
-        .subscribe(Subscription::new(GroupName::new(&group).unwrap()).on::<Numbered, _>(
-            move |e: Numbered, _ctx: DeliveryContext| {
-                let handled = h.clone();
-                async move {
-                    handled.lock().unwrap().insert(e.seq);
-                    Ok(())
-                }
-            },
-        ))
-        .await
-        .unwrap();
+    let (handle, handled) = recording_consumer(&bus, &group).await;
     let routable = EventTypeName::new(<Numbered as bus_core::IntegrationEvent>::TYPE_NAME).unwrap();
     let nobody = EventTypeName::new("NobodySubscribes").unwrap();
     let (mut wrong, mut sent_routable) = (Vec::new(), 0);
@@ -225,7 +234,7 @@ async fn unroutable_events_in_a_pipelined_batch_fail_and_only_they_do() {
     }
     assert!(wrong.is_empty(), "with cancelled publishes among them: {:?}", &wrong[..wrong.len().min(5)]);
     wait_until("every routable event handled", WAIT, || async {
-        handled.lock().unwrap().iter().filter(|&&seq| seq < 10_000).count() == sent_routable
+        handled.lock().unwrap().iter().filter(|&&seq| seq < 10_000).collect::<HashSet<_>>().len() == sent_routable
     })
     .await;
     handle.shutdown().await;
@@ -238,20 +247,7 @@ async fn poison_messages_are_dead_lettered_with_reasons_while_good_ones_flow() {
     let bus = rabbit_bus(|c| c.max_payload_bytes = 1024).await;
     let exchange = bus.config().exchange.clone();
     let group = unique("svc");
-    let handled = Arc::new(Mutex::new(Vec::new()));
-    let h = handled.clone();
-    let handle = bus
-        .subscribe(Subscription::new(GroupName::new(&group).unwrap()).on::<Numbered, _>(
-            move |e: Numbered, _ctx: DeliveryContext| {
-                let handled = h.clone();
-                async move {
-                    handled.lock().unwrap().push(e.seq);
-                    Ok(())
-                }
-            },
-        ))
-        .await
-        .unwrap();
+    let (handle, handled) = recording_consumer(&bus, &group).await;
     let plain = plain_amqp().await;
     let publish = |routing: &'static str, to_queue: bool, body: Vec<u8>, props: BasicProperties| {
         let (plain, exchange, group) = (plain.clone(), exchange.clone(), group.clone());

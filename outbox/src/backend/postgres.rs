@@ -89,7 +89,7 @@ impl Backend for Postgres {
         sql: &Sql,
         envelopes: &[Envelope],
         not_before: Option<chrono::DateTime<chrono::Utc>>,
-        wake: Option<&super::WakeLocal>,
+        wake: Option<&super::WakeAtCommit>,
     ) -> Result<(), OutboxError> {
         // One statement, so that the rows are all written or none, whether `conn` is in a transaction or not (a
         // raw `BEGIN` of the caller's is no transaction sqlx knows of: none is opened here). With `wake`, it

@@ -204,7 +204,7 @@ impl Backend for Sqlite {
         sql: &Sql,
         envelopes: &[Envelope],
         not_before: Option<chrono::DateTime<chrono::Utc>>,
-        wake: Option<&super::WakeLocal>,
+        wake: Option<&super::WakeAtCommit>,
     ) -> Result<(), OutboxError> {
         if envelopes.is_empty() {
             return Ok(());

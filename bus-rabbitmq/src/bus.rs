@@ -24,8 +24,11 @@ use crate::{dead_letters, topology, wire};
 /// How long a publish waits for the broker's answer before it counts as lost.
 const CONFIRM_GIVE_UP: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// The longest retry schedule of a partitioned group (retries in place), well within RabbitMQ's default
-/// `consumer_timeout` of 30 minutes.
+/// How long [`RabbitBus::shutdown`] waits for the broker's answers to the publishes in flight.
+pub const SHUTDOWN_CONFIRM_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The longest retry schedule a subscription may have: keyed events (every event of a partitioned group) retry
+/// in place, unacknowledged, and this stays well within RabbitMQ's default `consumer_timeout` of 30 minutes.
 pub const MAX_IN_PLACE_RETRY_HORIZON: std::time::Duration = std::time::Duration::from_secs(10 * 60);
 
 /// The RabbitMQ event bus. Cheap to clone: clones share one connection. Call [`shutdown`](Self::shutdown)
@@ -40,7 +43,10 @@ struct Inner {
     link: Arc<Link>,
     window: Arc<Semaphore>,
     stats: Arc<Stats>,
+    /// Stops publishing and consuming (first step of [`RabbitBus::shutdown`]).
     stop: CancellationToken,
+    /// Closes the connection: only once the consumers finished and the confirms in flight are answered.
+    link_stop: CancellationToken,
     consumers: TaskTracker,
     partitioned: std::sync::Mutex<std::collections::HashMap<GroupName, bool>>,
     order: PublishOrder,
@@ -61,10 +67,10 @@ impl RabbitBus {
     pub async fn connect(config: RabbitConfig) -> Result<Self, BusError> {
         config.validate()?;
         let config = Arc::new(config);
-        let stop = CancellationToken::new();
-        let link = Link::start(config.clone(), stop.clone());
+        let (stop, link_stop) = (CancellationToken::new(), CancellationToken::new());
+        let link = Link::start(config.clone(), link_stop.clone());
         if let Err(error) = link.session(config.publish_timeout).await {
-            stop.cancel();
+            link_stop.cancel();
             return Err(error);
         }
         Ok(Self {
@@ -74,6 +80,7 @@ impl RabbitBus {
                 link,
                 stats: Arc::default(),
                 stop,
+                link_stop,
                 consumers: TaskTracker::new(),
                 partitioned: std::sync::Mutex::default(),
                 order: PublishOrder::default(),
@@ -96,12 +103,23 @@ impl RabbitBus {
         self.inner.link.session(std::time::Duration::ZERO).await.is_ok()
     }
 
-    /// Stops every subscription gracefully (no new deliveries; those in hand are finished and acknowledged),
-    /// then closes the connection.
+    /// Stops gracefully, in this order: new publishes and subscriptions are refused and every subscription
+    /// stops taking deliveries; the deliveries in hand are finished and acknowledged (partitioned instances hand
+    /// their partitions over and say they leave); the publishes in flight get their broker's answer (at most
+    /// [`SHUTDOWN_CONFIRM_WAIT`]; one still unanswered then resolves as lost); only then is the connection closed.
+    /// So a deploy redelivers nothing that was finished here.
     pub async fn shutdown(&self) {
-        self.inner.stop.cancel();
-        self.inner.consumers.close();
-        self.inner.consumers.wait().await;
+        let inner = &self.inner;
+        inner.stop.cancel();
+        inner.consumers.close();
+        inner.consumers.wait().await;
+        let window = u32::try_from(inner.config.confirm_window).unwrap_or(u32::MAX);
+        let drained = tokio::time::timeout(SHUTDOWN_CONFIRM_WAIT, inner.window.acquire_many(window)).await;
+        if drained.is_err() {
+            tracing::warn!(wait = ?SHUTDOWN_CONFIRM_WAIT, "publishes still unanswered at shutdown: they count as lost");
+        }
+        inner.link_stop.cancel();
+        inner.link.closed().await;
     }
 }
 
@@ -214,7 +232,9 @@ impl RabbitBus {
             };
             let answer = match &result {
                 Ok(()) => Answer::Confirmed,
-                Err(BusError::ConfirmationLost(_)) => Answer::Lost,
+                // A nacked event is not in the queue: like a lost one, it holds back the later events of its key
+                // until it is published again.
+                Err(BusError::ConfirmationLost(_) | BusError::Nacked { .. }) => Answer::Lost,
                 Err(_) => Answer::Other,
             };
             cleared.resolve(answer);
@@ -267,14 +287,15 @@ impl EventBus for RabbitBus {
             return Err(BusError::Closed);
         }
         let retry = spec.retry.clone().unwrap_or_else(|| inner.config.retry.clone());
-        if spec.partitions.is_some() && retry.horizon() > MAX_IN_PLACE_RETRY_HORIZON {
-            // Retries in place keep the delivery unacknowledged; RabbitMQ closes a channel whose delivery stays
-            // unacknowledged past its consumer_timeout (30 min by default).
+        if retry.horizon() > MAX_IN_PLACE_RETRY_HORIZON {
+            // Keyed events (every event of a partitioned group) retry in place: the delivery stays
+            // unacknowledged, and RabbitMQ closes a channel whose delivery stays unacknowledged past its
+            // consumer_timeout (30 min by default).
             return Err(BusError::invalid_config(
                 "retry",
                 format!(
-                    "a partitioned group retries in place, so its retry schedule must end within {} minutes \
-                     (this one takes {:?})",
+                    "keyed events retry in place, so the retry schedule must end within {} minutes (this one takes \
+                     {:?})",
                     MAX_IN_PLACE_RETRY_HORIZON.as_secs() / 60,
                     retry.horizon()
                 ),
@@ -290,6 +311,7 @@ impl EventBus for RabbitBus {
             stats: counters.clone(),
             partitions: spec.partitions,
             member_id: format!("{}-{}", spec.group, uuid::Uuid::now_v7().simple()),
+            in_place: Default::default(),
         });
         let stop = inner.stop.child_token();
         let (ready_tx, ready) = oneshot::channel();

@@ -4,8 +4,10 @@
 //! order; others in parallel, up to the instance's concurrency. If a delivery cannot be settled (the retry or
 //! dead-letter publish fails), it and the later deliveries of its key stay unacknowledged and the consumption
 //! restarts on a new channel: closing the old one returns them to the queue in order (at worst redelivered; the
-//! inbox drops duplicates). A partitioned group retries in place (the delivery stays unacknowledged through its
-//! delays), so that the later events of its key never overtake it.
+//! inbox drops duplicates). A keyed event, and any event of a partitioned group, retries in place (the delivery
+//! stays unacknowledged through its delays, without holding a handler permit), so that the later events of its
+//! key never overtake it while other keys go on; a keyless event of an unpartitioned group retries through
+//! `<group>.retry`. The attempts reached in place survive a restart of the consumption in this process.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -27,6 +29,8 @@ use crate::confirms::ConfirmedChannel;
 use crate::link::{Link, Session};
 use crate::stats::Stats;
 use crate::topology;
+use attempts::InPlaceAttempts;
+mod attempts;
 mod key_order;
 mod partitions;
 mod settlement;
@@ -42,6 +46,8 @@ pub(crate) struct Instance {
     pub(crate) partitions: Option<u16>,
     /// This instance's id among the group's members (partitioned groups), the same across reconnections.
     pub(crate) member_id: String,
+    /// Where the events it retries in place stand, across restarts of its consumption.
+    pub(crate) in_place: InPlaceAttempts,
 }
 
 type KeyTails = Mutex<HashMap<String, Shared<oneshot::Receiver<bool>>>>;

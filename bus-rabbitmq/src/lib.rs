@@ -46,7 +46,7 @@ mod stats;
 mod topology;
 mod wire;
 
-pub use bus::{MAX_IN_PLACE_RETRY_HORIZON, RabbitBus};
+pub use bus::{MAX_IN_PLACE_RETRY_HORIZON, RabbitBus, SHUTDOWN_CONFIRM_WAIT};
 pub use config::{AmqpUrl, QueueType, RabbitConfig};
 pub use stats::RabbitStats;
 pub use wire::{PARTITION_BUCKETS, partition_bucket};

@@ -36,6 +36,8 @@ pub(crate) struct Link {
     trouble: Notify,
     generation: AtomicU64,
     stop: CancellationToken,
+    /// Cancelled when the supervisor is done (connection closed).
+    closed: CancellationToken,
 }
 
 pub(crate) fn transport(error: impl std::error::Error + Send + Sync + 'static) -> BusError {
@@ -50,6 +52,7 @@ impl Link {
             trouble: Notify::new(),
             generation: AtomicU64::new(0),
             stop,
+            closed: CancellationToken::new(),
         });
         tokio::spawn(link.clone().supervise());
         link
@@ -136,7 +139,9 @@ impl Link {
                     }
                     self.current.send_replace(None);
                     if self.stop.is_cancelled() {
-                        let _ = session.connection.close(200, "shutdown".into()).await;
+                        // Bounded: a half-dead connection may never answer the close.
+                        let close = session.connection.close(200, "shutdown".into());
+                        let _ = tokio::time::timeout(Duration::from_secs(5), close).await;
                         break;
                     }
                     tracing::warn!(url = %self.config.url, generation = session.generation, "RabbitMQ connection lost; reconnecting");
@@ -158,5 +163,11 @@ impl Link {
         }
         self.current.send_replace(None);
         tracing::info!(url = %self.config.url, "RabbitMQ connection closed");
+        self.closed.cancel();
+    }
+
+    /// Resolves once the supervisor has stopped and closed the connection (after its `stop`).
+    pub(crate) async fn closed(&self) {
+        self.closed.cancelled().await;
     }
 }

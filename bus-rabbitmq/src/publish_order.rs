@@ -7,8 +7,8 @@
 //! - a publish about to go out on a newer connection first waits until every publish sent on an older one has
 //!   its answer (a lost connection answers at once: its pending confirms fail; a confirm that never comes counts
 //!   as lost after 30 s);
-//! - a publish whose confirmation was lost, or that could not be sent (no connection, or refused by this
-//!   fence), marks its partition key: until that very event has been published again and confirmed, other
+//! - a publish whose confirmation was lost, that the broker nacked, or that could not be sent (no connection, or
+//!   refused by this fence), marks its partition key: until that very event has been published again and confirmed, other
 //!   events of the key are refused, unsent, and hold it back in their turn
 //!   ([`BusError::ConfirmationLost`](bus_core::BusError::ConfirmationLost)). Held-back events may go again: the
 //!   caller publishes them again in their order (the outbox relay does: it claims pending rows in order). A
@@ -32,9 +32,9 @@ pub(crate) const LOST_KEY_HOLD: Duration = Duration::from_secs(10 * 60);
 pub(crate) enum Answer {
     /// Confirmed: the broker has it.
     Confirmed,
-    /// The connection lost it (or it could not be sent): the broker may not have it.
+    /// The connection lost it, it could not be sent, or the broker refused it (nack): the queues may not have it.
     Lost,
-    /// Any other answer (nack, unroutable): the event holds back its key as before.
+    /// Any other answer (unroutable: no queue takes it, so no consumer's order depends on it).
     Other,
 }
 
@@ -131,8 +131,8 @@ impl PublishOrder {
         });
         if refused {
             return Err(BusError::ConfirmationLost(format!(
-                "an earlier event of partition key {:?} was lost with the connection; not sent, so that it cannot \
-                 overtake it",
+                "an earlier event of partition key {:?} was lost with a connection or refused by the broker, and \
+                 not confirmed since; not sent, so that it cannot overtake it",
                 key.unwrap_or_default()
             )));
         }

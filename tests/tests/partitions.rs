@@ -431,3 +431,67 @@ async fn partitioned_settings_are_checked() {
     bus.shutdown().await;
     delete_partitioned_topology(&exchange, &group, 4).await;
 }
+
+/// Keyed events retry in place on every group, partitioned or not: a key whose first event fails twice holds
+/// back only its own later events, never overtaken by them, and while it waits between attempts it holds no
+/// handler permit, so three such keys on an instance of concurrency 2 do not stall the other keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retrying_key_waits_in_place_and_holds_back_no_other_key() {
+    for partitions in [None, Some(2u16)] {
+        let bus = rabbit_bus(fast_membership).await;
+        let exchange = bus.config().exchange.clone();
+        let group = unique("svc");
+        let journal: Arc<Mutex<Vec<(String, u32, u32)>>> = Arc::default();
+        let j = journal.clone();
+        let retry = RetryPolicy::exponential(4, Duration::from_millis(300)).with_jitter(0.0);
+        let subscription = Subscription::new(GroupName::new(&group).unwrap())
+            .concurrency(2)
+            .retry(retry)
+            .on::<Numbered, _>(move |event: Numbered, ctx: DeliveryContext| {
+                let journal = j.clone();
+                async move {
+                    if event.key.starts_with("slow") && event.seq == 0 && ctx.attempt() < 3 {
+                        return Err(HandlerError::transient("not yet"));
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    journal.lock().unwrap().push((event.key, event.seq, ctx.attempt()));
+                    Ok(())
+                }
+            });
+        let subscription = match partitions {
+            Some(n) => subscription.partitions(n),
+            None => subscription,
+        };
+        let handle = bus.subscribe(subscription).await.expect("subscribe");
+        let keys = ["slow0", "slow1", "slow2", "f0", "f1", "f2", "f3", "f4", "f5"];
+        let mut confirmations = Vec::new();
+        for seq in 0..5 {
+            for key in keys {
+                let envelope =
+                    bus_core::Envelope::for_event(&Numbered { key: key.into(), seq }).unwrap().build().unwrap();
+                confirmations.push(bus.publish(envelope).await.unwrap());
+            }
+        }
+        for confirmation in confirmations {
+            confirmation.await.expect("confirmed");
+        }
+        wait_until("every event handled", WAIT, || async { journal.lock().unwrap().len() == 45 }).await;
+        let journal = journal.lock().unwrap().clone();
+        for key in keys {
+            let seqs: Vec<u32> = journal.iter().filter(|(k, _, _)| k == key).map(|(_, s, _)| *s).collect();
+            assert_eq!(seqs, vec![0, 1, 2, 3, 4], "{partitions:?}: key {key} in order: {journal:?}");
+        }
+        let first_slow = journal.iter().position(|(k, _, _)| k.starts_with("slow")).unwrap();
+        assert_eq!(
+            first_slow, 30,
+            "{partitions:?}: every event of the other keys went while the slow keys waited: {journal:?}"
+        );
+        assert_eq!(bus.stats().retried, 6, "{partitions:?}");
+        handle.shutdown().await;
+        bus.shutdown().await;
+        match partitions {
+            Some(n) => delete_partitioned_topology(&exchange, &group, n).await,
+            None => integration_tests::delete_topology(&exchange, &[&group]).await,
+        }
+    }
+}

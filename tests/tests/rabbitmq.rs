@@ -489,3 +489,121 @@ async fn a_scheduled_event_goes_out_through_rabbitmq_when_due() {
     bus.shutdown().await;
     delete_topology(&exchange, &[&group]).await;
 }
+
+/// `RabbitBus::shutdown` in the middle of a stream: every delivery the stopping bus had taken is finished and
+/// acknowledged before the connection closes, so the next consumer gets none of them again (0 redeliveries of
+/// what was handled), and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bus_shutdown_mid_stream_redelivers_nothing_it_finished() {
+    const EVENTS: u32 = 400;
+    let publisher = rabbit_bus(|_| {}).await;
+    let exchange = publisher.config().exchange.clone();
+    let group = unique("svc");
+    let handled: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let subscription = |handled: Arc<Mutex<Vec<u32>>>| {
+        Subscription::new(GroupName::new(&group).unwrap()).concurrency(8).on::<Numbered, _>(
+            move |e: Numbered, _ctx: DeliveryContext| {
+                let handled = handled.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    handled.lock().unwrap().push(e.seq);
+                    Ok(())
+                }
+            },
+        )
+    };
+    let first = rabbit_bus(|c| c.exchange = exchange.clone()).await;
+    let _first_handle = first.subscribe(subscription(handled.clone())).await.unwrap();
+    let mut confirmations = Vec::new();
+    for seq in 0..EVENTS {
+        let key = format!("k{}", seq % 10);
+        confirmations.push(
+            publisher.publish(Envelope::for_event(&Numbered { key, seq }).unwrap().build().unwrap()).await.unwrap(),
+        );
+    }
+    for confirmation in confirmations {
+        confirmation.await.unwrap();
+    }
+    wait_until("some handled", WAIT, || async { handled.lock().unwrap().len() > 40 }).await;
+    first.shutdown().await;
+    let finished: HashSet<u32> = handled.lock().unwrap().iter().copied().collect();
+    assert!(finished.len() < EVENTS as usize, "stopped before the end");
+    let second = rabbit_bus(|c| c.exchange = exchange.clone()).await;
+    let _second_handle = second.subscribe(subscription(handled.clone())).await.unwrap();
+    wait_until("every event handled", WAIT, || async {
+        handled.lock().unwrap().iter().collect::<HashSet<_>>().len() == EVENTS as usize
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let handled = handled.lock().unwrap().clone();
+    let redelivered = handled.len() - EVENTS as usize;
+    assert_eq!(
+        redelivered,
+        0,
+        "{redelivered} of the {} events finished before the shutdown came again",
+        finished.len()
+    );
+    second.shutdown().await;
+    publisher.shutdown().await;
+    delete_topology(&exchange, &[&group]).await;
+}
+
+/// A publish the broker nacks (its queue refuses it: `x-overflow=reject-publish`) holds back the later events of
+/// its key, as a lost one does, until it is published again and confirmed; other keys are not held back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nacked_event_holds_back_its_key_until_it_is_published_again() {
+    let bus = rabbit_bus(|_| {}).await;
+    let exchange = bus.config().exchange.clone();
+    let (full, group) = (unique("full"), unique("svc"));
+    let channel = plain_amqp().await;
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-max-length".into(), AMQPValue::LongInt(0));
+    arguments.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+    channel.queue_declare(full.as_str().into(), QueueDeclareOptions::default(), arguments).await.unwrap();
+    channel
+        .queue_bind(
+            full.as_str().into(),
+            exchange.as_str().into(),
+            "Refused".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let (_handle, handled) = recording_consumer(&bus, &group).await;
+    let refused = Envelope::builder(EventTypeName::new("Refused").unwrap(), b"{}".to_vec())
+        .partition_key(Some("k".into()))
+        .build()
+        .unwrap();
+    let err = bus.publish_confirmed(refused.clone()).await.unwrap_err();
+    assert!(matches!(err, BusError::Nacked { .. }), "{err}");
+    let next = |key: &str, seq| Envelope::for_event(&Numbered { key: key.into(), seq }).unwrap().build().unwrap();
+    let held = next("k", 1);
+    let err = bus.publish_confirmed(held.clone()).await.unwrap_err();
+    assert!(matches!(err, BusError::ConfirmationLost(_)), "the nacked event's key is held back: {err}");
+    bus.publish_confirmed(next("other", 2)).await.expect("another key goes on");
+    // Room in the queue: the nacked event goes again, then its key is free.
+    channel.queue_delete(full.as_str().into(), Default::default()).await.unwrap();
+    channel.queue_declare(full.as_str().into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
+    channel
+        .queue_bind(
+            full.as_str().into(),
+            exchange.as_str().into(),
+            "Refused".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    bus.publish_confirmed(refused).await.expect("published again");
+    // The held-back event holds back its key in its turn until it goes again, in its order (as the relay does).
+    let third = next("k", 3);
+    assert!(bus.publish_confirmed(third.clone()).await.is_err(), "held back until event 1 went again");
+    bus.publish_confirmed(held).await.expect("the held-back event goes");
+    bus.publish_confirmed(third).await.expect("the key goes on");
+    wait_until("all handled", WAIT, || async { handled.lock().unwrap().len() == 3 }).await;
+    assert_eq!(*handled.lock().unwrap(), vec![2, 1, 3]);
+    bus.shutdown().await;
+    channel.queue_delete(full.as_str().into(), Default::default()).await.unwrap();
+    delete_topology(&exchange, &[&group]).await;
+}

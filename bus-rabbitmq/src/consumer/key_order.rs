@@ -35,11 +35,11 @@ impl Instance {
             // A delivery whose predecessor was not settled stays unacknowledged too: both go back to the queue, in
             // order, when the channel closes (the consumer is stopping or restarting).
             let settled = predecessor_settled && {
-                let permit = lane.permits.clone().acquire_owned().await;
-                // A broken lane's deliveries go back to the queue: never start one.
-                let settled = !lane.broken.is_cancelled() && this.handle(delivery, decoded, &lane).await;
-                drop(permit);
-                settled
+                match lane.permits.clone().acquire_owned().await {
+                    // A broken lane's deliveries go back to the queue: never start one.
+                    Ok(permit) if !lane.broken.is_cancelled() => this.handle(delivery, decoded, &lane, permit).await,
+                    _ => false,
+                }
             };
             if let (Some((done, finished)), Some(key)) = (done, key) {
                 let _ = done.send(settled);

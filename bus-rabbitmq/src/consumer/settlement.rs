@@ -9,6 +9,7 @@ use bus_core::transport::Verdict;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use lapin::types::AMQPValue;
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::{Instance, Lane};
 use crate::side_publish::confirmed_publish;
@@ -19,11 +20,17 @@ impl Instance {
     /// Handles one delivery and settles it: acknowledged after the handler succeeded, or after it was
     /// confirmed in the retry or dead-letter queue. `false` if it was left unacknowledged (the lane is stopping,
     /// or broken because the retry/dead-letter publish failed).
+    ///
+    /// A keyed event (and any event of a partitioned group) retries in place: the delivery stays
+    /// unacknowledged through its delays, so the later events of its key wait behind it; meanwhile `permit` is
+    /// given back, so other keys go on. A keyless event of an unpartitioned group retries through
+    /// `<group>.retry`.
     pub(super) async fn handle(
         &self,
         delivery: Delivery,
         decoded: Result<bus_core::Envelope, Poison>,
         lane: &Lane,
+        mut permit: OwnedSemaphorePermit,
     ) -> bool {
         let mut attempt = wire::attempt(&delivery.properties);
         let envelope = match decoded {
@@ -33,30 +40,45 @@ impl Instance {
                 return self.dead_letter(&delivery, lane, attempt, &reason, DeadLetterCause::Permanent).await;
             }
         };
+        let in_place = self.partitions.is_some() || envelope.partition_key().is_some();
+        if let Some(standing) = self.in_place.standing(envelope.id()).filter(|s| s.next_attempt > attempt) {
+            // Back after a restart of the consumption: go on where the schedule stood.
+            attempt = standing.next_attempt;
+            let wait = standing.due.saturating_duration_since(std::time::Instant::now());
+            match self.wait_in_place(lane, permit, wait).await {
+                Some(again) => permit = again,
+                None => return false,
+            }
+        }
         loop {
             let (next_attempt, delay, error) = match self.dispatcher.dispatch(&envelope, attempt).await {
                 Verdict::Handled => {
                     self.stats.count_handled();
+                    self.in_place.forget(envelope.id());
                     ack(&delivery, lane).await;
                     return true;
                 }
                 Verdict::DeadLetter(error) => {
                     tracing::warn!(group = %self.group, event_id = %envelope.id(), attempt, %error, "event dead-lettered");
-                    return self
+                    let settled = self
                         .dead_letter(&delivery, lane, attempt, &error.to_string(), DeadLetterCause::of(&error))
                         .await;
+                    if settled {
+                        self.in_place.forget(envelope.id());
+                    }
+                    return settled;
                 }
                 Verdict::Retry { next_attempt, delay, error } => (next_attempt, delay, error),
             };
-            if self.partitions.is_some() {
-                // Partitioned: retry in place, so that the later events of its key wait for it.
+            if in_place {
                 self.stats.count_retried();
+                self.in_place.remember(envelope.id(), next_attempt, delay);
                 tracing::debug!(group = %self.group, event_id = %envelope.id(), attempt, ?delay, %error, "handling failed; retrying in place");
-                tokio::select! {
-                    // Handed over or stopping: the next owner gets it (and its key's later events) back in order.
-                    () = lane.stop.cancelled() => return false,
-                    () = lane.broken.cancelled() => return false,
-                    () = tokio::time::sleep(delay) => {}
+                match self.wait_in_place(lane, permit, delay).await {
+                    Some(again) => permit = again,
+                    // Stopping, handed over or broken: the next consumer gets it (and its key's later events)
+                    // back in order.
+                    None => return false,
                 }
                 attempt = next_attempt;
                 continue;
@@ -79,6 +101,24 @@ impl Instance {
             ack(&delivery, lane).await;
             return true;
         }
+    }
+
+    /// Waits `delay` before an attempt in place without holding a handler permit; the permit to run the attempt
+    /// with, or `None` if the lane stopped or broke meanwhile.
+    async fn wait_in_place(
+        &self,
+        lane: &Lane,
+        permit: OwnedSemaphorePermit,
+        delay: std::time::Duration,
+    ) -> Option<OwnedSemaphorePermit> {
+        drop(permit);
+        tokio::select! {
+            () = lane.stop.cancelled() => return None,
+            () = lane.broken.cancelled() => return None,
+            () = tokio::time::sleep(delay) => {}
+        }
+        let permit = lane.permits.clone().acquire_owned().await.ok()?;
+        (!lane.stop.is_cancelled() && !lane.broken.is_cancelled()).then_some(permit)
     }
 
     async fn dead_letter(

@@ -78,6 +78,17 @@ impl Subscription {
         self
     }
 
+    /// Wraps every handler added so far with `layer` (cross-cutting behaviour around handlers, as a tower layer
+    /// does: logging, metrics, fault injection in tests). `layer` gets the event type and the handler and returns
+    /// the handler to run instead; what it returns is what the bus runs, inside the same consumer span, timeout
+    /// and retry policy.
+    pub fn layer(mut self, mut layer: impl FnMut(&str, Arc<dyn EnvelopeHandler>) -> Arc<dyn EnvelopeHandler>) -> Self {
+        for (event_type, handler) in &mut self.handlers {
+            *handler = layer(event_type, handler.clone());
+        }
+        self
+    }
+
     /// Fails a handling that takes longer than `limit` (a transient failure: retried per the retry policy).
     /// The handler's future is dropped at the limit, so an inbox handler's transaction rolls back. No limit by
     /// default.

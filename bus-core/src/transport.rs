@@ -237,6 +237,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_layer_wraps_every_handler_added_before_it() {
+        struct Refuse;
+        #[async_trait::async_trait]
+        impl EnvelopeHandler for Refuse {
+            async fn handle(&self, ctx: DeliveryContext) -> Result<(), HandlerError> {
+                Err(HandlerError::permanent(format!("refused {}", ctx.envelope().event_type())))
+            }
+        }
+        let mut seen = Vec::new();
+        let d = dispatcher(
+            Subscription::new(GroupName::from_static("g"))
+                .on(|_e: Ping, _ctx: DeliveryContext| async { Ok(()) })
+                .layer(|event_type, _inner| {
+                    seen.push(event_type.to_owned());
+                    Arc::new(Refuse)
+                }),
+            RetryPolicy::no_retry(),
+        );
+        assert_eq!(seen, vec!["Ping".to_owned()]);
+        assert!(
+            matches!(d.dispatch(&envelope(0), 1).await, Verdict::DeadLetter(e) if e.to_string().contains("refused Ping"))
+        );
+    }
+
+    #[tokio::test]
     async fn a_handler_over_its_timeout_fails_transiently() {
         let d = dispatcher(
             Subscription::new(GroupName::from_static("g")).timeout(Duration::from_millis(20)).on(

@@ -2,7 +2,8 @@
 //! `SERVICE_NAME` / `BUS_EXCHANGE` to run side-by-side copies (tests), and `BUS_PARTITIONS` to partition the
 //! service's consumer group (per-key order across many instances, see `docs/partitions.md`), `RELAY_MAX_ATTEMPTS` and
 //! `RELAY_RETRY_DELAY_MS` for the relay's retry schedule (events the broker refuses while healthy; transport
-//! trouble never spends an attempt). Every value is checked here, before
+//! trouble never spends an attempt), and `FAULT_TRANSIENT_FAILURES` for the fault suite only ([`crate::faults`]).
+//! Every value is checked here, before
 //! anything starts; a bad one is refused with an error naming the variable, and no error or log ever shows a
 //! password.
 
@@ -46,6 +47,9 @@ pub struct ServiceEnv {
     /// The relay's settings: `RELAY_MAX_ATTEMPTS` (default 10) attempts for an event the broker refuses while
     /// healthy, the first retry after `RELAY_RETRY_DELAY_MS` (default 500), doubling up to 5 minutes.
     pub relay: RelayConfig,
+    /// `FAULT_TRANSIENT_FAILURES` (`<percent>:<seed>`): fault injection for the fault suite, see
+    /// [`crate::faults`]. Never set in production.
+    pub transient_faults: Option<crate::faults::TransientFaults>,
 }
 
 /// The local broker, used when `AMQP_URL` is not set.
@@ -117,7 +121,14 @@ impl ServiceEnv {
             relay.retry.initial_delay = std::time::Duration::from_millis(ms);
             relay.retry.max_delay = relay.retry.max_delay.max(relay.retry.initial_delay);
         }
-        Ok(Self { service, database, rabbit, http_addr, partitions, relay })
+        let transient_faults = match var("FAULT_TRANSIENT_FAILURES") {
+            None => None,
+            Some(value) => Some(
+                crate::faults::TransientFaults::parse(&value)
+                    .map_err(|reason| ConfigError::new("FAULT_TRANSIENT_FAILURES", reason))?,
+            ),
+        };
+        Ok(Self { service, database, rabbit, http_addr, partitions, relay, transient_faults })
     }
 
     /// The broker URL, password hidden.

@@ -31,6 +31,11 @@ pub struct DemoConfig {
     pub catalog_addr: SocketAddr,
     /// The ordering service's address (default 127.0.0.1:5102).
     pub ordering_addr: SocketAddr,
+    /// The catalog's and the ordering service's databases, instead of SQLite files in `data_dir` (the fault
+    /// suite runs the in-process bus on PostgreSQL this way).
+    pub databases: Option<(DatabaseUrl, DatabaseUrl)>,
+    /// How both services run (fault injection, relay settings).
+    pub options: ServiceOptions,
 }
 
 impl Default for DemoConfig {
@@ -39,6 +44,8 @@ impl Default for DemoConfig {
             data_dir: None,
             catalog_addr: catalog::DEFAULT_ADDR.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 5101))),
             ordering_addr: ordering::DEFAULT_ADDR.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 5102))),
+            databases: None,
+            options: ServiceOptions::default(),
         }
     }
 }
@@ -88,10 +95,16 @@ impl Demo {
         let mut running = Vec::new();
         for (service, listener) in [(Service::Catalog, catalog_listener), (Service::Ordering, ordering_listener)] {
             let name = GroupName::new(service.default_name())?;
-            let url = format!("sqlite://{}", data_dir.join(format!("{}.db", service.default_name())).display());
-            let database = DatabaseUrl::parse(&url)
-                .map_err(|reason| StartError::Config(crate::config::ConfigError::new("--data-dir", reason)))?;
-            let started = service.start(name, &database, shared.clone(), ServiceOptions::default()).await?;
+            let database = match (&config.databases, service) {
+                (Some((catalog, _)), Service::Catalog) => catalog.clone(),
+                (Some((_, ordering)), Service::Ordering) => ordering.clone(),
+                (None, _) => {
+                    let file = data_dir.join(format!("{}.db", service.default_name()));
+                    DatabaseUrl::parse(&format!("sqlite://{}", file.display()))
+                        .map_err(|reason| StartError::Config(crate::config::ConfigError::new("--data-dir", reason)))?
+                }
+            };
+            let started = service.start(name, &database, shared.clone(), config.options.clone()).await?;
             running.push((started, listener));
         }
         let stop = CancellationToken::new();

@@ -61,6 +61,9 @@ pub struct ServiceOptions {
     pub partitions: Option<u16>,
     /// The relay's settings (`RELAY_MAX_ATTEMPTS`, `RELAY_RETRY_DELAY_MS`; the rest at their defaults).
     pub relay: RelayConfig,
+    /// Fault injection for the fault suite (`FAULT_TRANSIENT_FAILURES`): handlers fail transiently for a seeded
+    /// share of events. `None` (the default) in any real deployment.
+    pub transient_faults: Option<crate::faults::TransientFaults>,
 }
 
 /// A service's database, outbox, inbox and bus, before it starts consuming and serving.
@@ -116,6 +119,10 @@ impl<DB: Backend> ServiceHost<DB> {
     /// # Errors
     /// The bus refused the subscription.
     pub async fn start(self, subscription: Subscription, api: Router) -> Result<RunningService, StartError> {
+        let subscription = match self.options.transient_faults {
+            Some(faults) => subscription.layer(|_, handler| faults.wrap(handler)),
+            None => subscription,
+        };
         let subscription = self.bus.subscribe(subscription).await?;
         let relay = self.outbox.relay(self.bus.clone(), self.options.relay.clone())?.spawn();
         let stop = CancellationToken::new();

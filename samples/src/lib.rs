@@ -22,6 +22,7 @@ pub mod config;
 pub mod database;
 pub mod demo;
 pub mod events;
+pub mod faults;
 pub mod host;
 pub mod ordering;
 
@@ -148,7 +149,8 @@ pub async fn run_from_env(service: Service) -> Result<(), StartError> {
     );
     let listener = host::listen(env.http_addr).await?;
     let bus = bus_rabbitmq::RabbitBus::connect(env.rabbit.clone()).await?;
-    let options = ServiceOptions { partitions: env.partitions, relay: env.relay.clone() };
+    let options =
+        ServiceOptions { partitions: env.partitions, relay: env.relay.clone(), transient_faults: env.transient_faults };
     let running = service.start(env.service.clone(), &env.database, Arc::new(bus.clone()), options).await?;
     let addr =
         listener.local_addr().map_err(|source| StartError::Listen { addr: env.http_addr.to_string(), source })?;

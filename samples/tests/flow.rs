@@ -162,7 +162,12 @@ async fn embedded_flow_keeps_every_invariant() {
     integration_tests::init_tracing();
     let local = "127.0.0.1:0".parse().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = DemoConfig { data_dir: Some(dir.path().to_path_buf()), catalog_addr: local, ordering_addr: local };
+    let config = DemoConfig {
+        data_dir: Some(dir.path().to_path_buf()),
+        catalog_addr: local,
+        ordering_addr: local,
+        ..DemoConfig::default()
+    };
     let demo = Demo::start(config).await.expect("demo starts");
     let client = demo.client.clone();
     let initial = seed(&client).await.expect("seeded");

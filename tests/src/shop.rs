@@ -158,6 +158,9 @@ pub struct Shop {
     pub catalog: ShopService,
     /// The ordering service.
     pub ordering: ShopService,
+    /// Both services in this process on the in-process bus ([`Shop::embedded`]); `None`: each its own process
+    /// on RabbitMQ.
+    pub embedded: Option<samples::demo::Demo>,
 }
 
 impl Shop {
@@ -184,7 +187,7 @@ impl Shop {
         }
         let ordering = services.pop().expect("two");
         let catalog = services.pop().expect("two");
-        let mut shop = Self { id, exchange, binary: binary.to_path_buf(), catalog, ordering };
+        let mut shop = Self { id, exchange, binary: binary.to_path_buf(), catalog, ordering, embedded: None };
         for service in [Service::Catalog, Service::Ordering] {
             let extra: Vec<(String, String)> = extra_env
                 .iter()
@@ -196,6 +199,40 @@ impl Shop {
         shop
     }
 
+    /// Both services in this process, on the in-process bus, each with a fresh PostgreSQL database, run with
+    /// `options`: the embedded demo's wiring on the production database. Such a shop cannot kill or restart a
+    /// service.
+    pub async fn embedded(options: samples::host::ServiceOptions) -> Self {
+        let id = Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let mut services = Vec::new();
+        for service in [Service::Catalog, Service::Ordering] {
+            let db_name = format!("{}_{id}", service.default_name());
+            let db_url = create_database(&db_name).await;
+            let pool = PgPool::connect(&db_url).await.expect("service database reachable");
+            services.push(ShopService {
+                service,
+                name: service.default_name().to_owned(),
+                process: None,
+                database: (db_name, db_url),
+                env: Vec::new(),
+                pool,
+            });
+        }
+        let ordering = services.pop().expect("two");
+        let catalog = services.pop().expect("two");
+        let url = |s: &ShopService| samples::config::DatabaseUrl::parse(&s.database.1).expect("a PostgreSQL URL");
+        let local: std::net::SocketAddr = "127.0.0.1:0".parse().expect("an address");
+        let config = samples::demo::DemoConfig {
+            catalog_addr: local,
+            ordering_addr: local,
+            databases: Some((url(&catalog), url(&ordering))),
+            options,
+            ..samples::demo::DemoConfig::default()
+        };
+        let demo = samples::demo::Demo::start(config).await.expect("embedded shop started");
+        Self { id, exchange: String::new(), binary: PathBuf::new(), catalog, ordering, embedded: Some(demo) }
+    }
+
     /// The service `service`.
     pub fn service(&mut self, service: Service) -> &mut ShopService {
         match service {
@@ -205,6 +242,7 @@ impl Shop {
     }
 
     async fn launch(&mut self, service: Service, extra_env: &[(String, String)]) {
+        assert!(self.embedded.is_none(), "an embedded shop runs both services in this process: no restart");
         let binary = self.binary.clone();
         let target = self.service(service);
         let mut env = target.env.clone();
@@ -228,12 +266,16 @@ impl Shop {
 
     /// A client of both services.
     pub fn client(&self) -> ShopClient {
+        if let Some(demo) = &self.embedded {
+            return demo.client.clone();
+        }
         let url = |s: &ShopService| s.process.as_ref().map(|p| p.url.clone()).expect("service running");
         ShopClient::new(url(&self.catalog), url(&self.ordering))
     }
 
     /// `kill -9` of `service`.
     pub async fn kill(&mut self, service: Service) {
+        assert!(self.embedded.is_none(), "an embedded shop runs both services in this process: no kill");
         if let Some(mut process) = self.service(service).process.take() {
             process.kill().await;
         }
@@ -247,9 +289,13 @@ impl Shop {
 
     /// Deletes the queues, the exchange and both databases.
     pub async fn teardown(mut self) {
-        self.kill(Service::Catalog).await;
-        self.kill(Service::Ordering).await;
-        delete_topology(&self.exchange, &[&self.catalog.name, &self.ordering.name]).await;
+        if let Some(demo) = self.embedded.take() {
+            demo.shutdown().await;
+        } else {
+            self.kill(Service::Catalog).await;
+            self.kill(Service::Ordering).await;
+            delete_topology(&self.exchange, &[&self.catalog.name, &self.ordering.name]).await;
+        }
         for service in [self.catalog, self.ordering] {
             service.pool.close().await;
             drop_database(&service.database.0).await;
@@ -258,6 +304,15 @@ impl Shop {
 
     /// Messages now in each service's dead-letter queue.
     pub async fn dead_letters(&self) -> u64 {
+        if let Some(demo) = &self.embedded {
+            use bus_core::DeadLetterQueue;
+            let mut total = 0;
+            for name in [&self.catalog.name, &self.ordering.name] {
+                let group = bus_core::GroupName::new(name).expect("a group name");
+                total += demo.bus.dead_letters(&group).await.map_or(0, |letters| letters.len() as u64);
+            }
+            return total;
+        }
         let channel = plain_amqp().await;
         let mut total = 0;
         for name in [&self.catalog.name, &self.ordering.name] {

@@ -44,8 +44,12 @@ async fn main() -> anyhow::Result<()> {
         unsafe { std::env::set_var("RUST_LOG", "warn,sqlx::query=error") };
     }
     samples::init_tracing();
-    let config =
-        DemoConfig { data_dir: args.data_dir, catalog_addr: args.catalog_addr, ordering_addr: args.ordering_addr };
+    let config = DemoConfig {
+        data_dir: args.data_dir,
+        catalog_addr: args.catalog_addr,
+        ordering_addr: args.ordering_addr,
+        ..DemoConfig::default()
+    };
     let demo = Demo::start(config).await.context("cannot start the demo")?;
     let client = demo.client.clone();
     let initial = seed(&client).await.context("cannot seed the catalog")?;

@@ -70,6 +70,6 @@ pub use event::IntegrationEvent;
 pub use handler::{DeliveryContext, EnvelopeHandler, FailureKind, Handler, HandlerError};
 pub use limits::{DEFAULT_MAX_PAYLOAD_BYTES, MAX_METADATA_LEN, MAX_TRACE_LEN};
 pub use name::{EventTypeName, GroupName, MAX_NAME_LEN};
-pub use retry::RetryPolicy;
+pub use retry::{MAX_RETRY_HORIZON, RetryPolicy};
 pub use subscription::{MAX_PARTITIONS, Subscription, SubscriptionHandle};
 pub use trace::TraceContext;

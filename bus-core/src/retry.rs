@@ -9,6 +9,12 @@ use std::time::Duration;
 
 use crate::error::BusError;
 
+/// The longest retry schedule ([`RetryPolicy::horizon`]) a subscription may have, on every bus: keyed events
+/// retry in place (the delivery stays unacknowledged and the later events of its key wait behind it), and on
+/// RabbitMQ this stays well within the broker's default `consumer_timeout` of 30 minutes, past which it closes
+/// the channel.
+pub const MAX_RETRY_HORIZON: Duration = Duration::from_secs(10 * 60);
+
 /// Retry schedule for failed handling. Validated by [`RetryPolicy::validate`] when a bus or subscription starts.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RetryPolicy {
@@ -111,6 +117,27 @@ impl RetryPolicy {
         attempt < self.max_attempts
     }
 
+    /// Checks that the schedule ends within [`MAX_RETRY_HORIZON`], as every bus requires of a subscription's
+    /// policy (an outbox relay's schedule may be longer).
+    ///
+    /// # Errors
+    /// [`BusError::InvalidConfig`] naming `retry`.
+    pub fn validate_for_handlers(&self) -> Result<(), BusError> {
+        self.validate()?;
+        if self.horizon() > MAX_RETRY_HORIZON {
+            return Err(BusError::invalid_config(
+                "retry",
+                format!(
+                    "keyed events retry in place, so the retry schedule must end within {} minutes (this one takes \
+                     {:?})",
+                    MAX_RETRY_HORIZON.as_secs() / 60,
+                    self.horizon()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// The longest time between the first delivery and the last attempt (sum of nominal delays). Deduplication
     /// must remember an event at least this long.
     pub fn horizon(&self) -> Duration {
@@ -151,6 +178,10 @@ mod tests {
         let p = RetryPolicy::exponential(3, Duration::from_secs(60));
         assert!(p.validate().unwrap_err().to_string().contains("retry.initial_delay"));
         assert!(RetryPolicy::default().validate().is_ok());
+        let long = RetryPolicy::exponential(30, Duration::from_secs(1)).with_max_delay(Duration::from_secs(60));
+        assert!(long.validate().is_ok());
+        assert!(long.validate_for_handlers().unwrap_err().to_string().contains("within 10 minutes"));
+        assert!(RetryPolicy::default().validate_for_handlers().is_ok());
     }
 
     #[test]

@@ -153,7 +153,7 @@ impl Subscription {
             return Err(BusError::invalid_config("partitions", format!("must be between 1 and {MAX_PARTITIONS}")));
         }
         if let Some(retry) = &self.retry {
-            retry.validate()?;
+            retry.validate_for_handlers()?;
         }
         if self.timeout == Some(std::time::Duration::ZERO) {
             return Err(BusError::invalid_config("subscription.timeout", "must be longer than zero"));

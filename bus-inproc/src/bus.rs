@@ -37,6 +37,8 @@ struct Inner {
     closed: AtomicBool,
     stop: CancellationToken,
     workers: TaskTracker,
+    /// Every worker task, to abandon those whose handler overruns `stop_timeout`.
+    worker_tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
     timers: TaskTracker,
 }
 
@@ -88,6 +90,7 @@ impl InProcBus {
                 closed: AtomicBool::new(false),
                 stop: CancellationToken::new(),
                 workers: TaskTracker::new(),
+                worker_tasks: Arc::default(),
                 timers: TaskTracker::new(),
             }),
         }
@@ -136,6 +139,10 @@ impl InProcBus {
         self.inner.stop.cancel();
         self.inner.workers.close();
         self.inner.timers.close();
+        if tokio::time::timeout(self.inner.config.stop_timeout, self.inner.workers.wait()).await.is_err() {
+            tracing::warn!(stop_timeout = ?self.inner.config.stop_timeout, "handlers still running at shutdown: abandoned");
+            abort_all(&self.inner.worker_tasks);
+        }
         self.inner.workers.wait().await;
         self.inner.timers.wait().await;
         let abandoned = groups.iter().map(|g| g.abandon_all()).sum();
@@ -168,8 +175,18 @@ impl InProcBus {
             ConfirmOn::Enqueued => (None, Confirmation::confirmed()),
         };
         let envelope = Arc::new(envelope);
+        let handling = crate::worker::handling_group();
         for group in groups.iter() {
-            group.admit(envelope.clone(), ack.clone(), &self.inner.outstanding).await?;
+            if handling.as_ref() == Some(&group.name) {
+                // A handler publishing to its own group: waiting until that group handled the event could be
+                // waiting for itself (its key, its worker). Its part is confirmed once queued, as a broker would.
+                group.admit(envelope.clone(), None, &self.inner.outstanding, false).await?;
+                if let Some(ack) = &ack {
+                    ack.part_done();
+                }
+            } else {
+                group.admit(envelope.clone(), ack.clone(), &self.inner.outstanding, true).await?;
+            }
         }
         self.inner.stats.count_published();
         Ok(confirmation)
@@ -197,6 +214,8 @@ impl EventBus for InProcBus {
     async fn subscribe(&self, subscription: Subscription) -> Result<SubscriptionHandle, BusError> {
         let spec = subscription.into_spec()?;
         self.check_open()?;
+        // The same limit as on RabbitMQ: a subscription that works here works there.
+        spec.retry.as_ref().unwrap_or(&self.inner.config.retry).validate_for_handlers()?;
         let event_types: BTreeSet<EventTypeName> = spec.handlers.keys().cloned().collect();
         let group = {
             let mut groups = self.inner.groups.lock().unwrap_or_else(|p| p.into_inner());
@@ -243,6 +262,7 @@ impl EventBus for InProcBus {
         let dispatcher = Arc::new(Dispatcher::new(&spec, group.retry.clone()));
         let stop = self.inner.stop.child_token();
         let instance = TaskTracker::new();
+        let mut tasks = Vec::new();
         let counters = Arc::new(Stats::with_parent(self.inner.stats.clone()));
         for _ in 0..spec.concurrency.unwrap_or(self.inner.config.concurrency) {
             let worker = Worker {
@@ -253,17 +273,38 @@ impl EventBus for InProcBus {
                 bus_stop: self.inner.stop.clone(),
                 timers: self.inner.timers.clone(),
             };
-            self.inner.workers.spawn(instance.track_future(worker.run()));
+            let task = self.inner.workers.spawn(instance.track_future(worker.run()));
+            tasks.push(task.abort_handle());
         }
         instance.close();
+        group.instance_running(true);
+        {
+            let mut all = self.inner.worker_tasks.lock().unwrap_or_else(|p| p.into_inner());
+            all.retain(|task| !task.is_finished());
+            all.extend(tasks.iter().cloned());
+        }
+        let stop_timeout = self.inner.config.stop_timeout;
+        let tasks = Arc::new(Mutex::new(tasks));
         Ok(SubscriptionHandle::new(
             spec.group,
             counters,
             Box::pin(async move {
                 stop.cancel();
-                instance.wait().await;
+                if tokio::time::timeout(stop_timeout, instance.wait()).await.is_err() {
+                    tracing::warn!(group = %group.name, ?stop_timeout, "handlers still running at stop: abandoned");
+                    abort_all(&tasks);
+                    instance.wait().await;
+                }
+                group.instance_running(false);
             }),
         ))
+    }
+}
+
+/// Drops the futures of `tasks` (their handlers stop at their next await point).
+fn abort_all(tasks: &Mutex<Vec<tokio::task::AbortHandle>>) {
+    for task in tasks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        task.abort();
     }
 }
 
@@ -283,7 +324,7 @@ impl DeadLetterQueue for InProcBus {
             let Some(envelope) = letter.envelope.clone() else { continue };
             tracing::info!(group = %group.name, event_id = %envelope.id(), "redriving dead letter");
             let envelope = Arc::new(envelope);
-            if let Err(error) = group.admit(envelope, None, &self.inner.outstanding).await {
+            if let Err(error) = group.admit(envelope, None, &self.inner.outstanding, true).await {
                 // The bus closed while redriving: the rest stay dead letters, nothing is lost.
                 tracing::warn!(group = %group.name, redriven, %error, "redrive interrupted");
                 group.restore_dead_letters(std::iter::once(letter).chain(letters));

@@ -29,6 +29,11 @@ pub struct InProcConfig {
     pub confirm_on: ConfirmOn,
     /// Largest payload accepted by `publish`, in bytes. Default 256 KiB.
     pub max_payload_bytes: usize,
+    /// How long stopping waits for handlers in progress (a subscription's `shutdown`, and
+    /// [`InProcBus::shutdown`](crate::InProcBus::shutdown) after its grace period) before abandoning them: their
+    /// futures are dropped (an inbox transaction rolls back) and their events' confirmations fail, with those
+    /// of the later events of their keys, so the publisher keeps them all. Default 30 s.
+    pub stop_timeout: std::time::Duration,
 }
 
 impl Default for InProcConfig {
@@ -39,6 +44,7 @@ impl Default for InProcConfig {
             retry: RetryPolicy::default(),
             confirm_on: ConfirmOn::default(),
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            stop_timeout: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -55,9 +61,12 @@ impl InProcConfig {
         if self.concurrency == 0 || self.concurrency > 10_000 {
             return Err(BusError::invalid_config("concurrency", "must be between 1 and 10,000"));
         }
+        if self.stop_timeout.is_zero() || self.stop_timeout > std::time::Duration::from_secs(3600) {
+            return Err(BusError::invalid_config("stop_timeout", "must be between 1 ms and 1 hour"));
+        }
         if self.max_payload_bytes == 0 {
             return Err(BusError::invalid_config("max_payload_bytes", "must be at least 1"));
         }
-        self.retry.validate()
+        self.retry.validate_for_handlers()
     }
 }

@@ -24,6 +24,8 @@ pub(crate) struct Group {
     /// Busy partition keys, each with the jobs waiting for it in order.
     keys: Mutex<HashMap<String, VecDeque<Job>>>,
     dead_letters: Mutex<Vec<DeadLetter>>,
+    /// Instances of the group running now.
+    running: tokio::sync::watch::Sender<usize>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -49,20 +51,69 @@ impl Group {
             ready_rx,
             keys: Mutex::new(HashMap::new()),
             dead_letters: Mutex::new(Vec::new()),
+            running: tokio::sync::watch::channel(0).0,
         }
     }
 
-    /// Waits for a free place in the queue (back-pressure) and admits a job for `envelope`.
+    /// Admits a job for `envelope`, waiting for a free place in the queue (back-pressure) while the group has a
+    /// running instance to make room. A full queue refuses the event at once when no instance runs (nothing
+    /// would ever make room), and when `wait` is false (a handler of this very group publishing: waiting could
+    /// be waiting for itself).
     pub(crate) async fn admit(
         &self,
         envelope: Arc<bus_core::Envelope>,
         ack: Option<Countdown>,
         outstanding: &Arc<Outstanding>,
+        wait: bool,
     ) -> Result<(), BusError> {
-        self.capacity.acquire().await.map_err(|_| BusError::Closed)?.forget();
+        let mut running = self.running.subscribe();
+        loop {
+            match self.capacity.try_acquire() {
+                Ok(permit) => {
+                    permit.forget();
+                    break;
+                }
+                Err(tokio::sync::TryAcquireError::Closed) => return Err(BusError::Closed),
+                Err(tokio::sync::TryAcquireError::NoPermits) => {}
+            }
+            let instances = *running.borrow_and_update();
+            if instances == 0 || !wait {
+                let why = if instances == 0 { "has no running instance" } else { "is handling this publish" };
+                return Err(BusError::Transport(
+                    format!(
+                        "the queue of group {} is full ({} events) and the group {why}: event refused",
+                        self.name, self.queue_capacity
+                    )
+                    .into(),
+                ));
+            }
+            tokio::select! {
+                permit = self.capacity.acquire() => {
+                    permit.map_err(|_| BusError::Closed)?.forget();
+                    break;
+                }
+                // The last instance stopped while this publish waited: look again.
+                _ = running.wait_for(|n| *n == 0) => {}
+            }
+        }
         let job = Job::new(envelope, ack, self.capacity.clone(), outstanding.clone());
         self.enqueue(job);
         Ok(())
+    }
+
+    /// An instance of the group starts (`true`) or has stopped (`false`).
+    pub(crate) fn instance_running(&self, running: bool) {
+        self.running.send_modify(|n| if running { *n += 1 } else { *n = n.saturating_sub(1) });
+    }
+
+    /// The job that owned `key` was abandoned (its handler did not finish in time): the key's waiting jobs are
+    /// dropped too, so that their confirmations fail with it and the publisher sends them again in their order
+    /// (handling them now would let them overtake it).
+    pub(crate) fn abandon_key(&self, key: &str) {
+        let line = lock(&self.keys).remove(key);
+        if let Some(line) = line {
+            tracing::warn!(group = %self.name, key, dropped = line.len(), "key abandoned with the handling in hand");
+        }
     }
 
     /// Puts a fresh job in line: ready at once, or behind the busy job of its key.

@@ -13,19 +13,31 @@
 //!   a handler succeeded or it was dead-lettered. A publish of a type no group subscribes to fails with
 //!   [`BusError::Unroutable`](bus_core::BusError::Unroutable).
 //! - **Bounded memory, back-pressure.** A group holds at most [`InProcConfig::queue_capacity`] events (queued,
-//!   waiting for their key, waiting to be retried, in handling). A publisher waits while a group is full.
+//!   waiting for their key, waiting to be retried, in handling). A publisher waits while a group is full and
+//!   has a running instance to make room; a full group without a running instance refuses the event at once
+//!   ([`BusError::Transport`](bus_core::BusError::Transport): the outbox relay keeps it and tries again later)
+//!   instead of blocking every publisher for good.
 //! - **Confirmations.** By default ([`ConfirmOn::Handled`]) a publish is confirmed once every group handled or
 //!   dead-lettered the event. An in-process queue dies with its process; confirming only when the work is done
-//!   lets the outbox keep an event until then, so a crash loses nothing.
+//!   lets the outbox keep an event until then, so a crash loses nothing. A handler publishing to its *own*
+//!   group is the exception: that group's part is confirmed once the event is queued, as a broker's confirm
+//!   would be (waiting until it is handled could mean waiting for the handler itself).
 //! - **Retries, then dead letters.** A transient failure (an `Err(HandlerError::transient(..))`, a panic) is
 //!   retried after the [`RetryPolicy`](bus_core::RetryPolicy)'s delay, up to its attempts; then, or at once for a
 //!   permanent failure, the event becomes a [`DeadLetter`](bus_core::DeadLetter) with the last error and the
 //!   attempt count, listed and redriven through [`DeadLetterQueue`](bus_core::DeadLetterQueue).
 //! - **Order per partition key.** Within a group, events with the same key are handled one at a time in publish
 //!   order, retries included (a later event of the key waits until the earlier one is handled or
-//!   dead-lettered); different keys, and events without a key, are handled in parallel.
+//!   dead-lettered); different keys, and events without a key, are handled in parallel. This is what the
+//!   RabbitMQ bus does within an instance, for the same reason (keyed events retry in place), and the retry
+//!   schedules it accepts are the same (at most [`bus_core::MAX_RETRY_HORIZON`]). One difference remains, in
+//!   this bus's favour: here the instances of an unpartitioned group share the key lines, while on RabbitMQ only
+//!   a partitioned group keeps order across instances.
 //! - **Graceful shutdown.** [`InProcBus::shutdown`] refuses new work, finishes accepted events within a grace
-//!   period, then stops; events it could not finish fail their confirmations rather than vanish.
+//!   period, then stops; events it could not finish fail their confirmations rather than vanish. Stopping never
+//!   hangs: a handler still running [`InProcConfig::stop_timeout`] after it was asked to stop is abandoned (its
+//!   future dropped, its event's confirmation failed together with those of the later events of its key, so
+//!   the publisher sends them again in order).
 //! - **Settling.** [`InProcBus::settled`] resolves when every accepted event has been handled or dead-lettered:
 //!   tests wait on it instead of sleeping.
 //!

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use bus_core::GroupName;
 use bus_core::transport::{Dispatcher, Verdict};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -9,6 +10,31 @@ use tokio_util::task::TaskTracker;
 use crate::group::Group;
 use crate::job::Job;
 use crate::stats::Stats;
+
+tokio::task_local! {
+    /// The group whose handler runs in this task (publishes from a handler to its own group must not wait for
+    /// that group).
+    static HANDLING: GroupName;
+}
+
+/// The group whose handler is running in the current task, if any.
+pub(crate) fn handling_group() -> Option<GroupName> {
+    HANDLING.try_with(Clone::clone).ok()
+}
+
+/// The key of the job being handled, until its verdict is carried out.
+struct InHand<'a> {
+    group: &'a Group,
+    key: Option<String>,
+}
+
+impl Drop for InHand<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = &self.key {
+            self.group.abandon_key(key);
+        }
+    }
+}
 
 pub(crate) struct Worker {
     pub(crate) group: Arc<Group>,
@@ -37,7 +63,12 @@ impl Worker {
     }
 
     async fn process(&self, mut job: Job) {
-        match self.dispatcher.dispatch(&job.envelope, job.attempt).await {
+        // If this future is dropped half-way (the handler overran the stop timeout), the key is given up with it.
+        let mut in_hand = InHand { group: &self.group, key: job.envelope.partition_key().map(str::to_owned) };
+        let verdict =
+            HANDLING.scope(self.group.name.clone(), self.dispatcher.dispatch(&job.envelope, job.attempt)).await;
+        in_hand.key = None;
+        match verdict {
             Verdict::Handled => {
                 self.stats.count_handled();
                 self.group.complete(job);

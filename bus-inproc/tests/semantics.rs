@@ -555,3 +555,124 @@ async fn a_stopped_instance_leaves_its_events_to_the_others() {
     assert_eq!(seen.lock().unwrap().len(), 50);
     bus.shutdown(GRACE).await;
 }
+
+/// A group whose instances have all stopped keeps what fits in its queue (its consumers may come back), but once
+/// full it refuses new events at once instead of blocking every publisher for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_without_a_running_instance_refuses_events_once_full_instead_of_blocking() {
+    let bus = InProcBus::with_config(InProcConfig { queue_capacity: 4, ..InProcConfig::default() }).unwrap();
+    let sub = bus
+        .subscribe(Subscription::new(group("svc")).on::<Plain, _>(|_e: Plain, _ctx: DeliveryContext| async { Ok(()) }))
+        .await
+        .unwrap();
+    sub.shutdown().await;
+    let mut kept = Vec::new();
+    for n in 0..4 {
+        kept.push(bus.publish(envelope(&Plain { n })).await.expect("kept for the group's next instance"));
+    }
+    let refused = tokio::time::timeout(Duration::from_secs(2), bus.publish(envelope(&Plain { n: 4 })))
+        .await
+        .expect("the publish does not block");
+    let error = refused.unwrap_err();
+    assert!(error.to_string().contains("no running instance"), "{error}");
+    // An instance comes back: the kept events are handled, and publishing works again.
+    let handled = Arc::new(AtomicU32::new(0));
+    let h = handled.clone();
+    let _sub = bus
+        .subscribe(Subscription::new(group("svc")).on::<Plain, _>(move |_e: Plain, _ctx: DeliveryContext| {
+            let handled = h.clone();
+            async move {
+                handled.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        }))
+        .await
+        .unwrap();
+    bus.publish(envelope(&Plain { n: 5 })).await.unwrap().await.unwrap();
+    for confirmation in kept {
+        confirmation.await.expect("handled by the new instance");
+    }
+    assert_eq!(handled.load(Ordering::SeqCst), 5);
+    bus.shutdown(GRACE).await;
+}
+
+/// A handler that publishes to its own group and waits for the confirmation (same key, every worker busy) does
+/// not deadlock: its own group's part of the confirmation resolves once the event is queued, as a broker's
+/// confirm would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_publishing_confirmed_to_its_own_group_does_not_deadlock() {
+    let bus = InProcBus::new();
+    let seen: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let (b, s) = (bus.clone(), seen.clone());
+    let _sub = bus
+        .subscribe(Subscription::new(group("svc")).concurrency(1).on::<Numbered, _>(
+            move |e: Numbered, _ctx: DeliveryContext| {
+                let (bus, seen) = (b.clone(), s.clone());
+                async move {
+                    seen.lock().unwrap().push(e.seq);
+                    if e.seq == 0 {
+                        let next = envelope(&Numbered { key: e.key.clone(), seq: 1 });
+                        bus.publish_confirmed(next).await.map_err(HandlerError::transient)?;
+                    }
+                    Ok(())
+                }
+            },
+        ))
+        .await
+        .unwrap();
+    let first = bus.publish(envelope(&Numbered { key: "k".into(), seq: 0 })).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), first).await.expect("no deadlock").unwrap();
+    tokio::time::timeout(Duration::from_secs(5), bus.settled()).await.expect("settles");
+    assert_eq!(*seen.lock().unwrap(), vec![0, 1]);
+    bus.shutdown(GRACE).await;
+}
+
+/// Stopping is bounded: a handler that never returns is abandoned after `stop_timeout` (its event's
+/// confirmation fails, so the publisher keeps it), both when its instance stops and when the bus does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_is_bounded_even_when_a_handler_never_returns() {
+    let config = InProcConfig { stop_timeout: Duration::from_millis(200), ..InProcConfig::default() };
+    for whole_bus in [false, true] {
+        let bus = InProcBus::with_config(config.clone()).unwrap();
+        let sub = bus
+            .subscribe(Subscription::new(group("svc")).on::<Plain, _>(|_e: Plain, _ctx: DeliveryContext| async {
+                std::future::pending::<()>().await;
+                Ok(())
+            }))
+            .await
+            .unwrap();
+        let confirmation = bus.publish(envelope(&Plain { n: 1 })).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = Instant::now();
+        if whole_bus {
+            let report = bus.shutdown(Duration::from_millis(100)).await;
+            assert!(!report.drained);
+        } else {
+            sub.shutdown().await;
+        }
+        assert!(started.elapsed() < Duration::from_secs(2), "stopped in {:?}", started.elapsed());
+        let result = tokio::time::timeout(Duration::from_secs(2), confirmation).await.expect("resolved");
+        assert!(matches!(result, Err(BusError::ConfirmationLost(_))), "{result:?}");
+        bus.shutdown(Duration::from_millis(10)).await;
+    }
+}
+
+/// A retry schedule RabbitMQ would refuse (longer than `bus_core::MAX_RETRY_HORIZON`) is refused here too, so
+/// what works on the embedded bus works in production.
+#[tokio::test]
+async fn retry_schedules_rabbitmq_refuses_are_refused_here_too() {
+    let bus = InProcBus::new();
+    let long = RetryPolicy::exponential(40, Duration::from_secs(1)).with_max_delay(Duration::from_secs(60));
+    let error = bus
+        .subscribe(
+            Subscription::new(group("svc"))
+                .retry(long.clone())
+                .on::<Plain, _>(|_e: Plain, _ctx: DeliveryContext| async { Ok(()) }),
+        )
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("retry"), "{error}");
+    let error = InProcBus::with_config(InProcConfig { retry: long, ..InProcConfig::default() }).unwrap_err();
+    assert!(error.to_string().contains("retry"), "{error}");
+    bus.shutdown(GRACE).await;
+}

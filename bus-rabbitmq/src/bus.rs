@@ -27,9 +27,8 @@ const CONFIRM_GIVE_UP: std::time::Duration = std::time::Duration::from_secs(30);
 /// How long [`RabbitBus::shutdown`] waits for the broker's answers to the publishes in flight.
 pub const SHUTDOWN_CONFIRM_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// The longest retry schedule a subscription may have: keyed events (every event of a partitioned group) retry
-/// in place, unacknowledged, and this stays well within RabbitMQ's default `consumer_timeout` of 30 minutes.
-pub const MAX_IN_PLACE_RETRY_HORIZON: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+/// The longest retry schedule a subscription may have (see [`bus_core::MAX_RETRY_HORIZON`]).
+pub const MAX_IN_PLACE_RETRY_HORIZON: std::time::Duration = bus_core::MAX_RETRY_HORIZON;
 
 /// The RabbitMQ event bus. Cheap to clone: clones share one connection. Call [`shutdown`](Self::shutdown)
 /// before exiting.
@@ -287,20 +286,7 @@ impl EventBus for RabbitBus {
             return Err(BusError::Closed);
         }
         let retry = spec.retry.clone().unwrap_or_else(|| inner.config.retry.clone());
-        if retry.horizon() > MAX_IN_PLACE_RETRY_HORIZON {
-            // Keyed events (every event of a partitioned group) retry in place: the delivery stays
-            // unacknowledged, and RabbitMQ closes a channel whose delivery stays unacknowledged past its
-            // consumer_timeout (30 min by default).
-            return Err(BusError::invalid_config(
-                "retry",
-                format!(
-                    "keyed events retry in place, so the retry schedule must end within {} minutes (this one takes \
-                     {:?})",
-                    MAX_IN_PLACE_RETRY_HORIZON.as_secs() / 60,
-                    retry.horizon()
-                ),
-            ));
-        }
+        retry.validate_for_handlers()?;
         let counters = Arc::new(Stats::with_parent(inner.stats.clone()));
         let instance = Arc::new(Instance {
             config: inner.config.clone(),

@@ -157,7 +157,7 @@ impl RabbitConfig {
         if self.member_timeout < self.membership_heartbeat * 2 {
             return Err(BusError::invalid_config("member_timeout", "must be at least twice membership_heartbeat"));
         }
-        self.retry.validate()
+        self.retry.validate_for_handlers()
     }
 }
 

@@ -2,9 +2,13 @@
 
 use async_trait::async_trait;
 
+use std::sync::Arc;
+
 use crate::confirmation::Confirmation;
+use crate::dead_letter::DeadLetterStore;
 use crate::envelope::Envelope;
 use crate::error::BusError;
+use crate::name::GroupName;
 use crate::subscription::{Subscription, SubscriptionHandle};
 
 /// A bus that carries envelopes from publishers to consumer groups.
@@ -50,4 +54,12 @@ pub trait EventBus: Send + Sync + 'static {
     /// # Errors
     /// [`BusError::Closed`] after shutdown, a transport error while the broker is unreachable.
     async fn health(&self) -> Result<(), BusError>;
+
+    /// Keeps the dead letters of consumer group `group` in `store` from now on, if this bus's own dead letters
+    /// would not outlive its process (the in-process bus: then a dead-lettered event counts as done only once
+    /// `store` has it, and listing and redriving read `store`). A bus with durable dead-letter queues of its own
+    /// ignores it: the default does nothing. Call it before subscribing the group.
+    fn keep_dead_letters(&self, group: &GroupName, store: Arc<dyn DeadLetterStore>) {
+        let _ = (group, store);
+    }
 }

@@ -77,6 +77,23 @@ pub trait DeadLetterQueue: Send + Sync {
     async fn redrive(&self, group: &GroupName, id: Option<Uuid>) -> Result<usize, BusError>;
 }
 
+/// Where a bus whose queues do not outlive its process (the in-process bus) keeps its dead letters, so that a
+/// crash loses none: typically the consuming service's own database (`outbox::DeadLetterTable`). A broker with
+/// durable dead-letter queues (RabbitMQ) needs none. See [`EventBus::keep_dead_letters`](crate::EventBus::keep_dead_letters).
+#[async_trait]
+pub trait DeadLetterStore: Send + Sync + 'static {
+    /// Keeps `letter` durably, replacing an earlier dead letter of the same group and message id; `Ok` only
+    /// once it is stored.
+    async fn keep(&self, letter: &DeadLetter) -> Result<(), BusError>;
+
+    /// The dead letters of `group`, oldest first.
+    async fn list(&self, group: &GroupName) -> Result<Vec<DeadLetter>, BusError>;
+
+    /// Removes `letter` if it is still stored as it was listed (same group, message id and `failed_at`; a newer
+    /// dead letter of the same message stays). `true` if it was removed.
+    async fn remove(&self, letter: &DeadLetter) -> Result<bool, BusError>;
+}
+
 impl DeadLetter {
     /// A dead letter for a valid event.
     pub fn of_event(

@@ -63,7 +63,7 @@ pub mod transport;
 pub use bus::EventBus;
 pub use confirmation::Confirmation;
 pub use counters::DeliveryStats;
-pub use dead_letter::{DeadLetter, DeadLetterCause, DeadLetterQueue};
+pub use dead_letter::{DeadLetter, DeadLetterCause, DeadLetterQueue, DeadLetterStore};
 pub use envelope::{Envelope, EnvelopeBuilder};
 pub use error::{BoxError, BusError};
 pub use event::IntegrationEvent;

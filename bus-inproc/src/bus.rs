@@ -8,8 +8,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bus_core::transport::Dispatcher;
 use bus_core::{
-    BusError, Confirmation, DeadLetter, DeadLetterQueue, Envelope, EventBus, EventTypeName, GroupName, Subscription,
-    SubscriptionHandle,
+    BusError, Confirmation, DeadLetter, DeadLetterQueue, DeadLetterStore, Envelope, EventBus, EventTypeName, GroupName,
+    Subscription, SubscriptionHandle,
 };
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -31,6 +31,8 @@ pub struct InProcBus {
 struct Inner {
     config: InProcConfig,
     groups: Mutex<HashMap<GroupName, Arc<Group>>>,
+    /// Dead-letter stores by group ([`EventBus::keep_dead_letters`]), for groups not subscribed yet.
+    stores: Mutex<HashMap<GroupName, Arc<dyn DeadLetterStore>>>,
     routes: RwLock<HashMap<EventTypeName, Arc<[Arc<Group>]>>>,
     outstanding: Arc<Outstanding>,
     stats: Arc<Stats>,
@@ -84,6 +86,7 @@ impl InProcBus {
             inner: Arc::new(Inner {
                 config,
                 groups: Mutex::new(HashMap::new()),
+                stores: Mutex::new(HashMap::new()),
                 routes: RwLock::new(HashMap::new()),
                 outstanding: Arc::default(),
                 stats: Arc::default(),
@@ -121,6 +124,10 @@ impl InProcBus {
 
     fn group(&self, name: &GroupName) -> Option<Arc<Group>> {
         self.inner.groups.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+    }
+
+    fn store(&self, group: &GroupName) -> Option<Arc<dyn DeadLetterStore>> {
+        self.inner.stores.lock().unwrap_or_else(|p| p.into_inner()).get(group).cloned()
     }
 
     /// Stops the bus gracefully: new publishes and subscriptions are refused at once, publishers waiting for
@@ -211,6 +218,16 @@ impl EventBus for InProcBus {
         self.check_open()
     }
 
+    /// This bus's queues die with its process, so its dead letters are kept in `store` when one is given: a
+    /// dead-lettered event counts as done (its confirmation resolves) only once `store` has it, and
+    /// [`DeadLetterQueue`] lists and redrives from `store`.
+    fn keep_dead_letters(&self, group: &GroupName, store: Arc<dyn DeadLetterStore>) {
+        self.inner.stores.lock().unwrap_or_else(|p| p.into_inner()).insert(group.clone(), store.clone());
+        if let Some(existing) = self.group(group) {
+            existing.keep_dead_letters_in(store);
+        }
+    }
+
     async fn subscribe(&self, subscription: Subscription) -> Result<SubscriptionHandle, BusError> {
         let spec = subscription.into_spec()?;
         self.check_open()?;
@@ -247,6 +264,9 @@ impl EventBus for InProcBus {
                         retry,
                         self.inner.config.queue_capacity,
                     ));
+                    if let Some(store) = self.store(&spec.group) {
+                        group.keep_dead_letters_in(store);
+                    }
                     groups.insert(spec.group.clone(), group.clone());
                     let mut routes = self.inner.routes.write().unwrap_or_else(|p| p.into_inner());
                     for event_type in &event_types {
@@ -301,6 +321,34 @@ impl EventBus for InProcBus {
     }
 }
 
+impl InProcBus {
+    /// Redrives the dead letters kept in `store`: each is queued for `group` again, then removed from `store` (as
+    /// it was listed: if it is dead-lettered again meanwhile, the new dead letter stays). A crash in between
+    /// leaves the dead letter stored: at worst it is redriven twice, and the inbox drops the duplicate.
+    async fn redrive_stored(
+        &self,
+        name: &GroupName,
+        store: &Arc<dyn DeadLetterStore>,
+        id: Option<uuid::Uuid>,
+    ) -> Result<usize, BusError> {
+        let Some(group) = self.group(name) else {
+            return Err(BusError::invalid_config(
+                "group",
+                format!("group {name} has no instance in this process to redrive to"),
+            ));
+        };
+        let mut redriven = 0;
+        for letter in store.list(name).await?.into_iter().filter(|l| id.is_none_or(|id| l.is(id))) {
+            let Some(envelope) = letter.envelope.clone() else { continue };
+            tracing::info!(group = %name, event_id = %envelope.id(), "redriving stored dead letter");
+            group.admit(Arc::new(envelope), None, &self.inner.outstanding, true).await?;
+            store.remove(&letter).await?;
+            redriven += 1;
+        }
+        Ok(redriven)
+    }
+}
+
 /// Drops the futures of `tasks` (their handlers stop at their next await point).
 fn abort_all(tasks: &Mutex<Vec<tokio::task::AbortHandle>>) {
     for task in tasks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
@@ -311,11 +359,17 @@ fn abort_all(tasks: &Mutex<Vec<tokio::task::AbortHandle>>) {
 #[async_trait]
 impl DeadLetterQueue for InProcBus {
     async fn dead_letters(&self, group: &GroupName) -> Result<Vec<DeadLetter>, BusError> {
+        if let Some(store) = self.store(group) {
+            return store.list(group).await;
+        }
         Ok(self.group(group).map(|g| g.dead_letters()).unwrap_or_default())
     }
 
     async fn redrive(&self, group: &GroupName, id: Option<uuid::Uuid>) -> Result<usize, BusError> {
         self.check_open()?;
+        if let Some(store) = self.store(group) {
+            return self.redrive_stored(group, &store, id).await;
+        }
         let Some(group) = self.group(group) else { return Ok(0) };
         let mut letters = group.take_dead_letters(id).into_iter();
         let mut redriven = 0;

@@ -9,7 +9,9 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bus_core::transport::Countdown;
-use bus_core::{BusError, DeadLetter, DeadLetterCause, EventTypeName, GroupName, HandlerError, RetryPolicy};
+use bus_core::{
+    BusError, DeadLetter, DeadLetterCause, DeadLetterStore, EventTypeName, GroupName, HandlerError, RetryPolicy,
+};
 
 use crate::job::{Job, Outstanding};
 
@@ -26,6 +28,8 @@ pub(crate) struct Group {
     dead_letters: Mutex<Vec<DeadLetter>>,
     /// Instances of the group running now.
     running: tokio::sync::watch::Sender<usize>,
+    /// Where its dead letters are kept durably, if somewhere ([`bus_core::EventBus::keep_dead_letters`]).
+    store: std::sync::RwLock<Option<Arc<dyn DeadLetterStore>>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -52,6 +56,7 @@ impl Group {
             keys: Mutex::new(HashMap::new()),
             dead_letters: Mutex::new(Vec::new()),
             running: tokio::sync::watch::channel(0).0,
+            store: std::sync::RwLock::new(None),
         }
     }
 
@@ -160,8 +165,20 @@ impl Group {
         }
     }
 
-    /// Keeps the job as a dead letter, then completes it.
-    pub(crate) fn dead_letter(&self, job: Job, error: &HandlerError) {
+    /// Keeps dead letters in `store` from now on.
+    pub(crate) fn keep_dead_letters_in(&self, store: Arc<dyn DeadLetterStore>) {
+        *self.store.write().unwrap_or_else(|p| p.into_inner()) = Some(store);
+    }
+
+    /// Where dead letters are kept durably, if somewhere.
+    pub(crate) fn store(&self) -> Option<Arc<dyn DeadLetterStore>> {
+        self.store.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Keeps the job as a dead letter (in the store, if the group has one), then completes it. If the store
+    /// refuses it, the job is not completed: its confirmation fails, with those of the later events of its key,
+    /// so that the publisher keeps them all.
+    pub(crate) async fn dead_letter(&self, job: Job, error: &HandlerError) {
         tracing::warn!(
             group = %self.name,
             event_id = %job.envelope.id(),
@@ -170,13 +187,26 @@ impl Group {
             error = %error,
             "event dead-lettered"
         );
-        lock(&self.dead_letters).push(DeadLetter::of_event(
+        let letter = DeadLetter::of_event(
             (*job.envelope).clone(),
             self.name.clone(),
             error.to_string(),
             DeadLetterCause::of(error),
             job.attempt,
-        ));
+        );
+        match self.store() {
+            None => lock(&self.dead_letters).push(letter),
+            Some(store) => {
+                if let Err(store_error) = store.keep(&letter).await {
+                    tracing::error!(group = %self.name, event_id = %job.envelope.id(), error = %store_error,
+                        "the dead letter could not be stored; the event goes back to its publisher");
+                    if let Some(key) = job.envelope.partition_key() {
+                        self.abandon_key(key);
+                    }
+                    return;
+                }
+            }
+        }
         self.complete(job);
     }
 

@@ -25,7 +25,11 @@
 //! - **Retries, then dead letters.** A transient failure (an `Err(HandlerError::transient(..))`, a panic) is
 //!   retried after the [`RetryPolicy`](bus_core::RetryPolicy)'s delay, up to its attempts; then, or at once for a
 //!   permanent failure, the event becomes a [`DeadLetter`](bus_core::DeadLetter) with the last error and the
-//!   attempt count, listed and redriven through [`DeadLetterQueue`](bus_core::DeadLetterQueue).
+//!   attempt count, listed and redriven through [`DeadLetterQueue`](bus_core::DeadLetterQueue). Kept in memory,
+//!   unless a durable store is given for the group with
+//!   [`EventBus::keep_dead_letters`](bus_core::EventBus::keep_dead_letters) (the samples keep them in the
+//!   service's database, `outbox::DeadLetterTable`): then an event counts as dead-lettered, and its
+//!   confirmation resolves, only once the store has it, and a crash loses no dead letter.
 //! - **Order per partition key.** Within a group, events with the same key are handled one at a time in publish
 //!   order, retries included (a later event of the key waits until the earlier one is handled or
 //!   dead-lettered); different keys, and events without a key, are handled in parallel. This is what the

@@ -96,7 +96,7 @@ impl Worker {
             }
             Verdict::DeadLetter(error) => {
                 self.stats.count_dead_lettered();
-                self.group.dead_letter(job, &error);
+                self.group.dead_letter(job, &error).await;
             }
         }
     }

@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use sqlx::Pool;
 use uuid::Uuid;
 
+use crate::dead_letters::StoredDeadLetter;
 use crate::error::OutboxError;
 use crate::row::{FailedEvent, OutboxRow, OutboxStatus};
 use crate::sql::{Dialect, Sql};
@@ -162,6 +163,18 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     /// The lowest sequence number of the rows enqueued at or after `since` (none: no such row).
     #[doc(hidden)]
     async fn first_seq_since(pool: &Pool<Self>, sql: &Sql, since: DateTime<Utc>) -> Result<Option<i64>, OutboxError>;
+
+    /// Stores a dead letter, replacing the one of the same group and event.
+    #[doc(hidden)]
+    async fn keep_dead_letter(pool: &Pool<Self>, sql: &Sql, letter: &StoredDeadLetter) -> Result<(), OutboxError>;
+
+    /// The dead letters of `group`, oldest first.
+    #[doc(hidden)]
+    async fn dead_letters(pool: &Pool<Self>, sql: &Sql, group: &str) -> Result<Vec<StoredDeadLetter>, OutboxError>;
+
+    /// Removes `letter` if it is stored as given (same `failed_at`).
+    #[doc(hidden)]
+    async fn remove_dead_letter(pool: &Pool<Self>, sql: &Sql, letter: &StoredDeadLetter) -> Result<bool, OutboxError>;
 
     /// Wakes relays in other processes (PostgreSQL `NOTIFY`; nothing on SQLite).
     #[doc(hidden)]

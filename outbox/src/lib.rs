@@ -36,6 +36,7 @@ mod backend;
 mod commit_watch;
 mod config;
 mod database_url;
+mod dead_letters;
 mod error;
 #[cfg(feature = "failpoints")]
 mod failpoint;
@@ -51,6 +52,7 @@ mod wakeup;
 pub use backend::Backend;
 pub use config::{InboxConfig, OutboxConfig, RelayConfig};
 pub use database_url::DatabaseUrl;
+pub use dead_letters::DeadLetterTable;
 pub use error::OutboxError;
 pub use inbox::{Inbox, InboxHandler, InboxStats, InboxTransaction, SubscriptionInboxExt};
 pub use metrics::{ServiceMetrics, ServiceStats};

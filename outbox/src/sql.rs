@@ -114,7 +114,18 @@ pub struct Sql {
     pub forget_inbox: String,
     pub select_range: String,
     pub first_seq_since: String,
+    /// The dead letters a bus keeps in this database ([`crate::DeadLetterTable`]); the same columns and types on
+    /// both dialects (times in Unix milliseconds, ids as text).
+    pub dead_letters: String,
+    pub keep_dead_letter: String,
+    pub list_dead_letters: String,
+    pub remove_dead_letter: String,
 }
+
+/// Columns of the dead-letter table, in the order `keep_dead_letter` binds them.
+pub(crate) const DEAD_LETTER_COLUMNS: &str = "group_name, event_id, seq, event_type, version, occurred_at_ms, \
+     correlation_id, causation_id, partition_key, source, traceparent, tracestate, payload, last_error, cause, \
+     attempts, failed_at_ms";
 
 fn quote(ident: &str) -> String {
     // Identifiers are validated to [A-Za-z0-9_], so there is no quote to escape.
@@ -130,6 +141,7 @@ impl Sql {
         };
         let (outbox, inbox, migrations, relays) =
             (qualify("outbox"), qualify("inbox"), qualify("migrations"), qualify("relays"));
+        let dead_letters = qualify("dead_letters");
         let channel = channel_name(format!(
             "{}{prefix}outbox",
             config.schema.as_deref().map(|s| format!("{s}_")).unwrap_or_default()
@@ -259,6 +271,10 @@ impl Sql {
                 channel,
                 prefix,
                 schema: config.schema.clone(),
+                dead_letters: dead_letters.clone(),
+                keep_dead_letter: String::new(),
+                list_dead_letters: String::new(),
+                remove_dead_letter: String::new(),
             },
             Dialect::Sqlite => Self {
                 insert_outbox: format!(
@@ -383,6 +399,10 @@ impl Sql {
                 channel,
                 prefix,
                 schema: config.schema.clone(),
+                dead_letters: dead_letters.clone(),
+                keep_dead_letter: String::new(),
+                list_dead_letters: String::new(),
+                remove_dead_letter: String::new(),
             },
         };
         if dialect == Dialect::Postgres {
@@ -394,6 +414,28 @@ impl Sql {
             sql.insert_outbox_waking = waking(&sql.insert_outbox);
             sql.insert_outbox_rows_waking = waking(&sql.insert_outbox_rows);
         }
+        let placeholder = |n: usize| match dialect {
+            Dialect::Postgres => format!("${n}"),
+            Dialect::Sqlite => format!("?{n}"),
+        };
+        let d = &sql.dead_letters;
+        let values: Vec<String> = (1..=17).map(placeholder).collect();
+        sql.keep_dead_letter = format!(
+            "INSERT INTO {d} ({DEAD_LETTER_COLUMNS}) VALUES ({}) ON CONFLICT (group_name, event_id) DO UPDATE SET \
+             last_error = excluded.last_error, cause = excluded.cause, attempts = excluded.attempts, \
+             failed_at_ms = excluded.failed_at_ms",
+            values.join(", ")
+        );
+        sql.list_dead_letters = format!(
+            "SELECT {DEAD_LETTER_COLUMNS} FROM {d} WHERE group_name = {} ORDER BY failed_at_ms, event_id",
+            placeholder(1)
+        );
+        sql.remove_dead_letter = format!(
+            "DELETE FROM {d} WHERE group_name = {} AND event_id = {} AND failed_at_ms = {}",
+            placeholder(1),
+            placeholder(2),
+            placeholder(3)
+        );
         sql
     }
 
@@ -494,6 +536,24 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
                     s.relays
                 ),
             }
+        },
+    },
+    Migration {
+        version: 3,
+        description: "dead letters kept by a bus without durable queues of its own (the in-process bus)",
+        sql: |s, dialect| {
+            let bytes = match dialect {
+                Dialect::Postgres => "BYTEA",
+                Dialect::Sqlite => "BLOB",
+            };
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (group_name TEXT NOT NULL, event_id TEXT NOT NULL, seq BIGINT, \
+                 event_type TEXT NOT NULL, version BIGINT NOT NULL, occurred_at_ms BIGINT NOT NULL, \
+                 correlation_id TEXT NOT NULL, causation_id TEXT, partition_key TEXT, source TEXT, traceparent TEXT, \
+                 tracestate TEXT, payload {bytes} NOT NULL, last_error TEXT NOT NULL, cause TEXT NOT NULL, \
+                 attempts BIGINT NOT NULL, failed_at_ms BIGINT NOT NULL, PRIMARY KEY (group_name, event_id));",
+                s.dead_letters
+            )
         },
     },
 ];

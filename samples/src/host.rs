@@ -123,6 +123,8 @@ impl<DB: Backend> ServiceHost<DB> {
             Some(faults) => subscription.layer(|_, handler| faults.wrap(handler)),
             None => subscription,
         };
+        // On a bus whose queues die with the process (the embedded demo's), dead letters live in this database.
+        self.bus.keep_dead_letters(&self.name, outbox::DeadLetterTable::new(self.outbox.clone()));
         let subscription = self.bus.subscribe(subscription).await?;
         let relay = self.outbox.relay(self.bus.clone(), self.options.relay.clone())?.spawn();
         let stop = CancellationToken::new();

@@ -34,6 +34,7 @@ on_both_databases!(
     enqueue_on_a_bare_connection_writes_all_the_events_or_none,
     a_handling_cut_short_by_a_timeout_counts_as_failed_and_leaves_nothing,
     enqueue_inside_a_transaction_begun_by_hand_belongs_to_it,
+    in_process_dead_letters_are_kept_in_the_service_database_and_survive_a_crash,
 );
 
 async fn outbox<DB: TestDb>(fixture: &Fixture<DB>) -> Outbox<DB> {
@@ -823,4 +824,66 @@ async fn enqueue_inside_a_transaction_begun_by_hand_belongs_to_it<DB: TestDb>() 
     outbox.enqueue_envelopes(&mut *conn, &envelopes()).await.unwrap();
     DB::execute_on(&mut conn, "COMMIT").await;
     assert_eq!(outbox.status().await.unwrap().pending, 2);
+}
+
+/// The in-process bus keeps its dead letters in the service's database (`DeadLetterTable`): a dead-lettered
+/// event counts as done only once stored, the dead letter survives the bus (a crash of the process), and it is
+/// listed and redriven from there. If it cannot be stored, the event is not confirmed: its publisher keeps it.
+async fn in_process_dead_letters_are_kept_in_the_service_database_and_survive_a_crash<DB: TestDb>() {
+    use bus_core::{DeadLetterCause, DeadLetterQueue};
+    let fixture = DB::fixture().await;
+    let outbox = outbox(&fixture).await;
+    let group = GroupName::from_static("svc");
+    let store = outbox::DeadLetterTable::new(outbox.clone());
+    let healthy = Arc::new(AtomicBool::new(false));
+    let handled: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let subscription = |healthy: Arc<AtomicBool>, handled: Arc<Mutex<Vec<u32>>>| {
+        Subscription::new(group.clone()).retry(RetryPolicy::no_retry()).on::<Numbered, _>(
+            move |e: Numbered, _ctx: DeliveryContext| {
+                let (healthy, handled) = (healthy.clone(), handled.clone());
+                async move {
+                    if e.seq == 1 && !healthy.load(Ordering::SeqCst) {
+                        return Err(HandlerError::permanent("cannot apply event 1"));
+                    }
+                    handled.lock().unwrap().push(e.seq);
+                    Ok(())
+                }
+            },
+        )
+    };
+    let first = InProcBus::new();
+    first.keep_dead_letters(&group, store.clone());
+    let _sub = first.subscribe(subscription(healthy.clone(), handled.clone())).await.unwrap();
+    let events: Vec<Envelope> =
+        numbered("k", 0..3).iter().map(|e| Envelope::for_event(e).unwrap().build().unwrap()).collect();
+    for envelope in &events {
+        first.publish_confirmed(envelope.clone()).await.expect("handled or dead-lettered, and stored");
+    }
+    assert_eq!(*handled.lock().unwrap(), vec![0, 2]);
+    // The process dies: the bus and its memory are gone; the database is not.
+    drop(_sub);
+    drop(first);
+    let second = InProcBus::new();
+    second.keep_dead_letters(&group, store.clone());
+    let letters = second.dead_letters(&group).await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert_eq!(letter.envelope.as_ref().map(Envelope::id), Some(events[1].id()));
+    assert_eq!(letter.envelope.as_ref().and_then(Envelope::partition_key), Some("k"));
+    assert_eq!((letter.cause, letter.attempts), (DeadLetterCause::Permanent, 1));
+    assert!(letter.last_error.contains("cannot apply event 1"), "{}", letter.last_error);
+    // Fixed: redriven from the database, handled, gone.
+    healthy.store(true, Ordering::SeqCst);
+    let _sub = second.subscribe(subscription(healthy.clone(), handled.clone())).await.unwrap();
+    assert_eq!(second.redrive(&group, None).await.unwrap(), 1);
+    second.settled().await;
+    assert_eq!(*handled.lock().unwrap(), vec![0, 2, 1]);
+    assert!(second.dead_letters(&group).await.unwrap().is_empty());
+    // A dead letter that cannot be stored is not confirmed.
+    healthy.store(false, Ordering::SeqCst);
+    DB::execute(&fixture.pool, &format!("DROP TABLE {}", fixture.table("dead_letters"))).await;
+    let again = Envelope::for_event(&Numbered { key: "k".into(), seq: 1 }).unwrap().build().unwrap();
+    let refused = second.publish_confirmed(again).await;
+    assert!(refused.is_err(), "not confirmed while the dead letter is not stored: {refused:?}");
+    second.shutdown(Duration::from_secs(5)).await;
 }

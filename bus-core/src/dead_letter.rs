@@ -52,7 +52,7 @@ impl DeadLetterCause {
         }
     }
 
-    /// As text: `attempts exhausted` or `permanent` (RabbitMQ's `x-first-failure` header, `busctl dlq list`).
+    /// As text: `attempts exhausted` or `permanent` (RabbitMQ's `x-dead-letter-cause` header, `busctl dlq list`).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::AttemptsExhausted => "attempts exhausted",

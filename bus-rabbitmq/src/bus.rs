@@ -302,10 +302,22 @@ impl EventBus for RabbitBus {
         let stop = inner.stop.child_token();
         let (ready_tx, ready) = oneshot::channel();
         let task = inner.consumers.spawn(instance.run(stop.clone(), ready_tx));
-        match ready.await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => return Err(error),
-            Err(_) => return Err(BusError::Closed),
+        // Bounded: while the broker is unreachable, subscribing fails after `publish_timeout` as publishing does.
+        match tokio::time::timeout(inner.config.publish_timeout, ready).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => return Err(error),
+            Ok(Err(_)) => return Err(BusError::Closed),
+            Err(_) => {
+                stop.cancel();
+                let _ = task.await;
+                return Err(BusError::Transport(
+                    format!(
+                        "no connection to RabbitMQ at {} within {:?}: group {} not subscribed",
+                        inner.config.url, inner.config.publish_timeout, spec.group
+                    )
+                    .into(),
+                ));
+            }
         }
         Ok(SubscriptionHandle::new(
             spec.group,
@@ -320,6 +332,7 @@ impl EventBus for RabbitBus {
 
 #[async_trait]
 impl DeadLetterQueue for RabbitBus {
+    /// The oldest [`MAX_LISTED_DEAD_LETTERS`](crate::MAX_LISTED_DEAD_LETTERS) of `<group>.dlq` (they stay in it).
     async fn dead_letters(&self, group: &GroupName) -> Result<Vec<DeadLetter>, BusError> {
         let session = self.inner.link.session(self.inner.config.publish_timeout).await?;
         dead_letters::list(&session, group, self.inner.config.max_payload_bytes).await

@@ -84,7 +84,9 @@ pub struct RabbitConfig {
     pub exchange: String,
     /// Queue type of declared queues.
     pub queue_type: QueueType,
-    /// Unacknowledged deliveries a subscription instance holds at once (AMQP prefetch). Default 64.
+    /// Unacknowledged deliveries held at once per consumed queue (AMQP prefetch): an instance of an unpartitioned
+    /// group holds at most this many, an instance of a partitioned group this many *per partition it owns*.
+    /// Deliveries waiting behind a key that retries in place count here. Default 64.
     pub prefetch: u16,
     /// Events a subscription instance handles at once, unless its subscription says otherwise. Default 8.
     pub concurrency: usize,
@@ -94,7 +96,8 @@ pub struct RabbitConfig {
     pub confirm_window: usize,
     /// Largest payload published or accepted, in bytes. Default 256 KiB.
     pub max_payload_bytes: usize,
-    /// How long a publish waits for a connection while the broker is unreachable before failing. Default 5 s.
+    /// How long a publish, and a `subscribe`, waits for a connection while the broker is unreachable before
+    /// failing. Default 5 s.
     pub publish_timeout: Duration,
     /// First and longest delay between reconnection attempts. Defaults 100 ms and 5 s.
     pub reconnect_delay: (Duration, Duration),
@@ -104,6 +107,9 @@ pub struct RabbitConfig {
     /// move to the others after that (at once when it stops gracefully). At least twice the heartbeat.
     /// Default 3 s.
     pub member_timeout: Duration,
+    /// The name the connection shows in the broker's management UI and `rabbitmqctl list_connections` (the
+    /// service's name, say). Default `bus-rabbitmq`.
+    pub connection_name: String,
 }
 
 impl RabbitConfig {
@@ -125,6 +131,7 @@ impl RabbitConfig {
             reconnect_delay: (Duration::from_millis(100), Duration::from_secs(5)),
             membership_heartbeat: Duration::from_millis(500),
             member_timeout: Duration::from_secs(3),
+            connection_name: "bus-rabbitmq".into(),
         })
     }
 
@@ -136,6 +143,15 @@ impl RabbitConfig {
     pub fn validate(&self) -> Result<(), BusError> {
         bus_core::EventTypeName::new(&self.exchange)
             .map_err(|_| BusError::invalid_config("exchange", "must match ^[A-Za-z][A-Za-z0-9_.-]{0,199}$"))?;
+        if self.connection_name.is_empty()
+            || self.connection_name.len() > 200
+            || self.connection_name.chars().any(char::is_control)
+        {
+            return Err(BusError::invalid_config(
+                "connection_name",
+                "must be 1 to 200 bytes without control characters",
+            ));
+        }
         if self.prefetch == 0 {
             return Err(BusError::invalid_config("prefetch", "must be at least 1"));
         }

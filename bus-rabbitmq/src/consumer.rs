@@ -73,6 +73,7 @@ impl Instance {
         // A dead connection is never healthy, so this waits for the next one; a live one whose channel failed
         // is reused.
         while let Some(session) = self.link.next_session(&stop).await {
+            let started = std::time::Instant::now();
             match self.consume(&session, &stop, &mut ready).await {
                 Ok(()) => return,
                 Err(error) => {
@@ -80,11 +81,15 @@ impl Instance {
                         let _ = ready.send(Err(error));
                         return;
                     }
+                    if started.elapsed() > longest {
+                        // It ran fine for a while: this is a new trouble, not the same one again.
+                        delay = first;
+                    }
                     tracing::warn!(group = %self.group, %error, ?delay, "consumer interrupted; resuming on the next connection");
                     self.link.report_trouble();
                     tokio::select! {
                         () = stop.cancelled() => return,
-                        () = tokio::time::sleep(delay) => {}
+                        () = tokio::time::sleep(crate::link::jittered(delay)) => {}
                     }
                     delay = (delay * 2).min(longest);
                 }

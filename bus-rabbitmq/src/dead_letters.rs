@@ -1,7 +1,8 @@
 //! Listing and redriving `<group>.dlq`.
 //!
-//! Listing takes the messages without acknowledging them and closes the channel, which returns them all to the
-//! queue. Redriving publishes a message back to `<group>` (attempts from 1, broker-confirmed) before removing it
+//! Listing takes the oldest [`MAX_LISTED_DEAD_LETTERS`] messages without acknowledging them and closes the channel, which
+//! returns them all to the queue. Redriving goes through the queue one message at a time (memory stays flat
+//! however long it is), up to the messages it held when the redrive began, and publishes each back to `<group>` (attempts from 1, broker-confirmed) before removing it
 //! from the dead-letter queue: a failure in between leaves a copy in both, never in neither. For a partitioned
 //! group it goes back through `<group>.partitions`, to the partition of its key.
 
@@ -19,12 +20,14 @@ use crate::side_publish::confirmed_publish_to;
 use crate::topology;
 use crate::wire;
 
-/// At most this many messages are looked at per call.
-const MAX_SCAN: usize = 100_000;
+/// At most this many dead letters are listed at once (the oldest), so that a huge dead-letter queue does not
+/// fill the lister's memory.
+pub const MAX_LISTED_DEAD_LETTERS: usize = 1_000;
 
 fn to_dead_letter(delivery: &Delivery, group: &GroupName, max_payload: usize) -> DeadLetter {
     let props = &delivery.properties;
-    let failure = wire::header_str(props, wire::H_FIRST_FAILURE);
+    let failure = wire::header_str(props, wire::H_DEAD_LETTER_CAUSE)
+        .or_else(|| wire::header_str(props, wire::H_DEAD_LETTER_CAUSE_OLD));
     DeadLetter {
         envelope: wire::envelope(props, &delivery.data, max_payload).ok(),
         message_id: props.message_id().as_ref().map(|m| m.as_str().to_owned()),
@@ -39,11 +42,17 @@ fn to_dead_letter(delivery: &Delivery, group: &GroupName, max_payload: usize) ->
     }
 }
 
+/// The next message of `queue`, unacknowledged (returned to the queue when the channel closes unless acked).
+async fn next(channel: &Channel, queue: &str) -> Result<Option<Delivery>, BusError> {
+    let message = channel.basic_get(queue.into(), BasicGetOptions { no_ack: false }).await.map_err(transport)?;
+    Ok(message.map(|m| m.delivery))
+}
+
 async fn scan(channel: &Channel, queue: &str) -> Result<Vec<Delivery>, BusError> {
     let mut out = Vec::new();
-    while out.len() < MAX_SCAN {
-        match channel.basic_get(queue.into(), BasicGetOptions { no_ack: false }).await.map_err(transport)? {
-            Some(message) => out.push(message.delivery),
+    while out.len() < MAX_LISTED_DEAD_LETTERS {
+        match next(channel, queue).await? {
+            Some(delivery) => out.push(delivery),
             None => break,
         }
     }
@@ -71,9 +80,17 @@ pub(crate) async fn redrive(session: &Session, group: &GroupName, id: Option<Uui
     } else {
         (String::new(), group.as_str().to_owned())
     };
-    let messages = scan(&channel, &topology::dead_letter_queue(group)).await?;
+    let queue = topology::dead_letter_queue(group);
+    let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+    let held = channel
+        .queue_declare(queue.as_str().into(), passive, lapin::types::FieldTable::default())
+        .await
+        .map_err(transport)?
+        .message_count();
     let mut redriven = 0;
-    for delivery in messages {
+    // At most the messages held at the start: a redriven message that fails again comes back behind them.
+    for _ in 0..held {
+        let Some(delivery) = next(&channel, &queue).await? else { break };
         let message_id = delivery.properties.message_id().as_ref().and_then(|m| Uuid::parse_str(m.as_str()).ok());
         if id.is_some() && message_id != id {
             continue; // left unacknowledged: back to the queue when the channel closes

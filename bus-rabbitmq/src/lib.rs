@@ -48,5 +48,6 @@ mod wire;
 
 pub use bus::{MAX_IN_PLACE_RETRY_HORIZON, RabbitBus, SHUTDOWN_CONFIRM_WAIT};
 pub use config::{AmqpUrl, QueueType, RabbitConfig};
+pub use dead_letters::MAX_LISTED_DEAD_LETTERS;
 pub use stats::RabbitStats;
 pub use wire::{PARTITION_BUCKETS, partition_bucket};

@@ -40,6 +40,12 @@ pub(crate) struct Link {
     closed: CancellationToken,
 }
 
+/// `delay` shortened by up to half at random, so that many clients that lost the broker together do not all
+/// come back at the same instant.
+pub(crate) fn jittered(delay: Duration) -> Duration {
+    delay.mul_f64(1.0 - 0.5 * fastrand::f64())
+}
+
 pub(crate) fn transport(error: impl std::error::Error + Send + Sync + 'static) -> BusError {
     BusError::Transport(Box::new(error))
 }
@@ -93,7 +99,9 @@ impl Link {
     }
 
     async fn connect(&self) -> Result<Session, lapin::Error> {
-        let connection = Connection::connect(self.config.url.expose(), ConnectionProperties::default()).await?;
+        let properties =
+            ConnectionProperties::default().with_connection_name(self.config.connection_name.as_str().into());
+        let connection = Connection::connect(self.config.url.expose(), properties).await?;
         let publisher = connection.create_channel().await?;
         publisher.confirm_select(ConfirmSelectOptions::default()).await?;
         publisher
@@ -155,7 +163,7 @@ impl Link {
                     }
                     tokio::select! {
                         () = self.stop.cancelled() => break,
-                        () = tokio::time::sleep(delay) => {}
+                        () = tokio::time::sleep(jittered(delay)) => {}
                     }
                     delay = (delay * 2).min(longest);
                 }

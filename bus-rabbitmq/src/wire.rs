@@ -23,7 +23,10 @@ pub(crate) const H_OUTBOX_SEQ: &str = "x-outbox-seq";
 pub(crate) const H_ATTEMPT: &str = "x-attempt";
 pub(crate) const H_LAST_ERROR: &str = "x-last-error";
 pub(crate) const H_FAILED_AT: &str = "x-failed-at";
-pub(crate) const H_FIRST_FAILURE: &str = "x-first-failure";
+/// Why a dead letter was given up on ([`bus_core::DeadLetterCause::as_str`]).
+pub(crate) const H_DEAD_LETTER_CAUSE: &str = "x-dead-letter-cause";
+/// The name this header had before (it held the same thing): read, never written.
+pub(crate) const H_DEAD_LETTER_CAUSE_OLD: &str = "x-first-failure";
 
 /// Why a message can never be handled.
 #[derive(Debug, Clone, PartialEq, Eq)]

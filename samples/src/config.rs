@@ -85,6 +85,7 @@ impl ServiceEnv {
         if let Some(exchange) = var("BUS_EXCHANGE") {
             rabbit.exchange = exchange;
         }
+        rabbit.connection_name = service.as_str().to_owned();
         rabbit.validate().map_err(|e| ConfigError::new("BUS_EXCHANGE", e.to_string()))?;
         let addr = var("HTTP_ADDR").unwrap_or_else(|| default_addr.to_owned());
         let http_addr = addr

@@ -211,3 +211,51 @@ async fn partitioned_group_keeps_order_per_key_through_a_broker_restart() {
     integration_tests::delete_partitioned_topology(&exchange, &group, PARTITIONS).await;
     let _ = sqlx::query(&format!("DROP SCHEMA \"{consumer_schema}\" CASCADE")).execute(&fixture.pool).await;
 }
+
+/// While the broker is down, `subscribe` fails after `publish_timeout`, naming the group, instead of waiting
+/// for the broker without limit; once it is back, subscribing works again. The connection carries its name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_while_the_broker_is_down_fails_in_time_and_connections_are_named() {
+    let _only_me = BROKER.lock().await;
+    let name = unique("named-connection");
+    let bus = rabbit_bus(|c| {
+        c.publish_timeout = Duration::from_secs(1);
+        c.connection_name = name.clone();
+    })
+    .await;
+    let listed = std::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "client_properties"])
+        .output()
+        .expect("rabbitmqctl is installed");
+    assert!(String::from_utf8_lossy(&listed.stdout).contains(&name), "the broker shows the connection's name");
+    let exchange = bus.config().exchange.clone();
+    let group = unique("svc");
+    let subscription = || {
+        Subscription::new(GroupName::new(&group).unwrap())
+            .on::<Numbered, _>(|_e: Numbered, _ctx: bus_core::DeliveryContext| async { Ok::<(), HandlerError>(()) })
+    };
+    rabbitmqctl(&["stop_app"]);
+    let started = Instant::now();
+    let refused = tokio::time::timeout(Duration::from_secs(20), bus.subscribe(subscription())).await;
+    rabbitmqctl(&["start_app"]);
+    let error = refused.expect("subscribe returned").expect_err("no broker, no subscription");
+    assert!(started.elapsed() < Duration::from_secs(10), "failed after {:?}", started.elapsed());
+    assert!(error.to_string().contains(&group), "{error}");
+    let handle = {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match bus.subscribe(subscription()).await {
+                Ok(handle) => break handle,
+                Err(error) if attempt < 30 => {
+                    tracing::info!(%error, "broker not back yet");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(error) => panic!("the broker came back but subscribing still fails: {error}"),
+            }
+        }
+    };
+    handle.shutdown().await;
+    bus.shutdown().await;
+    delete_topology(&exchange, &[&group]).await;
+}

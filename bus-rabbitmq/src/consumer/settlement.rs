@@ -135,7 +135,7 @@ impl Instance {
                 (wire::H_ATTEMPT, AMQPValue::LongLongInt(i64::from(attempt))),
                 (wire::H_LAST_ERROR, wire::text_header(reason)),
                 (wire::H_FAILED_AT, wire::now_header()),
-                (wire::H_FIRST_FAILURE, wire::text_header(cause.as_str())),
+                (wire::H_DEAD_LETTER_CAUSE, wire::text_header(cause.as_str())),
             ],
         );
         if !confirmed_publish(&lane.side, &topology::dead_letter_queue(&self.group), &delivery.data, properties).await {

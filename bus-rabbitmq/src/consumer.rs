@@ -123,6 +123,9 @@ impl Instance {
                     .await?
             }
         }
+        topology::unbind_stale(&declarer, &self.config, &self.group, &event_types, self.partitions.is_some())
+            .await
+            .map_err(transport)?;
         let _ = declarer.close(200, "OK".into()).await;
         if let Some(ready) = ready.take() {
             let _ = ready.send(Ok(()));

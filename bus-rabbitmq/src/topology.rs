@@ -1,6 +1,8 @@
 //! Declaring a consumer group's queues: `<group>` bound to each handled event type, `<group>.retry` (per-message
 //! TTL, dead-lettered back to `<group>`) and `<group>.dlq`. Declared at every (re)connect; declarations are
-//! idempotent.
+//! idempotent. The event types a group was bound to are recorded in `<group>.bindings` (one message: the types,
+//! one per line), so that a type no handler takes any more is unbound at the next start instead of
+//! dead-lettering forever (and hiding that nobody handles it).
 
 use std::collections::BTreeSet;
 
@@ -53,6 +55,75 @@ pub(crate) async fn declare_group(
     retry.insert("x-dead-letter-routing-key".into(), text(group.as_str()));
     channel.queue_declare(retry_queue(group).as_str().into(), durable, retry).await?;
     channel.queue_declare(dead_letter_queue(group).as_str().into(), durable, arguments(config)).await?;
+    Ok(())
+}
+
+/// The queue that records which event types a group's queue (or partition exchange) is bound to.
+pub(crate) fn bindings_record(group: &GroupName) -> String {
+    format!("{group}.bindings")
+}
+
+/// Unbinds from `group` the event types it was bound to before (as `<group>.bindings` records) and handles no
+/// more, then records `event_types`. Run after the current types are bound, on `channel` (it is put in confirm
+/// mode: the new record is confirmed before the old one is removed). Several instances starting at once may
+/// leave several records: they are read together. An instance of an older version still running loses the
+/// types it alone handles: deploying the version without the handler is what removes them.
+pub(crate) async fn unbind_stale(
+    channel: &Channel,
+    config: &RabbitConfig,
+    group: &GroupName,
+    event_types: &BTreeSet<EventTypeName>,
+    partitioned: bool,
+) -> Result<(), lapin::Error> {
+    use lapin::options::{
+        BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeUnbindOptions,
+    };
+    let record = bindings_record(group);
+    let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+    channel.queue_declare(record.as_str().into(), durable, arguments(config)).await?;
+    let mut previous = BTreeSet::new();
+    let mut last_tag = None;
+    for _ in 0..64 {
+        let Some(message) = channel.basic_get(record.as_str().into(), BasicGetOptions { no_ack: false }).await? else {
+            break;
+        };
+        let text = String::from_utf8_lossy(&message.delivery.data).into_owned();
+        previous.extend(text.lines().filter_map(|line| EventTypeName::new(line).ok()));
+        last_tag = Some(message.delivery.delivery_tag);
+    }
+    for stale in previous.difference(event_types) {
+        tracing::info!(%group, event_type = %stale, "no handler for this event type any more: unbinding it");
+        if partitioned {
+            channel
+                .exchange_unbind(
+                    partition_exchange(group).as_str().into(),
+                    config.exchange.as_str().into(),
+                    stale.as_str().into(),
+                    ExchangeUnbindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        } else {
+            channel
+                .queue_unbind(
+                    group.as_str().into(),
+                    config.exchange.as_str().into(),
+                    stale.as_str().into(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+    }
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    let body: Vec<u8> = event_types.iter().map(EventTypeName::as_str).collect::<Vec<_>>().join("\n").into_bytes();
+    let properties = lapin::BasicProperties::default().with_delivery_mode(2);
+    let confirm = channel
+        .basic_publish("".into(), record.as_str().into(), BasicPublishOptions::default(), &body, properties)
+        .await?
+        .await?;
+    if let Some(tag) = last_tag.filter(|_| confirm.is_ack()) {
+        channel.basic_ack(tag, BasicAckOptions { multiple: true }).await?;
+    }
     Ok(())
 }
 

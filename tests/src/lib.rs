@@ -158,7 +158,8 @@ pub async fn plain_amqp() -> lapin::Channel {
 pub async fn delete_topology(exchange: &str, groups: &[&str]) {
     let channel = plain_amqp().await;
     for group in groups {
-        for queue in [group.to_string(), format!("{group}.retry"), format!("{group}.dlq")] {
+        for queue in [group.to_string(), format!("{group}.retry"), format!("{group}.dlq"), format!("{group}.bindings")]
+        {
             let _ = channel.queue_delete(queue.as_str().into(), lapin::options::QueueDeleteOptions::default()).await;
         }
     }
@@ -172,7 +173,7 @@ pub async fn delete_partitioned_topology(exchange: &str, group: &str, partitions
         let queue = format!("{group}.p{index:03}");
         let _ = channel.queue_delete(queue.as_str().into(), lapin::options::QueueDeleteOptions::default()).await;
     }
-    for queue in [format!("{group}.dlq"), format!("{group}.partition-count")] {
+    for queue in [format!("{group}.dlq"), format!("{group}.partition-count"), format!("{group}.bindings")] {
         let _ = channel.queue_delete(queue.as_str().into(), lapin::options::QueueDeleteOptions::default()).await;
     }
     let exchanges = ["partitions", "partitions.unbucketed", "members"].map(|suffix| format!("{group}.{suffix}"));

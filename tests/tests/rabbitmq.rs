@@ -607,3 +607,56 @@ async fn a_nacked_event_holds_back_its_key_until_it_is_published_again() {
     channel.queue_delete(full.as_str().into(), Default::default()).await.unwrap();
     delete_topology(&exchange, &[&group]).await;
 }
+
+/// A group that no longer handles an event type stops receiving it: the type is unbound when the new version
+/// subscribes (before, its binding stayed, so every such event was dead-lettered "no handler" forever and a
+/// publisher never learnt that nobody handles it), on an unpartitioned and on a partitioned group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_type_a_group_stopped_handling_is_unbound() {
+    for partitions in [None, Some(2u16)] {
+        let bus = rabbit_bus(|c| {
+            c.membership_heartbeat = Duration::from_millis(100);
+            c.member_timeout = Duration::from_millis(1000);
+        })
+        .await;
+        let exchange = bus.config().exchange.clone();
+        let group = unique("svc");
+        let with_partitions = |s: Subscription| match partitions {
+            Some(n) => s.partitions(n),
+            None => s,
+        };
+        let ok = |_e: Numbered, _ctx: DeliveryContext| async { Ok::<(), HandlerError>(()) };
+        struct Ignore;
+        #[async_trait::async_trait]
+        impl bus_core::EnvelopeHandler for Ignore {
+            async fn handle(&self, _ctx: DeliveryContext) -> Result<(), HandlerError> {
+                Ok(())
+            }
+        }
+        let old = bus
+            .subscribe(with_partitions(
+                Subscription::new(GroupName::new(&group).unwrap())
+                    .on::<Numbered, _>(ok)
+                    .on_envelope("Retired", Arc::new(Ignore)),
+            ))
+            .await
+            .unwrap();
+        let retired = || Envelope::builder(EventTypeName::new("Retired").unwrap(), b"{}".to_vec()).build().unwrap();
+        bus.publish_confirmed(retired()).await.expect("the old version handles Retired");
+        old.shutdown().await;
+        let new = bus
+            .subscribe(with_partitions(Subscription::new(GroupName::new(&group).unwrap()).on::<Numbered, _>(ok)))
+            .await
+            .unwrap();
+        let error = bus.publish_confirmed(retired()).await.unwrap_err();
+        assert!(matches!(error, BusError::Unroutable { .. }), "{partitions:?}: {error}");
+        let numbered = Envelope::for_event(&Numbered { key: "k".into(), seq: 1 }).unwrap().build().unwrap();
+        bus.publish_confirmed(numbered).await.expect("the handled type is still bound");
+        new.shutdown().await;
+        bus.shutdown().await;
+        match partitions {
+            Some(n) => integration_tests::delete_partitioned_topology(&exchange, &group, n).await,
+            None => delete_topology(&exchange, &[&group]).await,
+        }
+    }
+}

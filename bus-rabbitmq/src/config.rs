@@ -107,6 +107,11 @@ pub struct RabbitConfig {
     /// move to the others after that (at once when it stops gracefully). At least twice the heartbeat.
     /// Default 3 s.
     pub member_timeout: Duration,
+    /// A message the broker has delivered this many times without its being settled (acknowledged, retried or
+    /// dead-lettered) is dead-lettered at its next delivery, as permanent: it most likely crashes or hangs its
+    /// consumer, and would otherwise come back for ever. Counted by quorum queues only (`x-delivery-count`);
+    /// a handover or reconnection counts too, hence a generous default: 20.
+    pub redelivery_limit: u32,
     /// The name the connection shows in the broker's management UI and `rabbitmqctl list_connections` (the
     /// service's name, say). Default `bus-rabbitmq`.
     pub connection_name: String,
@@ -131,6 +136,7 @@ impl RabbitConfig {
             reconnect_delay: (Duration::from_millis(100), Duration::from_secs(5)),
             membership_heartbeat: Duration::from_millis(500),
             member_timeout: Duration::from_secs(3),
+            redelivery_limit: 20,
             connection_name: "bus-rabbitmq".into(),
         })
     }
@@ -151,6 +157,9 @@ impl RabbitConfig {
                 "connection_name",
                 "must be 1 to 200 bytes without control characters",
             ));
+        }
+        if self.redelivery_limit == 0 {
+            return Err(BusError::invalid_config("redelivery_limit", "must be at least 1"));
         }
         if self.prefetch == 0 {
             return Err(BusError::invalid_config("prefetch", "must be at least 1"));

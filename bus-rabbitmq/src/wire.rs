@@ -132,6 +132,12 @@ pub(crate) fn header_int(properties: &BasicProperties, name: &str) -> Option<i64
     })
 }
 
+/// How often the broker delivered this message before (`x-delivery-count`, set by quorum queues; classic queues
+/// do not count, 0 there).
+pub(crate) fn earlier_deliveries(properties: &BasicProperties) -> u32 {
+    header_int(properties, "x-delivery-count").and_then(|n| u32::try_from(n).ok()).unwrap_or(0)
+}
+
 /// The attempt number carried by a delivery (1 for a first delivery).
 pub(crate) fn attempt(properties: &BasicProperties) -> u32 {
     header_int(properties, H_ATTEMPT).and_then(|a| u32::try_from(a).ok()).filter(|a| *a >= 1).unwrap_or(1)

@@ -40,6 +40,16 @@ impl Instance {
                 return self.dead_letter(&delivery, lane, attempt, &reason, DeadLetterCause::Permanent).await;
             }
         };
+        let earlier = wire::earlier_deliveries(&delivery.properties);
+        if earlier >= self.config.redelivery_limit {
+            let reason = format!(
+                "delivered {} times without being settled: it may crash or hang its consumer (redelivery_limit {})",
+                earlier + 1,
+                self.config.redelivery_limit
+            );
+            tracing::error!(group = %self.group, event_id = %envelope.id(), %reason, "event dead-lettered");
+            return self.dead_letter(&delivery, lane, attempt, &reason, DeadLetterCause::Permanent).await;
+        }
         let in_place = self.partitions.is_some() || envelope.partition_key().is_some();
         if let Some(standing) = self.in_place.standing(envelope.id()).filter(|s| s.next_attempt > attempt) {
             // Back after a restart of the consumption: go on where the schedule stood.

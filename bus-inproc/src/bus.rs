@@ -322,9 +322,10 @@ impl EventBus for InProcBus {
 }
 
 impl InProcBus {
-    /// Redrives the dead letters kept in `store`: each is queued for `group` again, then removed from `store` (as
-    /// it was listed: if it is dead-lettered again meanwhile, the new dead letter stays). A crash in between
-    /// leaves the dead letter stored: at worst it is redriven twice, and the inbox drops the duplicate.
+    /// Redrives the dead letters kept in `store`: each is queued for `group` again and removed from `store` only
+    /// once it is handled (or dead-lettered again: then the new dead letter stays, the removal compares
+    /// `failed_at`). A crash before that leaves the dead letter stored: nothing is lost, at worst it is redriven
+    /// twice and the inbox drops the duplicate.
     async fn redrive_stored(
         &self,
         name: &GroupName,
@@ -341,8 +342,16 @@ impl InProcBus {
         for letter in store.list(name).await?.into_iter().filter(|l| id.is_none_or(|id| l.is(id))) {
             let Some(envelope) = letter.envelope.clone() else { continue };
             tracing::info!(group = %name, event_id = %envelope.id(), "redriving stored dead letter");
-            group.admit(Arc::new(envelope), None, &self.inner.outstanding, true).await?;
-            store.remove(&letter).await?;
+            let (done, handled) = bus_core::transport::Countdown::new(1);
+            group.admit(Arc::new(envelope), Some(done), &self.inner.outstanding, true).await?;
+            let store = store.clone();
+            self.inner.timers.spawn(async move {
+                if handled.await.is_ok()
+                    && let Err(error) = store.remove(&letter).await
+                {
+                    tracing::warn!(%error, "a redriven dead letter stays stored (it was handled; a later redrive is a duplicate the inbox drops)");
+                }
+            });
             redriven += 1;
         }
         Ok(redriven)

@@ -21,7 +21,10 @@
 //!   dead-lettered the event. An in-process queue dies with its process; confirming only when the work is done
 //!   lets the outbox keep an event until then, so a crash loses nothing. A handler publishing to its *own*
 //!   group is the exception: that group's part is confirmed once the event is queued, as a broker's confirm
-//!   would be (waiting until it is handled could mean waiting for the handler itself).
+//!   would be (waiting until it is handled could mean waiting for the handler itself). Queued means in memory:
+//!   a handler that must not lose what it publishes publishes through its inbox transaction (`tx.enqueue`, the
+//!   outbox), as the samples do. Only a publish from the handler's own task is recognized: one from a task the
+//!   handler spawned waits as any other publisher does.
 //! - **Retries, then dead letters.** A transient failure (an `Err(HandlerError::transient(..))`, a panic) is
 //!   retried after the [`RetryPolicy`](bus_core::RetryPolicy)'s delay, up to its attempts; then, or at once for a
 //!   permanent failure, the event becomes a [`DeadLetter`](bus_core::DeadLetter) with the last error and the

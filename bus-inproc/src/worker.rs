@@ -96,8 +96,11 @@ impl Worker {
             }
             Verdict::DeadLetter(error) => {
                 self.stats.count_dead_lettered();
+                // Storing the dead letter may be cut short too (a stop timeout): the key is given up then.
                 self.group.dead_letter(job, &error).await;
             }
         }
+        // The verdict is carried out: the key went to its next job, or waits in a retry timer with its job.
+        in_hand.key = None;
     }
 }

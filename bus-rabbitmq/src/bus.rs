@@ -24,6 +24,9 @@ use crate::{dead_letters, topology, wire};
 /// How long a publish waits for the broker's answer before it counts as lost.
 const CONFIRM_GIVE_UP: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// How long declaring a group at subscribe may take once connected (64 quorum partitions on a cluster included).
+const DECLARE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// How long [`RabbitBus::shutdown`] waits for the broker's answers to the publishes in flight.
 pub const SHUTDOWN_CONFIRM_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -287,6 +290,16 @@ impl EventBus for RabbitBus {
         }
         let retry = spec.retry.clone().unwrap_or_else(|| inner.config.retry.clone());
         retry.validate_for_handlers()?;
+        // Bounded: while the broker is unreachable, subscribing fails after `publish_timeout` as publishing does
+        // (declaring the group, once connected, may take longer: it is not bounded by it).
+        if let Err(error) = inner.link.session(inner.config.publish_timeout).await {
+            return Err(match error {
+                BusError::Transport(reason) => {
+                    BusError::Transport(format!("{reason}: group {} not subscribed", spec.group).into())
+                }
+                other => other,
+            });
+        }
         let counters = Arc::new(Stats::with_parent(inner.stats.clone()));
         let instance = Arc::new(Instance {
             config: inner.config.clone(),
@@ -302,20 +315,16 @@ impl EventBus for RabbitBus {
         let stop = inner.stop.child_token();
         let (ready_tx, ready) = oneshot::channel();
         let task = inner.consumers.spawn(instance.run(stop.clone(), ready_tx));
-        // Bounded: while the broker is unreachable, subscribing fails after `publish_timeout` as publishing does.
-        match tokio::time::timeout(inner.config.publish_timeout, ready).await {
+        // The connection may also go between that check and the declaration: a generous bound covers that too.
+        match tokio::time::timeout(inner.config.publish_timeout + DECLARE_TIMEOUT, ready).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(error))) => return Err(error),
             Ok(Err(_)) => return Err(BusError::Closed),
             Err(_) => {
                 stop.cancel();
-                let _ = task.await;
                 return Err(BusError::Transport(
-                    format!(
-                        "no connection to RabbitMQ at {} within {:?}: group {} not subscribed",
-                        inner.config.url, inner.config.publish_timeout, spec.group
-                    )
-                    .into(),
+                    format!("group {} could not be declared on RabbitMQ at {} in time", spec.group, inner.config.url)
+                        .into(),
                 ));
             }
         }

@@ -107,6 +107,13 @@ pub struct RabbitConfig {
     /// move to the others after that (at once when it stops gracefully). At least twice the heartbeat.
     /// Default 3 s.
     pub member_timeout: Duration,
+    /// An event type that no instance of a group has bound for this long is unbound from the group (instances
+    /// refresh what they handle every third of it; see the topology docs). Default 30 minutes.
+    pub stale_binding_grace: Duration,
+    /// How long stopping a subscription waits for its handlers in progress before closing their channel anyway
+    /// (their deliveries, unacknowledged, go back to the queue; a handler that never returns must not hold a
+    /// deploy for ever). Default 30 s.
+    pub stop_timeout: Duration,
     /// A message the broker has delivered this many times without its being settled (acknowledged, retried or
     /// dead-lettered) is dead-lettered at its next delivery, as permanent: it most likely crashes or hangs its
     /// consumer, and would otherwise come back for ever. Counted by quorum queues only (`x-delivery-count`);
@@ -136,6 +143,8 @@ impl RabbitConfig {
             reconnect_delay: (Duration::from_millis(100), Duration::from_secs(5)),
             membership_heartbeat: Duration::from_millis(500),
             member_timeout: Duration::from_secs(3),
+            stale_binding_grace: Duration::from_secs(30 * 60),
+            stop_timeout: Duration::from_secs(30),
             redelivery_limit: 20,
             connection_name: "bus-rabbitmq".into(),
         })
@@ -157,6 +166,9 @@ impl RabbitConfig {
                 "connection_name",
                 "must be 1 to 200 bytes without control characters",
             ));
+        }
+        if self.stop_timeout.is_zero() {
+            return Err(BusError::invalid_config("stop_timeout", "must be more than zero"));
         }
         if self.redelivery_limit == 0 {
             return Err(BusError::invalid_config("redelivery_limit", "must be at least 1"));

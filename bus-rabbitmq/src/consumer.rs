@@ -9,12 +9,12 @@
 //! key never overtake it while other keys go on; a keyless event of an unpartitioned group retries through
 //! `<group>.retry`. The attempts reached in place survive a restart of the consumption in this process.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use bus_core::BusError;
-use bus_core::GroupName;
 use bus_core::transport::Dispatcher;
+use bus_core::{EventTypeName, GroupName};
 use futures::StreamExt;
 use futures::future::Shared;
 use lapin::options::ConfirmSelectOptions;
@@ -113,7 +113,7 @@ impl Instance {
         let side = session.connection.create_channel().await.map_err(transport)?;
         side.confirm_select(ConfirmSelectOptions::default()).await.map_err(transport)?;
         let side = ConfirmedChannel::new(side);
-        let event_types = self.dispatcher.event_types().cloned().collect();
+        let event_types: BTreeSet<EventTypeName> = self.dispatcher.event_types().cloned().collect();
         match self.partitions {
             None => {
                 topology::declare_group(&declarer, &self.config, &self.group, &event_types).await.map_err(transport)?
@@ -127,6 +127,7 @@ impl Instance {
             .await
             .map_err(transport)?;
         let _ = declarer.close(200, "OK".into()).await;
+        let refresher = tokio::spawn(self.clone().refresh_bindings(session.clone(), event_types.clone()));
         if let Some(ready) = ready.take() {
             let _ = ready.send(Ok(()));
         }
@@ -140,8 +141,26 @@ impl Instance {
             }
             Some(partitions) => partitions::run(self, session, &side, &permits, stop, partitions).await,
         };
+        refresher.abort();
         let _ = side.channel().close(200, "OK".into()).await;
         outcome
+    }
+
+    /// Every third of `stale_binding_grace`, records again that this instance handles `event_types` (and
+    /// unbinds what nobody handles any more), for as long as the session lives.
+    async fn refresh_bindings(self: Arc<Self>, session: Arc<Session>, event_types: BTreeSet<EventTypeName>) {
+        let period = (self.config.stale_binding_grace / 3).max(std::time::Duration::from_secs(1));
+        loop {
+            tokio::time::sleep(period).await;
+            let Ok(channel) = session.connection.create_channel().await else { return };
+            let partitioned = self.partitions.is_some();
+            if let Err(error) =
+                topology::unbind_stale(&channel, &self.config, &self.group, &event_types, partitioned).await
+            {
+                tracing::debug!(group = %self.group, %error, "bindings not refreshed");
+            }
+            let _ = channel.close(200, "OK".into()).await;
+        }
     }
 
     /// Consumes `queue` on a channel of its own until `stop` (then hands over as `handover` says and returns
@@ -212,11 +231,17 @@ impl Instance {
             lane.broken.cancel();
         }
         tasks.close();
-        if outcome.is_ok() {
-            tasks.wait().await;
-        } else if tokio::time::timeout(std::time::Duration::from_secs(30), tasks.wait()).await.is_err() {
+        if outcome.is_err() {
             // Handlers or acks stuck on the dead connection: move on; the broker redelivers what was not acked.
-            tracing::warn!(group = %self.group, %queue, "in-flight deliveries did not finish on the lost connection");
+            if tokio::time::timeout(std::time::Duration::from_secs(30), tasks.wait()).await.is_err() {
+                tracing::warn!(group = %self.group, %queue, "in-flight deliveries did not finish on the lost connection");
+            }
+        } else if tokio::time::timeout(self.config.stop_timeout, tasks.wait()).await.is_err() {
+            // A handler that does not return must not hold the stop for ever: its delivery (and the later ones of
+            // its key) go back to the queue, unacknowledged, when the channel closes.
+            lane.broken.cancel();
+            tracing::warn!(group = %self.group, %queue, stop_timeout = ?self.config.stop_timeout,
+                "handlers still running at stop: their deliveries go back to the queue");
         }
         // Closing returns every delivery this channel holds but did not acknowledge, in queue order, and only then
         // lets the queue's next single active consumer in.

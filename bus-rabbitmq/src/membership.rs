@@ -140,8 +140,10 @@ impl Membership {
         // The heartbeat stops first, a publish in progress included: a heartbeat after the announcement would
         // make the others count this instance live again until it times out.
         self.beat_stop.cancel();
-        if let Some(beat) = self.beat.take() {
-            let _ = tokio::time::timeout(LEAVE_TIMEOUT, beat).await;
+        if let Some(mut beat) = self.beat.take()
+            && tokio::time::timeout(LEAVE_TIMEOUT, &mut beat).await.is_err()
+        {
+            beat.abort();
         }
         // Announce before stopping the listener (its queue goes with it). Bounded: on a connection that died
         // without a clean close, neither would ever complete.

@@ -176,6 +176,8 @@ fn mark_lost(state: &mut State, key: &str, id: Uuid) {
     let lost =
         state.lost.entry(key.to_owned()).or_insert_with(|| LostKey { events: HashSet::new(), since: Instant::now() });
     lost.events.insert(id);
+    // The hold runs from the latest loss: a key whose event keeps being refused stays held.
+    lost.since = Instant::now();
 }
 
 #[cfg(test)]

@@ -1,8 +1,8 @@
 //! Declaring a consumer group's queues: `<group>` bound to each handled event type, `<group>.retry` (per-message
 //! TTL, dead-lettered back to `<group>`) and `<group>.dlq`. Declared at every (re)connect; declarations are
-//! idempotent. The event types a group was bound to are recorded in `<group>.bindings` (one message: the types,
-//! one per line), so that a type no handler takes any more is unbound at the next start instead of
-//! dead-lettering forever (and hiding that nobody handles it).
+//! idempotent. The event types a group is bound to are recorded in `<group>.bindings` (one message: each type
+//! with when an instance last bound it), so that a type no instance handles any more is unbound instead of
+//! dead-lettering forever (and hiding that nobody handles it); see [`unbind_stale`].
 
 use std::collections::BTreeSet;
 
@@ -63,11 +63,13 @@ pub(crate) fn bindings_record(group: &GroupName) -> String {
     format!("{group}.bindings")
 }
 
-/// Unbinds from `group` the event types it was bound to before (as `<group>.bindings` records) and handles no
-/// more, then records `event_types`. Run after the current types are bound, on `channel` (it is put in confirm
-/// mode: the new record is confirmed before the old one is removed). Several instances starting at once may
-/// leave several records: they are read together. An instance of an older version still running loses the
-/// types it alone handles: deploying the version without the handler is what removes them.
+/// Unbinds from `group` the event types no instance has bound for `grace` (as `<group>.bindings` records:
+/// each type with when an instance last bound it), and records `event_types` as bound now. Every instance runs
+/// it when it starts consuming and then every `grace / 3`, so a type that a live instance handles (an old
+/// version during a rolling deploy, a canary that added a handler) stays fresh and bound; a type whose last
+/// handler was removed is unbound about `grace` after the last instance handling it stopped. The new record is
+/// confirmed before the old one is removed; several instances writing at once may leave several records: they
+/// are read together. Run on a channel of its own (it is put in confirm mode).
 pub(crate) async fn unbind_stale(
     channel: &Channel,
     config: &RabbitConfig,
@@ -81,18 +83,31 @@ pub(crate) async fn unbind_stale(
     let record = bindings_record(group);
     let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
     channel.queue_declare(record.as_str().into(), durable, arguments(config)).await?;
-    let mut previous = BTreeSet::new();
+    let now = chrono::Utc::now().timestamp_millis();
+    let mut bound: std::collections::BTreeMap<EventTypeName, i64> = std::collections::BTreeMap::new();
     let mut last_tag = None;
     for _ in 0..64 {
         let Some(message) = channel.basic_get(record.as_str().into(), BasicGetOptions { no_ack: false }).await? else {
             break;
         };
-        let text = String::from_utf8_lossy(&message.delivery.data).into_owned();
-        previous.extend(text.lines().filter_map(|line| EventTypeName::new(line).ok()));
+        for line in String::from_utf8_lossy(&message.delivery.data).lines() {
+            let (name, at) = line.split_once('\t').unwrap_or((line, "0"));
+            if let Ok(name) = EventTypeName::new(name) {
+                let at = at.parse::<i64>().unwrap_or(0);
+                let entry = bound.entry(name).or_insert(at);
+                *entry = (*entry).max(at);
+            }
+        }
         last_tag = Some(message.delivery.delivery_tag);
     }
-    for stale in previous.difference(event_types) {
-        tracing::info!(%group, event_type = %stale, "no handler for this event type any more: unbinding it");
+    for event_type in event_types {
+        bound.insert(event_type.clone(), now);
+    }
+    let grace = i64::try_from(config.stale_binding_grace.as_millis()).unwrap_or(i64::MAX);
+    let stale: Vec<EventTypeName> =
+        bound.iter().filter(|(_, at)| now.saturating_sub(**at) > grace).map(|(name, _)| name.clone()).collect();
+    for stale in stale {
+        tracing::info!(%group, event_type = %stale, "no instance has handled this event type for a while: unbinding it");
         if partitioned {
             channel
                 .exchange_unbind(
@@ -113,9 +128,10 @@ pub(crate) async fn unbind_stale(
                 )
                 .await?;
         }
+        bound.remove(&stale);
     }
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
-    let body: Vec<u8> = event_types.iter().map(EventTypeName::as_str).collect::<Vec<_>>().join("\n").into_bytes();
+    let body = bound.iter().map(|(name, at)| format!("{name}\t{at}")).collect::<Vec<_>>().join("\n").into_bytes();
     let properties = lapin::BasicProperties::default().with_delivery_mode(2);
     let confirm = channel
         .basic_publish("".into(), record.as_str().into(), BasicPublishOptions::default(), &body, properties)

@@ -87,8 +87,27 @@ pub fn partition_bucket(key: &str) -> u16 {
 }
 
 /// Adds or replaces headers in `properties`.
+/// Headers the broker sets on a delivery, which a republished copy (retry, dead letter, redrive) must not carry:
+/// the new message has been delivered zero times and died nowhere yet.
+const BROKER_HEADERS: [&str; 6] = [
+    "x-delivery-count",
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-last-death-reason",
+];
+
+/// The properties of a delivery for a republished copy: the broker's own headers dropped, `extra` set.
 pub(crate) fn with_headers(properties: &BasicProperties, extra: &[(&str, AMQPValue)]) -> BasicProperties {
-    let mut headers = properties.headers().clone().unwrap_or_default();
+    let mut headers = FieldTable::default();
+    if let Some(old) = properties.headers() {
+        for (name, value) in old.inner() {
+            if !BROKER_HEADERS.contains(&name.as_str()) {
+                headers.insert(name.clone(), value.clone());
+            }
+        }
+    }
     for (name, value) in extra {
         headers.insert(ShortString::from(*name), value.clone());
     }
@@ -208,6 +227,19 @@ fn truncate(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_republished_copy_drops_the_brokers_delivery_count() {
+        let mut headers = FieldTable::default();
+        headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(20));
+        headers.insert("x-death".into(), AMQPValue::LongLongInt(1));
+        headers.insert(H_VERSION.into(), AMQPValue::LongLongInt(3));
+        let props = BasicProperties::default().with_headers(headers);
+        let copy = with_headers(&props, &[(H_ATTEMPT, AMQPValue::LongLongInt(1))]);
+        assert_eq!(earlier_deliveries(&copy), 0);
+        assert!(header(&copy, "x-death").is_none());
+        assert_eq!((header_int(&copy, H_VERSION), attempt(&copy)), (Some(3), 1));
+    }
 
     #[test]
     fn bad_metadata_of_a_foreign_publisher_is_dropped_not_fatal() {

@@ -197,6 +197,21 @@ impl ShopClient {
         Ok(metric_value(&text, name))
     }
 
+    /// The failures a service injected (`GET /faults`, only with `FAULT_TRANSIENT_FAILURES`).
+    ///
+    /// # Errors
+    /// A request failed, or the service injects no faults.
+    pub async fn injected_failures(&self, base: &str) -> Result<u64, ClientError> {
+        let url = format!("{base}/faults");
+        let response = self.http.get(&url).send().await?;
+        let status = response.status().as_u16();
+        let text = response.text().await?;
+        match text.trim().parse() {
+            Ok(count) if status == 200 => Ok(count),
+            _ => Err(ClientError::Status { method: "GET", url, status, body: text }),
+        }
+    }
+
     /// Waits (polling) until every order is paid or cancelled and neither outbox holds a pending event.
     ///
     /// # Errors

@@ -36,6 +36,8 @@ pub struct DemoConfig {
     pub databases: Option<(DatabaseUrl, DatabaseUrl)>,
     /// How both services run (fault injection, relay settings).
     pub options: ServiceOptions,
+    /// The in-process bus's settings.
+    pub bus: bus_inproc::InProcConfig,
 }
 
 impl Default for DemoConfig {
@@ -46,6 +48,7 @@ impl Default for DemoConfig {
             ordering_addr: ordering::DEFAULT_ADDR.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 5102))),
             databases: None,
             options: ServiceOptions::default(),
+            bus: bus_inproc::InProcConfig::default(),
         }
     }
 }
@@ -90,7 +93,7 @@ impl Demo {
         })?;
         let catalog_listener = listen(config.catalog_addr).await?;
         let ordering_listener = listen(config.ordering_addr).await?;
-        let bus = InProcBus::new();
+        let bus = InProcBus::with_config(config.bus.clone())?;
         let shared: Arc<dyn EventBus> = Arc::new(bus.clone());
         let mut running = Vec::new();
         for (service, listener) in [(Service::Catalog, catalog_listener), (Service::Ordering, ordering_listener)] {

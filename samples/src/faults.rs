@@ -7,18 +7,27 @@
 //! inbox transaction committed (the effect happened once: the retry must find it in the inbox and skip it).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use bus_core::{DeliveryContext, EnvelopeHandler, HandlerError};
 use uuid::Uuid;
 
 /// A seeded share of events whose first handlings fail transiently (see the module docs).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct TransientFaults {
     /// Percentage of events that fail (0 to 100).
     pub percent: u8,
     /// Decides which events, how often, and where.
     pub seed: u64,
+    /// Failures injected so far (shared by every clone).
+    injected: Arc<AtomicU64>,
+}
+
+impl PartialEq for TransientFaults {
+    fn eq(&self, other: &Self) -> bool {
+        (self.percent, self.seed) == (other.percent, other.seed)
+    }
 }
 
 /// What an event goes through under [`TransientFaults`].
@@ -40,7 +49,22 @@ impl TransientFaults {
         let (percent, seed) = value.trim().split_once(':').ok_or_else(bad)?;
         let percent = percent.parse::<u8>().ok().filter(|p| *p <= 100).ok_or_else(bad)?;
         let seed = seed.parse::<u64>().map_err(|_| bad())?;
-        Ok(Self { percent, seed })
+        Ok(Self::new(percent, seed))
+    }
+
+    /// `percent` % of events fail, as `seed` decides.
+    pub fn new(percent: u8, seed: u64) -> Self {
+        Self { percent: percent.min(100), seed, injected: Arc::default() }
+    }
+
+    /// The same faults with a count of their own (each service counts its injections).
+    pub fn counted_apart(&self) -> Self {
+        Self::new(self.percent, self.seed)
+    }
+
+    /// Failures injected so far (the sample services show it at `GET /faults`).
+    pub fn injected(&self) -> u64 {
+        self.injected.load(Ordering::Relaxed)
     }
 
     /// What event `id` goes through: `None` for most events.
@@ -52,7 +76,7 @@ impl TransientFaults {
 
     /// `handler`, failing as these faults say.
     pub fn wrap(&self, handler: Arc<dyn EnvelopeHandler>) -> Arc<dyn EnvelopeHandler> {
-        Arc::new(Faulty { faults: *self, inner: handler })
+        Arc::new(Faulty { faults: self.clone(), inner: handler })
     }
 }
 
@@ -71,6 +95,7 @@ impl EnvelopeHandler for Faulty {
         if fault.after_commit {
             self.inner.handle(ctx).await?;
         }
+        self.faults.injected.fetch_add(1, Ordering::Relaxed);
         Err(HandlerError::transient(format!(
             "injected transient failure {attempt} of {} ({} the handler)",
             fault.failures,

@@ -17,6 +17,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use bus_core::{BusError, EventBus, GroupName, RetryPolicy, Subscription, SubscriptionHandle};
+
+use crate::faults::TransientFaults;
 use outbox::{
     Backend, Inbox, InboxConfig, Outbox, OutboxConfig, OutboxError, RelayConfig, RelayHandle, ServiceMetrics,
     ServiceStats,
@@ -119,7 +121,9 @@ impl<DB: Backend> ServiceHost<DB> {
     /// # Errors
     /// The bus refused the subscription.
     pub async fn start(self, subscription: Subscription, api: Router) -> Result<RunningService, StartError> {
-        let subscription = match self.options.transient_faults {
+        // Each service counts its own injections, even when two run in one process.
+        let faults = self.options.transient_faults.as_ref().map(TransientFaults::counted_apart);
+        let subscription = match &faults {
             Some(faults) => subscription.layer(|_, handler| faults.wrap(handler)),
             None => subscription,
         };
@@ -136,6 +140,11 @@ impl<DB: Backend> ServiceHost<DB> {
             .route("/health", get(health))
             .route("/metrics", get(render_metrics))
             .with_state(probe.clone());
+        let operations = match faults {
+            // Fault injection only: how many failures were injected (the fault suite compares it with the retries).
+            Some(faults) => operations.route("/faults", get(move || async move { faults.injected().to_string() })),
+            None => operations,
+        };
         let router = api.merge(operations).layer(axum::middleware::from_fn(trace_request));
         Ok(RunningService { name: self.name, probe, router, subscription, relay, stop, cleanup })
     }

@@ -202,7 +202,7 @@ impl Shop {
     /// Both services in this process, on the in-process bus, each with a fresh PostgreSQL database, run with
     /// `options`: the embedded demo's wiring on the production database. Such a shop cannot kill or restart a
     /// service.
-    pub async fn embedded(options: samples::host::ServiceOptions) -> Self {
+    pub async fn embedded(options: samples::host::ServiceOptions, bus: bus_inproc::InProcConfig) -> Self {
         let id = Uuid::new_v4().simple().to_string()[..12].to_owned();
         let mut services = Vec::new();
         for service in [Service::Catalog, Service::Ordering] {
@@ -227,6 +227,7 @@ impl Shop {
             ordering_addr: local,
             databases: Some((url(&catalog), url(&ordering))),
             options,
+            bus,
             ..samples::demo::DemoConfig::default()
         };
         let demo = samples::demo::Demo::start(config).await.expect("embedded shop started");

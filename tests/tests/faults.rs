@@ -60,7 +60,7 @@ enum Launch<'a> {
     /// Each service its own process on RabbitMQ, with `extra_env` on one service's first start.
     Processes(&'a [(Service, &'a str, &'a str)]),
     /// Both services in the test process on the in-process bus ([`Shop::embedded`]).
-    Embedded(samples::host::ServiceOptions),
+    Embedded(Box<(samples::host::ServiceOptions, bus_inproc::InProcConfig)>),
 }
 
 /// [`scenario`] on a shop launched as `launch` says.
@@ -76,7 +76,7 @@ where
     let fault_at = n * rng.usize(20..=60) / 100;
     let mut shop = match launch {
         Launch::Processes(extra_env) => Shop::start(binary(), extra_env).await,
-        Launch::Embedded(options) => Shop::embedded(options).await,
+        Launch::Embedded(settings) => Shop::embedded(settings.0, settings.1).await,
     };
     let client = shop.client();
     let initial = seed(&client).await.expect("seeded");
@@ -492,13 +492,17 @@ async fn blocked_key_parks_its_events_while_the_others_flow() {
 /// and not: nothing lost, no duplicate effect, nothing reordered, no dead letter; the retried events' keys wait
 /// while the other keys go on (`others_per_s_while_a_key_retries`, next to the run's `events_per_s`).
 async fn transient_failures(name: &str, bus: TransientBus) {
-    let faults = TransientFaults { percent: 10, seed: fault_seed() };
+    let faults = TransientFaults::new(10, fault_seed());
     let setting = format!("{}:{}", faults.percent, faults.seed);
     let mut env: Vec<(Service, &str, &str)> = Vec::new();
     let launch = match bus {
-        TransientBus::InProc => {
-            Launch::Embedded(samples::host::ServiceOptions { transient_faults: Some(faults), ..Default::default() })
-        }
+        // Confirmed once queued, so that several events of a key are in the bus at once, as on RabbitMQ (confirmed
+        // once handled, the relay would send a key's next event only after the previous one was handled, and no
+        // overtaking could ever show).
+        TransientBus::InProc => Launch::Embedded(Box::new((
+            samples::host::ServiceOptions { transient_faults: Some(faults.clone()), ..Default::default() },
+            bus_inproc::InProcConfig { confirm_on: bus_inproc::ConfirmOn::Enqueued, ..Default::default() },
+        ))),
         TransientBus::RabbitMq { partitions } => {
             for service in [Service::Catalog, Service::Ordering] {
                 env.push((service, "FAULT_TRANSIENT_FAILURES", setting.as_str()));
@@ -530,9 +534,10 @@ async fn transient_failures(name: &str, bus: TransientBus) {
         async move |shop: &Shop, ledger: &mut Ledger| {
             let figures = retry_figures(shop, &faults).await;
             let client = shop.client();
-            let mut retried = 0.0;
+            let (mut retried, mut injected) = (0.0, 0u64);
             for base in [&client.catalog, &client.ordering] {
                 retried += client.metric(base, "bus_retries_total").await.ok().flatten().unwrap_or(0.0);
+                injected += client.injected_failures(base).await.expect("the services count their injections");
             }
             ledger.extra.push(format!(
                 "faults={}:{} faulty_events={} injected_failures={} retried={retried} \
@@ -548,9 +553,13 @@ async fn transient_failures(name: &str, bus: TransientBus) {
             // A handling fails only when a failure is injected, or when a price change arrives before the one it
             // applies on (it fails transiently and waits for it): any retry beyond the injected failures means
             // that an event of a key overtook an earlier one of its key.
+            assert!(
+                injected >= u64::from(figures.injected_failures),
+                "the seeded failures were injected ({injected} of at least {})",
+                figures.injected_failures
+            );
             assert_eq!(
-                retried,
-                f64::from(figures.injected_failures),
+                retried, injected as f64,
                 "every injected failure was retried, and nothing else was (no event overtook its key's earlier one)"
             );
             assert!(figures.others_per_s > 0.0, "other keys went on while a key retried: {figures:?}");

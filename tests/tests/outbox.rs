@@ -878,7 +878,10 @@ async fn in_process_dead_letters_are_kept_in_the_service_database_and_survive_a_
     assert_eq!(second.redrive(&group, None).await.unwrap(), 1);
     second.settled().await;
     assert_eq!(*handled.lock().unwrap(), vec![0, 2, 1]);
-    assert!(second.dead_letters(&group).await.unwrap().is_empty());
+    wait_until("the redriven dead letter removed once handled", SETTLE, || async {
+        second.dead_letters(&group).await.unwrap().is_empty()
+    })
+    .await;
     // A dead letter that cannot be stored is not confirmed.
     healthy.store(false, Ordering::SeqCst);
     DB::execute(&fixture.pool, &format!("DROP TABLE {}", fixture.table("dead_letters"))).await;

@@ -48,10 +48,17 @@ impl Instance {
                 self.config.redelivery_limit
             );
             tracing::error!(group = %self.group, event_id = %envelope.id(), %reason, "event dead-lettered");
-            return self.dead_letter(&delivery, lane, attempt, &reason, DeadLetterCause::Permanent).await;
+            let settled = self.dead_letter(&delivery, lane, attempt, &reason, DeadLetterCause::Permanent).await;
+            if settled {
+                self.in_place.forget(envelope.id());
+            }
+            return settled;
         }
         let in_place = self.partitions.is_some() || envelope.partition_key().is_some();
-        if let Some(standing) = self.in_place.standing(envelope.id()).filter(|s| s.next_attempt > attempt) {
+        // Only a delivery that comes back (redelivered) goes on where its schedule stood: a new message with the
+        // same event id (a redrive, a replay) starts from the attempt it carries.
+        let standing = if delivery.redelivered { self.in_place.standing(envelope.id()) } else { None };
+        if let Some(standing) = standing.filter(|s| s.next_attempt > attempt) {
             // Back after a restart of the consumption: go on where the schedule stood.
             attempt = standing.next_attempt;
             let wait = standing.due.saturating_duration_since(std::time::Instant::now());
@@ -127,7 +134,11 @@ impl Instance {
             () = lane.broken.cancelled() => return None,
             () = tokio::time::sleep(delay) => {}
         }
-        let permit = lane.permits.clone().acquire_owned().await.ok()?;
+        let permit = tokio::select! {
+            permit = lane.permits.clone().acquire_owned() => permit.ok()?,
+            () = lane.stop.cancelled() => return None,
+            () = lane.broken.cancelled() => return None,
+        };
         (!lane.stop.is_cancelled() && !lane.broken.is_cancelled()).then_some(permit)
     }
 

@@ -703,3 +703,42 @@ struct Plain {
 impl bus_core::IntegrationEvent for Plain {
     const TYPE_NAME: &'static str = "Plain";
 }
+
+/// A message the broker keeps redelivering without its ever being settled (it crashes or hangs its consumers:
+/// here a consumer that takes it and gives it back, three times) is dead-lettered at its next delivery, past
+/// `redelivery_limit`, instead of coming back for ever. Quorum queues count deliveries (`x-delivery-count`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_redelivered_past_the_limit_is_dead_lettered_not_handled() {
+    use lapin::options::BasicRejectOptions;
+    let bus = rabbit_bus(|c| {
+        c.queue_type = bus_rabbitmq::QueueType::Quorum;
+        c.redelivery_limit = 3;
+    })
+    .await;
+    let exchange = bus.config().exchange.clone();
+    let group = unique("svc");
+    let (handle, handled) = recording_consumer(&bus, &group).await;
+    handle.shutdown().await;
+    let event = Envelope::for_event(&Numbered { key: "k".into(), seq: 7 }).unwrap().build().unwrap();
+    bus.publish_confirmed(event.clone()).await.unwrap();
+    let channel = plain_amqp().await;
+    for _ in 0..3 {
+        let message = channel
+            .basic_get(group.as_str().into(), BasicGetOptions { no_ack: false })
+            .await
+            .unwrap()
+            .expect("the message is in the queue");
+        channel.basic_reject(message.delivery.delivery_tag, BasicRejectOptions { requeue: true }).await.unwrap();
+    }
+    let (second, handled_again) = recording_consumer(&bus, &group).await;
+    let group_name = GroupName::new(&group).unwrap();
+    wait_until("dead-lettered", WAIT, || async { bus.dead_letters(&group_name).await.unwrap().len() == 1 }).await;
+    let letters = bus.dead_letters(&group_name).await.unwrap();
+    assert_eq!(letters[0].envelope.as_ref().map(Envelope::id), Some(event.id()));
+    assert!(letters[0].last_error.contains("delivered 4 times"), "{}", letters[0].last_error);
+    assert_eq!(letters[0].cause, bus_core::DeadLetterCause::Permanent);
+    assert!(handled.lock().unwrap().is_empty() && handled_again.lock().unwrap().is_empty(), "never handled");
+    second.shutdown().await;
+    bus.shutdown().await;
+    delete_topology(&exchange, &[&group]).await;
+}

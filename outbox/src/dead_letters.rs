@@ -143,3 +143,73 @@ impl<DB: Backend> DeadLetterStore for DeadLetterTable<DB> {
         DB::remove_dead_letter(self.outbox.pool(), self.outbox.sql(), &stored).await.map_err(bus_error)
     }
 }
+
+/// The dead-letter statements of a backend, the same on both databases (portable SQL, the same column types):
+/// written once, expanded in each backend module as `keep_dead_letter_row`, `dead_letter_rows` and
+/// `remove_dead_letter_row` over its pool and row types, which its `Backend` methods call.
+macro_rules! dead_letter_statements {
+    ($pool:ty, $row:ty) => {
+        async fn keep_dead_letter_row(pool: &$pool, sql: &Sql, l: &StoredDeadLetter) -> Result<(), OutboxError> {
+            sqlx::query(&sql.keep_dead_letter)
+                .bind(&l.group_name)
+                .bind(&l.event_id)
+                .bind(l.seq)
+                .bind(&l.event_type)
+                .bind(l.version)
+                .bind(l.occurred_at_ms)
+                .bind(&l.correlation_id)
+                .bind(&l.causation_id)
+                .bind(&l.partition_key)
+                .bind(&l.source)
+                .bind(&l.traceparent)
+                .bind(&l.tracestate)
+                .bind(&l.payload)
+                .bind(&l.last_error)
+                .bind(&l.cause)
+                .bind(l.attempts)
+                .bind(l.failed_at_ms)
+                .execute(pool)
+                .await?;
+            Ok(())
+        }
+
+        fn read_dead_letter(r: &$row) -> Result<StoredDeadLetter, sqlx::Error> {
+            use sqlx::Row;
+            Ok(StoredDeadLetter {
+                group_name: r.try_get("group_name")?,
+                event_id: r.try_get("event_id")?,
+                seq: r.try_get("seq")?,
+                event_type: r.try_get("event_type")?,
+                version: r.try_get("version")?,
+                occurred_at_ms: r.try_get("occurred_at_ms")?,
+                correlation_id: r.try_get("correlation_id")?,
+                causation_id: r.try_get("causation_id")?,
+                partition_key: r.try_get("partition_key")?,
+                source: r.try_get("source")?,
+                traceparent: r.try_get("traceparent")?,
+                tracestate: r.try_get("tracestate")?,
+                payload: r.try_get("payload")?,
+                last_error: r.try_get("last_error")?,
+                cause: r.try_get("cause")?,
+                attempts: r.try_get("attempts")?,
+                failed_at_ms: r.try_get("failed_at_ms")?,
+            })
+        }
+
+        async fn dead_letter_rows(pool: &$pool, sql: &Sql, group: &str) -> Result<Vec<StoredDeadLetter>, OutboxError> {
+            let rows = sqlx::query(&sql.list_dead_letters).bind(group).fetch_all(pool).await?;
+            rows.iter().map(|r| read_dead_letter(r).map_err(OutboxError::from)).collect()
+        }
+
+        async fn remove_dead_letter_row(pool: &$pool, sql: &Sql, l: &StoredDeadLetter) -> Result<bool, OutboxError> {
+            let removed = sqlx::query(&sql.remove_dead_letter)
+                .bind(&l.group_name)
+                .bind(&l.event_id)
+                .bind(l.failed_at_ms)
+                .execute(pool)
+                .await?;
+            Ok(removed.rows_affected() > 0)
+        }
+    };
+}
+pub(crate) use dead_letter_statements;

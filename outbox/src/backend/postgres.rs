@@ -38,27 +38,7 @@ fn row(r: &PgRow) -> Result<OutboxRow, sqlx::Error> {
     })
 }
 
-fn stored_dead_letter(r: &PgRow) -> Result<StoredDeadLetter, sqlx::Error> {
-    Ok(StoredDeadLetter {
-        group_name: r.try_get("group_name")?,
-        event_id: r.try_get("event_id")?,
-        seq: r.try_get("seq")?,
-        event_type: r.try_get("event_type")?,
-        version: r.try_get("version")?,
-        occurred_at_ms: r.try_get("occurred_at_ms")?,
-        correlation_id: r.try_get("correlation_id")?,
-        causation_id: r.try_get("causation_id")?,
-        partition_key: r.try_get("partition_key")?,
-        source: r.try_get("source")?,
-        traceparent: r.try_get("traceparent")?,
-        tracestate: r.try_get("tracestate")?,
-        payload: r.try_get("payload")?,
-        last_error: r.try_get("last_error")?,
-        cause: r.try_get("cause")?,
-        attempts: r.try_get("attempts")?,
-        failed_at_ms: r.try_get("failed_at_ms")?,
-    })
-}
+crate::dead_letters::dead_letter_statements!(PgPool, PgRow);
 
 #[async_trait]
 impl Backend for Postgres {
@@ -363,43 +343,15 @@ impl Backend for Postgres {
     }
 
     async fn keep_dead_letter(pool: &PgPool, sql: &Sql, letter: &StoredDeadLetter) -> Result<(), OutboxError> {
-        let l = letter;
-        sqlx::query(&sql.keep_dead_letter)
-            .bind(&l.group_name)
-            .bind(&l.event_id)
-            .bind(l.seq)
-            .bind(&l.event_type)
-            .bind(l.version)
-            .bind(l.occurred_at_ms)
-            .bind(&l.correlation_id)
-            .bind(&l.causation_id)
-            .bind(&l.partition_key)
-            .bind(&l.source)
-            .bind(&l.traceparent)
-            .bind(&l.tracestate)
-            .bind(&l.payload)
-            .bind(&l.last_error)
-            .bind(&l.cause)
-            .bind(l.attempts)
-            .bind(l.failed_at_ms)
-            .execute(pool)
-            .await?;
-        Ok(())
+        keep_dead_letter_row(pool, sql, letter).await
     }
 
     async fn dead_letters(pool: &PgPool, sql: &Sql, group: &str) -> Result<Vec<StoredDeadLetter>, OutboxError> {
-        let rows = sqlx::query(&sql.list_dead_letters).bind(group).fetch_all(pool).await?;
-        rows.iter().map(|r| stored_dead_letter(r).map_err(OutboxError::from)).collect()
+        dead_letter_rows(pool, sql, group).await
     }
 
     async fn remove_dead_letter(pool: &PgPool, sql: &Sql, letter: &StoredDeadLetter) -> Result<bool, OutboxError> {
-        let removed = sqlx::query(&sql.remove_dead_letter)
-            .bind(&letter.group_name)
-            .bind(&letter.event_id)
-            .bind(letter.failed_at_ms)
-            .execute(pool)
-            .await?;
-        Ok(removed.rows_affected() > 0)
+        remove_dead_letter_row(pool, sql, letter).await
     }
 
     async fn notify(pool: &PgPool, sql: &Sql) -> Result<(), OutboxError> {

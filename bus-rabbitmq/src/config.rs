@@ -8,51 +8,85 @@ use std::time::Duration;
 use bus_core::{BusError, DEFAULT_MAX_PAYLOAD_BYTES, RetryPolicy};
 use lapin::uri::AMQPUri;
 
-/// An `amqp://` or `amqps://` URL. Shown with its password replaced by `***`.
+/// The broker's address: one `amqp://` or `amqps://` URL, or several separated by commas, one per node of a
+/// cluster (`amqp://u:p@node1:5672/%2f,amqp://u:p@node2:5672/%2f`). The bus connects to the first node that
+/// answers, and after a connection loss tries the next one first (round robin), so a cluster survives the loss
+/// of the node it was connected to. Shown with every password replaced by `***`.
 #[derive(Clone)]
 pub struct AmqpUrl {
+    nodes: Vec<Node>,
+}
+
+#[derive(Clone)]
+struct Node {
     raw: String,
     redacted: String,
 }
 
+/// At most this many nodes in one [`AmqpUrl`].
+const MAX_NODES: usize = 16;
+
 impl AmqpUrl {
-    /// Parses and checks `url`.
+    /// Parses and checks `url` (one URL, or several separated by commas).
     ///
     /// # Errors
-    /// [`BusError::InvalidConfig`] naming `AMQP_URL`; the message never repeats the URL (it may hold a password).
+    /// [`BusError::InvalidConfig`] naming `AMQP_URL` (and which node, for a list); the message never repeats the
+    /// URL (it may hold a password).
     pub fn parse(url: &str) -> Result<Self, BusError> {
-        let invalid = |reason: &str| BusError::invalid_config("AMQP_URL", reason.to_owned());
-        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-            return Err(invalid("must start with amqp:// or amqps://"));
+        let parts: Vec<&str> = url.split(',').map(str::trim).collect();
+        if parts.len() > MAX_NODES {
+            return Err(BusError::invalid_config("AMQP_URL", format!("at most {MAX_NODES} nodes")));
         }
-        // The parser's own error text quotes the whole URL: never pass it on.
-        let uri = AMQPUri::from_str(url).map_err(|_| invalid("is not a valid AMQP URL"))?;
-        let scheme = if url.starts_with("amqps://") { "amqps" } else { "amqp" };
-        let user = &uri.authority.userinfo.username;
-        let redacted = format!(
-            "{scheme}://{}{}:{}/{}",
-            if user.is_empty() { String::new() } else { format!("{user}:***@") },
-            uri.authority.host,
-            uri.authority.port,
-            uri.vhost.replace('/', "%2f"),
-        );
-        Ok(Self { raw: url.to_owned(), redacted })
+        let mut nodes = Vec::with_capacity(parts.len());
+        for (index, part) in parts.iter().enumerate() {
+            let which =
+                if parts.len() > 1 { format!("node {} of {}: ", index + 1, parts.len()) } else { String::new() };
+            let invalid = |reason: &str| BusError::invalid_config("AMQP_URL", format!("{which}{reason}"));
+            if !(part.starts_with("amqp://") || part.starts_with("amqps://")) {
+                return Err(invalid("must start with amqp:// or amqps://"));
+            }
+            // The parser's own error text quotes the whole URL: never pass it on.
+            let uri = AMQPUri::from_str(part).map_err(|_| invalid("is not a valid AMQP URL"))?;
+            let scheme = if part.starts_with("amqps://") { "amqps" } else { "amqp" };
+            let user = &uri.authority.userinfo.username;
+            let redacted = format!(
+                "{scheme}://{}{}:{}/{}",
+                if user.is_empty() { String::new() } else { format!("{user}:***@") },
+                uri.authority.host,
+                uri.authority.port,
+                uri.vhost.replace('/', "%2f"),
+            );
+            nodes.push(Node { raw: (*part).to_owned(), redacted });
+        }
+        Ok(Self { nodes })
     }
 
-    pub(crate) fn expose(&self) -> &str {
-        &self.raw
+    /// How many nodes it names.
+    pub fn nodes(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Node `index` (modulo the count): the URL to connect with, and how to show it.
+    pub(crate) fn node(&self, index: usize) -> (&str, &str) {
+        let node = &self.nodes[index % self.nodes.len()];
+        (&node.raw, &node.redacted)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn expose(&self) -> String {
+        self.nodes.iter().map(|n| n.raw.as_str()).collect::<Vec<_>>().join(",")
     }
 }
 
 impl fmt::Debug for AmqpUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.redacted)
+        fmt::Display::fmt(self, f)
     }
 }
 
 impl fmt::Display for AmqpUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.redacted)
+        f.write_str(&self.nodes.iter().map(|n| n.redacted.as_str()).collect::<Vec<_>>().join(","))
     }
 }
 
@@ -205,10 +239,22 @@ mod tests {
     #[test]
     fn password_never_shows() {
         let url = AmqpUrl::parse("amqp://app:s3cret-pw@broker.example:5672/%2f").unwrap();
-        for shown in [format!("{url}"), format!("{url:?}"), format!("{:?}", RabbitConfig::new(url.expose()).unwrap())] {
+        for shown in [format!("{url}"), format!("{url:?}"), format!("{:?}", RabbitConfig::new(&url.expose()).unwrap())]
+        {
             assert!(!shown.contains("s3cret-pw"), "{shown}");
         }
         assert_eq!(url.to_string(), "amqp://app:***@broker.example:5672/%2f");
+    }
+
+    #[test]
+    fn a_cluster_is_a_list_of_nodes_each_checked_none_shown_with_its_password() {
+        let url = AmqpUrl::parse("amqp://app:pw1@n1:5672/%2f, amqp://app:pw2@n2:5673/%2f").unwrap();
+        assert_eq!(url.nodes(), 2);
+        assert_eq!(url.to_string(), "amqp://app:***@n1:5672/%2f,amqp://app:***@n2:5673/%2f");
+        assert_eq!(url.node(3).1, "amqp://app:***@n2:5673/%2f");
+        let error = AmqpUrl::parse("amqp://app:pw1@n1:5672/%2f,http://app:secret@n2").unwrap_err().to_string();
+        assert!(error.contains("AMQP_URL") && error.contains("node 2 of 2") && !error.contains("secret"), "{error}");
+        assert!(AmqpUrl::parse("amqp://a@n1/%2f,").is_err(), "an empty node is refused");
     }
 
     #[test]

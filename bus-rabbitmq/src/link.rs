@@ -35,6 +35,8 @@ pub(crate) struct Link {
     current: watch::Sender<Option<Arc<Session>>>,
     trouble: Notify,
     generation: AtomicU64,
+    /// The node of the cluster to try first at the next connection.
+    next_node: std::sync::atomic::AtomicUsize,
     stop: CancellationToken,
     /// Cancelled when the supervisor is done (connection closed).
     closed: CancellationToken,
@@ -57,6 +59,7 @@ impl Link {
             current: watch::channel(None).0,
             trouble: Notify::new(),
             generation: AtomicU64::new(0),
+            next_node: std::sync::atomic::AtomicUsize::new(0),
             stop,
             closed: CancellationToken::new(),
         });
@@ -101,7 +104,29 @@ impl Link {
     async fn connect(&self) -> Result<Session, lapin::Error> {
         let properties =
             ConnectionProperties::default().with_connection_name(self.config.connection_name.as_str().into());
-        let connection = Connection::connect(self.config.url.expose(), properties).await?;
+        // Round robin over the cluster's nodes, starting after the one that worked last: a node that died is tried
+        // last, not first.
+        let nodes = self.config.url.nodes();
+        let start = self.next_node.load(Ordering::Relaxed);
+        let mut offset = 0;
+        let connection = loop {
+            let (raw, shown) = self.config.url.node(start + offset);
+            match Connection::connect(raw, properties.clone()).await {
+                Ok(connection) => {
+                    // After a loss, the next attempt starts with the node after this one.
+                    self.next_node.store((start + offset + 1) % nodes, Ordering::Relaxed);
+                    if nodes > 1 {
+                        tracing::info!(node = shown, "connected to RabbitMQ node");
+                    }
+                    break connection;
+                }
+                Err(error) if offset + 1 < nodes => {
+                    tracing::info!(node = shown, %error, "RabbitMQ node unreachable; trying the next one");
+                    offset += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        };
         let publisher = connection.create_channel().await?;
         publisher.confirm_select(ConfirmSelectOptions::default()).await?;
         publisher

@@ -31,6 +31,43 @@ fn arguments(config: &RabbitConfig) -> FieldTable {
     args
 }
 
+/// On quorum queues: dead-letter at least once (a message expiring or over its limit is moved only once the
+/// target has it; RabbitMQ requires `x-overflow=reject-publish` for that) to `target` (a queue, through the
+/// default exchange).
+fn dead_letter_at_least_once(args: &mut FieldTable, target: &str) {
+    args.insert("x-dead-letter-exchange".into(), text(""));
+    args.insert("x-dead-letter-routing-key".into(), text(target));
+    args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+    args.insert("x-overflow".into(), text("reject-publish"));
+}
+
+/// A consumed queue (the group's queue, a partition): on quorum queues, an explicit delivery limit (RabbitMQ
+/// 4.x defaults it to 20 and counts every return, hand-overs included) above the consumer's own
+/// `redelivery_limit`, which dead-letters first with a reason; past it the broker dead-letters to
+/// `<group>.dlq` (at least once) instead of dropping the message.
+fn consumed_queue_arguments(config: &RabbitConfig, group: &GroupName) -> FieldTable {
+    let mut args = arguments(config);
+    if config.queue_type == crate::config::QueueType::Quorum {
+        let limit = i64::from(config.redelivery_limit).saturating_add(QUORUM_DELIVERY_LIMIT_MARGIN);
+        args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(limit));
+        dead_letter_at_least_once(&mut args, &dead_letter_queue(group));
+    }
+    args
+}
+
+/// How far above `redelivery_limit` the broker's own `x-delivery-limit` of a quorum queue is set.
+const QUORUM_DELIVERY_LIMIT_MARGIN: i64 = 5;
+
+/// `<group>.dlq`: on quorum queues, a delivery limit high enough that listing the dead letters (which takes and
+/// returns them) never drops one (RabbitMQ 4.x would after 20 listings by default).
+fn dead_letter_queue_arguments(config: &RabbitConfig) -> FieldTable {
+    let mut args = arguments(config);
+    if config.queue_type == crate::config::QueueType::Quorum {
+        args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(1_000_000_000));
+    }
+    args
+}
+
 pub(crate) async fn declare_group(
     channel: &Channel,
     config: &RabbitConfig,
@@ -38,7 +75,7 @@ pub(crate) async fn declare_group(
     event_types: &BTreeSet<EventTypeName>,
 ) -> Result<(), lapin::Error> {
     let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
-    channel.queue_declare(group.as_str().into(), durable, arguments(config)).await?;
+    channel.queue_declare(group.as_str().into(), durable, consumed_queue_arguments(config, group)).await?;
     for event_type in event_types {
         channel
             .queue_bind(
@@ -53,8 +90,14 @@ pub(crate) async fn declare_group(
     let mut retry = arguments(config);
     retry.insert("x-dead-letter-exchange".into(), text(""));
     retry.insert("x-dead-letter-routing-key".into(), text(group.as_str()));
+    if config.queue_type == crate::config::QueueType::Quorum {
+        // A retry that expires while the group queue's leader is away must wait, not be dropped.
+        dead_letter_at_least_once(&mut retry, group.as_str());
+    }
     channel.queue_declare(retry_queue(group).as_str().into(), durable, retry).await?;
-    channel.queue_declare(dead_letter_queue(group).as_str().into(), durable, arguments(config)).await?;
+    channel
+        .queue_declare(dead_letter_queue(group).as_str().into(), durable, dead_letter_queue_arguments(config))
+        .await?;
     Ok(())
 }
 
@@ -192,7 +235,10 @@ pub(crate) async fn declare_partitioned_group(
     // The count is recorded in a marker queue's x-max-length (the queue is bound to nothing and never holds a
     // message): RabbitMQ refuses to re-declare it with another value, which is the check, race-free and silent
     // when the count matches.
-    let mut marker = FieldTable::default();
+    // A quorum marker on a cluster: a classic queue lives on one node, and the group could not start while that
+    // node is down.
+    let mut marker =
+        if config.queue_type == crate::config::QueueType::Quorum { arguments(config) } else { FieldTable::default() };
     marker.insert("x-max-length".into(), AMQPValue::LongLongInt(i64::from(partitions)));
     let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
     if let Err(error) = channel.queue_declare(partition_count_marker(group).as_str().into(), durable, marker).await {
@@ -222,7 +268,7 @@ pub(crate) async fn declare_partitioned_group(
         .await
         .map_err(transport)?;
     for index in 0..partitions {
-        let mut args = arguments(config);
+        let mut args = consumed_queue_arguments(config, group);
         args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
         channel.queue_declare(partition_queue(group, index).as_str().into(), durable, args).await.map_err(transport)?;
     }
@@ -266,7 +312,7 @@ pub(crate) async fn declare_partitioned_group(
             .map_err(transport)?;
     }
     channel
-        .queue_declare(dead_letter_queue(group).as_str().into(), durable, arguments(config))
+        .queue_declare(dead_letter_queue(group).as_str().into(), durable, dead_letter_queue_arguments(config))
         .await
         .map_err(transport)?;
     Ok(())

@@ -197,11 +197,11 @@ impl ShopClient {
         Ok(metric_value(&text, name))
     }
 
-    /// The failures a service injected (`GET /faults`, only with `FAULT_TRANSIENT_FAILURES`).
+    /// What a service's fault injection counted (`GET /faults`, only with `FAULT_TRANSIENT_FAILURES`).
     ///
     /// # Errors
     /// A request failed, or the service injects no faults.
-    pub async fn injected_failures(&self, base: &str) -> Result<u64, ClientError> {
+    pub async fn fault_counts(&self, base: &str) -> Result<crate::faults::FaultCounts, ClientError> {
         let url = format!("{base}/faults");
         let response = self.http.get(&url).send().await?;
         let status = response.status().as_u16();

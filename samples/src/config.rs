@@ -1,5 +1,6 @@
 //! A service's configuration from the environment (CONTRACT §2): `DATABASE_URL`, `AMQP_URL`, `HTTP_ADDR`,
-//! `SERVICE_NAME` / `BUS_EXCHANGE` to run side-by-side copies (tests), and `BUS_PARTITIONS` to partition the
+//! `SERVICE_NAME` / `BUS_EXCHANGE` to run side-by-side copies (tests), `BUS_QUEUE_TYPE` (`classic`, the default,
+//! or `quorum` for a cluster; `AMQP_URL` may then list every node, comma-separated), and `BUS_PARTITIONS` to partition the
 //! service's consumer group (per-key order across many instances, see `docs/partitions.md`), `RELAY_MAX_ATTEMPTS` and
 //! `RELAY_RETRY_DELAY_MS` for the relay's retry schedule (events the broker refuses while healthy; transport
 //! trouble never spends an attempt), and `FAULT_TRANSIENT_FAILURES` for the fault suite only ([`crate::faults`]).
@@ -86,6 +87,15 @@ impl ServiceEnv {
             rabbit.exchange = exchange;
         }
         rabbit.connection_name = service.as_str().to_owned();
+        if let Some(kind) = var("BUS_QUEUE_TYPE") {
+            rabbit.queue_type = match kind.trim() {
+                "classic" => bus_rabbitmq::QueueType::Classic,
+                "quorum" => bus_rabbitmq::QueueType::Quorum,
+                other => {
+                    return Err(ConfigError::new("BUS_QUEUE_TYPE", format!("{other:?} is not classic or quorum")));
+                }
+            };
+        }
         rabbit.validate().map_err(|e| ConfigError::new("BUS_EXCHANGE", e.to_string()))?;
         let addr = var("HTTP_ADDR").unwrap_or_else(|| default_addr.to_owned());
         let http_addr = addr

@@ -20,8 +20,53 @@ pub struct TransientFaults {
     pub percent: u8,
     /// Decides which events, how often, and where.
     pub seed: u64,
-    /// Failures injected so far (shared by every clone).
-    injected: Arc<AtomicU64>,
+    /// What happened so far (shared by every clone).
+    counts: Arc<Counts>,
+}
+
+/// What [`TransientFaults`] counted: failures it injected, and the handlers' own failures (`overtaken`: those
+/// saying an earlier event of the key has not arrived yet, i.e. the event overtook it).
+#[derive(Debug, Default)]
+struct Counts {
+    injected: AtomicU64,
+    natural: AtomicU64,
+    overtaken: AtomicU64,
+}
+
+/// The counts of a service's [`TransientFaults`] (`GET /faults`: `injected=N natural=N overtaken=N`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultCounts {
+    /// Failures injected.
+    pub injected: u64,
+    /// Failures of the handlers themselves (a database error, an event that came too early).
+    pub natural: u64,
+    /// Of those, events that arrived before an earlier event of their key they depend on.
+    pub overtaken: u64,
+}
+
+impl std::fmt::Display for FaultCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "injected={} natural={} overtaken={}", self.injected, self.natural, self.overtaken)
+    }
+}
+
+impl std::str::FromStr for FaultCounts {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let mut counts = Self::default();
+        for part in text.split_whitespace() {
+            let (name, value) = part.split_once('=').ok_or_else(|| format!("{part:?} is not name=value"))?;
+            let value = value.parse().map_err(|_| format!("{part:?} is not a count"))?;
+            match name {
+                "injected" => counts.injected = value,
+                "natural" => counts.natural = value,
+                "overtaken" => counts.overtaken = value,
+                _ => return Err(format!("unknown count {name:?}")),
+            }
+        }
+        Ok(counts)
+    }
 }
 
 impl PartialEq for TransientFaults {
@@ -54,7 +99,7 @@ impl TransientFaults {
 
     /// `percent` % of events fail, as `seed` decides.
     pub fn new(percent: u8, seed: u64) -> Self {
-        Self { percent: percent.min(100), seed, injected: Arc::default() }
+        Self { percent: percent.min(100), seed, counts: Arc::default() }
     }
 
     /// The same faults with a count of their own (each service counts its injections).
@@ -62,9 +107,14 @@ impl TransientFaults {
         Self::new(self.percent, self.seed)
     }
 
-    /// Failures injected so far (the sample services show it at `GET /faults`).
-    pub fn injected(&self) -> u64 {
-        self.injected.load(Ordering::Relaxed)
+    /// What was counted so far (the sample services show it at `GET /faults`).
+    pub fn counts(&self) -> FaultCounts {
+        let c = &self.counts;
+        FaultCounts {
+            injected: c.injected.load(Ordering::Relaxed),
+            natural: c.natural.load(Ordering::Relaxed),
+            overtaken: c.overtaken.load(Ordering::Relaxed),
+        }
     }
 
     /// What event `id` goes through: `None` for most events.
@@ -85,17 +135,36 @@ struct Faulty {
     inner: Arc<dyn EnvelopeHandler>,
 }
 
+impl Faulty {
+    /// Runs the real handler, counting its own failures.
+    async fn run(&self, ctx: DeliveryContext) -> Result<(), HandlerError> {
+        let result = self.inner.handle(ctx).await;
+        if let Err(error) = &result {
+            self.faults.counts.natural.fetch_add(1, Ordering::Relaxed);
+            let error = error.to_string();
+            if OVERTAKEN.iter().any(|said| error.contains(said)) {
+                self.faults.counts.overtaken.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        result
+    }
+}
+
+/// What the samples' handlers say when an event arrives before an earlier one of its key it depends on (the
+/// price read model: a change before the product, or before the change it applies on).
+const OVERTAKEN: [&str; 2] = ["not in the read model yet", "has not arrived yet"];
+
 #[async_trait]
 impl EnvelopeHandler for Faulty {
     async fn handle(&self, ctx: DeliveryContext) -> Result<(), HandlerError> {
         let Some(fault) = self.faults.fault(ctx.event_id()).filter(|f| ctx.attempt() <= f.failures) else {
-            return self.inner.handle(ctx).await;
+            return self.run(ctx).await;
         };
         let attempt = ctx.attempt();
         if fault.after_commit {
-            self.inner.handle(ctx).await?;
+            self.run(ctx).await?;
         }
-        self.faults.injected.fetch_add(1, Ordering::Relaxed);
+        self.faults.counts.injected.fetch_add(1, Ordering::Relaxed);
         Err(HandlerError::transient(format!(
             "injected transient failure {attempt} of {} ({} the handler)",
             fault.failures,

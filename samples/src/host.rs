@@ -142,7 +142,7 @@ impl<DB: Backend> ServiceHost<DB> {
             .with_state(probe.clone());
         let operations = match faults {
             // Fault injection only: how many failures were injected (the fault suite compares it with the retries).
-            Some(faults) => operations.route("/faults", get(move || async move { faults.injected().to_string() })),
+            Some(faults) => operations.route("/faults", get(move || async move { faults.counts().to_string() })),
             None => operations,
         };
         let router = api.merge(operations).layer(axum::middleware::from_fn(trace_request));

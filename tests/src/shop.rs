@@ -25,7 +25,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
-use crate::{amqp_url, database_url, delete_topology, plain_amqp};
+use crate::{amqp_url, database_url, delete_topology};
 
 /// A service running as its own process.
 pub struct ServiceProcess {
@@ -161,6 +161,9 @@ pub struct Shop {
     /// Both services in this process on the in-process bus ([`Shop::embedded`]); `None`: each its own process
     /// on RabbitMQ.
     pub embedded: Option<samples::demo::Demo>,
+    /// The broker node the test itself talks to (dead-letter counts, clean-up): the first node of the services'
+    /// `AMQP_URL`.
+    pub amqp: String,
 }
 
 impl Shop {
@@ -187,7 +190,13 @@ impl Shop {
         }
         let ordering = services.pop().expect("two");
         let catalog = services.pop().expect("two");
-        let mut shop = Self { id, exchange, binary: binary.to_path_buf(), catalog, ordering, embedded: None };
+        // A cluster's URL (`AMQP_URL` in `extra_env`) lists its nodes: the test talks to the first.
+        let amqp = extra_env
+            .iter()
+            .find(|(_, k, _)| *k == "AMQP_URL")
+            .map(|(_, _, v)| v.split(',').next().unwrap_or(v).to_owned())
+            .unwrap_or(amqp);
+        let mut shop = Self { id, exchange, binary: binary.to_path_buf(), catalog, ordering, embedded: None, amqp };
         for service in [Service::Catalog, Service::Ordering] {
             let extra: Vec<(String, String)> = extra_env
                 .iter()
@@ -231,7 +240,15 @@ impl Shop {
             ..samples::demo::DemoConfig::default()
         };
         let demo = samples::demo::Demo::start(config).await.expect("embedded shop started");
-        Self { id, exchange: String::new(), binary: PathBuf::new(), catalog, ordering, embedded: Some(demo) }
+        Self {
+            id,
+            exchange: String::new(),
+            binary: PathBuf::new(),
+            catalog,
+            ordering,
+            embedded: Some(demo),
+            amqp: String::new(),
+        }
     }
 
     /// The service `service`.
@@ -295,12 +312,22 @@ impl Shop {
         } else {
             self.kill(Service::Catalog).await;
             self.kill(Service::Ordering).await;
-            delete_topology(&self.exchange, &[&self.catalog.name, &self.ordering.name]).await;
+            if self.amqp == crate::amqp_url().await {
+                delete_topology(&self.exchange, &[&self.catalog.name, &self.ordering.name]).await;
+            }
         }
         for service in [self.catalog, self.ordering] {
             service.pool.close().await;
             drop_database(&service.database.0).await;
         }
+    }
+
+    /// A channel on [`Shop::amqp`].
+    async fn channel(&self) -> lapin::Channel {
+        let connection = lapin::Connection::connect(&self.amqp, lapin::ConnectionProperties::default())
+            .await
+            .expect("the shop's broker answers");
+        connection.create_channel().await.expect("a channel")
     }
 
     /// Messages now in each service's dead-letter queue.
@@ -314,7 +341,7 @@ impl Shop {
             }
             return total;
         }
-        let channel = plain_amqp().await;
+        let channel = self.channel().await;
         let mut total = 0;
         for name in [&self.catalog.name, &self.ordering.name] {
             let options = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
@@ -328,7 +355,7 @@ impl Shop {
 
     /// Empties the dead-letter queues (after a scenario that expected dead letters counted them).
     pub async fn purge_dead_letters(&self) {
-        let channel = plain_amqp().await;
+        let channel = self.channel().await;
         for name in [&self.catalog.name, &self.ordering.name] {
             let queue = format!("{name}.dlq");
             let _ = channel.queue_purge(queue.as_str().into(), Default::default()).await;

@@ -19,15 +19,24 @@ pub struct Sink {
     pub exchange: String,
     pub queue: String,
     pub channel: Channel,
+    /// The broker as the bus sees it (several nodes, comma-separated, for a cluster).
+    bus_url: String,
+    queue_type: bus_rabbitmq::QueueType,
     /// Kept alive with the channel: dropping the last connection handle closes it.
     _connection: Connection,
 }
 
 impl Sink {
     pub async fn new() -> anyhow::Result<Self> {
+        Self::on(&url(), bus_rabbitmq::QueueType::Classic).await
+    }
+
+    /// On the broker `urls` (the raw channel on the first node), with a queue of type `queue_type`.
+    pub async fn on(urls: &str, queue_type: bus_rabbitmq::QueueType) -> anyhow::Result<Self> {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let (exchange, queue) = (format!("bench.{id}"), format!("bench-{id}"));
-        let connection = Connection::connect(&url(), ConnectionProperties::default()).await?;
+        let first = urls.split(',').next().unwrap_or(urls);
+        let connection = Connection::connect(first, ConnectionProperties::default()).await?;
         let channel = connection.create_channel().await?;
         channel
             .exchange_declare(
@@ -37,11 +46,15 @@ impl Sink {
                 FieldTable::default(),
             )
             .await?;
+        let mut arguments = FieldTable::default();
+        if queue_type == bus_rabbitmq::QueueType::Quorum {
+            arguments.insert("x-queue-type".into(), lapin::types::AMQPValue::LongString("quorum".into()));
+        }
         channel
             .queue_declare(
                 queue.as_str().into(),
                 QueueDeclareOptions { durable: true, ..Default::default() },
-                FieldTable::default(),
+                arguments,
             )
             .await?;
         channel
@@ -53,7 +66,7 @@ impl Sink {
                 FieldTable::default(),
             )
             .await?;
-        Ok(Self { exchange, queue, channel, _connection: connection })
+        Ok(Self { exchange, queue, channel, bus_url: urls.to_owned(), queue_type, _connection: connection })
     }
 
     pub async fn purge(&self) -> anyhow::Result<()> {
@@ -62,8 +75,9 @@ impl Sink {
     }
 
     pub async fn bus(&self) -> anyhow::Result<RabbitBus> {
-        let mut config = RabbitConfig::new(&url())?;
+        let mut config = RabbitConfig::new(&self.bus_url)?;
         config.exchange = self.exchange.clone();
+        config.queue_type = self.queue_type;
         Ok(RabbitBus::connect(config).await?)
     }
 

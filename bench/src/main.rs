@@ -8,6 +8,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod broker;
+mod cluster;
 mod database;
 mod figures;
 mod payload;
@@ -26,6 +27,7 @@ const SCENARIOS: &[&str] = &[
     "relay_rss",
     "relay_takeover",
     "partitioned_throughput",
+    "relay_throughput_quorum",
 ];
 
 #[derive(Parser, Debug)]
@@ -33,7 +35,7 @@ const SCENARIOS: &[&str] = &[
 struct Args {
     /// `all`, or one scenario: inproc_dispatch, producer_commit_cost, consumer_inbox, two_relays,
     /// relay_throughput (also gives backlog_drain), e2e_latency (p50 and p99), relay_rss, relay_takeover,
-    /// partitioned_throughput.
+    /// partitioned_throughput, relay_throughput_quorum (starts a 3-node RabbitMQ cluster beside the local node).
     scenario: String,
     /// A short run (fewer events), for a quick look.
     #[arg(long)]
@@ -79,6 +81,7 @@ async fn main() -> anyhow::Result<()> {
             "relay_rss" => figures::relay_rss::run(args.quick).await?,
             "relay_takeover" => figures::relay_takeover::run(args.quick).await?,
             "partitioned_throughput" => figures::partitioned_throughput::run(args.quick).await?,
+            "relay_throughput_quorum" => figures::relay_throughput::run_quorum(args.quick).await?,
             _ => unreachable!("every name in SCENARIOS has a branch"),
         };
         for figure in figures {

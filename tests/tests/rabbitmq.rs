@@ -742,3 +742,57 @@ async fn a_message_redelivered_past_the_limit_is_dead_lettered_not_handled() {
     bus.shutdown().await;
     delete_topology(&exchange, &[&group]).await;
 }
+
+/// On quorum queues, a keyless event's retries go through `<group>.retry` (per-message TTL, dead-lettered back
+/// to the group queue at least once) and arrive, with their delays; an event that keeps failing is
+/// dead-lettered to `<group>.dlq`, listed there (more than once: listing takes and returns) and redriven.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_and_dead_letters_work_on_quorum_queues() {
+    let bus = rabbit_bus(|c| c.queue_type = bus_rabbitmq::QueueType::Quorum).await;
+    let exchange = bus.config().exchange.clone();
+    let group = unique("svc");
+    let group_name = GroupName::new(&group).unwrap();
+    let attempts: Arc<Mutex<Vec<(u32, u32, Instant)>>> = Arc::default();
+    let seen = attempts.clone();
+    let retry = RetryPolicy::exponential(3, Duration::from_millis(200)).with_jitter(0.0);
+    let handle = bus
+        .subscribe(Subscription::new(group_name.clone()).retry(retry).on::<Plain, _>(
+            move |e: Plain, ctx: DeliveryContext| {
+                let seen = seen.clone();
+                async move {
+                    seen.lock().unwrap().push((e.n, ctx.attempt(), Instant::now()));
+                    match (e.n, ctx.attempt()) {
+                        (1, a) if a < 3 => Err(HandlerError::transient("not yet")),
+                        (2, _) => Err(HandlerError::transient("never")),
+                        _ => Ok(()),
+                    }
+                }
+            },
+        ))
+        .await
+        .unwrap();
+    for n in [1, 2] {
+        bus.publish_confirmed(Envelope::for_event(&Plain { n }).unwrap().build().unwrap()).await.unwrap();
+    }
+    wait_until("event 1 handled on attempt 3", WAIT, || async {
+        attempts.lock().unwrap().iter().any(|(n, a, _)| (*n, *a) == (1, 3))
+    })
+    .await;
+    wait_until("event 2 dead-lettered", WAIT, || async { bus.dead_letters(&group_name).await.unwrap().len() == 1 })
+        .await;
+    let tries: Vec<(u32, Instant)> =
+        attempts.lock().unwrap().iter().filter(|(n, _, _)| *n == 1).map(|(_, a, t)| (*a, *t)).collect();
+    assert_eq!(tries.iter().map(|(a, _)| *a).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert!(tries[1].1 - tries[0].1 >= Duration::from_millis(190), "the first retry waited its delay");
+    for _ in 0..3 {
+        assert_eq!(bus.dead_letters(&group_name).await.unwrap().len(), 1, "listing keeps the dead letter");
+    }
+    assert_eq!(bus.redrive(&group_name, None).await.unwrap(), 1);
+    wait_until("redriven and dead-lettered again", WAIT, || async {
+        attempts.lock().unwrap().iter().filter(|(n, _, _)| *n == 2).count() == 6
+    })
+    .await;
+    handle.shutdown().await;
+    bus.shutdown().await;
+    delete_topology(&exchange, &[&group]).await;
+}

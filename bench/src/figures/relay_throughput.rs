@@ -115,3 +115,39 @@ pub async fn run(quick: bool) -> anyhow::Result<Vec<Figure>> {
     scratch.drop_schema().await?;
     Ok(figures)
 }
+
+/// `relay_throughput_quorum`: the same drain into a quorum queue on a 3-node cluster
+/// (`tests/cluster/rabbitmq-cluster.sh`, started and stopped here; its confirms mean a majority has each message),
+/// against raw lapin publishing to the same quorum queue in the same run. Also reports the classic figure of the
+/// same run on the local node, side by side.
+pub async fn run_quorum(quick: bool) -> anyhow::Result<Vec<Figure>> {
+    let count = if quick { 5_000 } else { 20_000 };
+    let cluster = crate::cluster::Cluster::start().await?;
+    let urls = cluster.urls().await?;
+    let scratch = Scratch::new(8).await?;
+    let outbox = Outbox::new(scratch.pool.clone(), OutboxConfig::new("bench").schema(scratch.schema.clone()))?;
+    outbox.migrate().await?;
+    let mut figures = Vec::new();
+    for (name, sink) in [
+        ("relay_throughput_quorum", Sink::on(&urls, bus_rabbitmq::QueueType::Quorum).await?),
+        ("relay_throughput_classic_same_run", Sink::new().await?),
+    ] {
+        let (mut ours, mut raw) = (Vec::new(), Vec::new());
+        for run in 1..=3 {
+            let r = raw_lapin(&sink, count).await?;
+            sink.purge().await?;
+            backlog(&outbox, count).await?;
+            let o = drain(&outbox, &sink, count).await?;
+            sink.purge().await?;
+            sqlx::query("TRUNCATE bus_outbox").execute(&scratch.pool).await?;
+            eprintln!("{name} run {run}: relay {o:>7.0} events/s   raw lapin {r:>7.0} msg/s");
+            ours.push(o);
+            raw.push(r);
+        }
+        figures.push(Figure::ratio(name, "events/s", median(ours), median(raw), 0.7));
+        sink.delete().await?;
+    }
+    scratch.drop_schema().await?;
+    cluster.stop().await?;
+    Ok(figures)
+}

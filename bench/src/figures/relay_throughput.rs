@@ -81,27 +81,39 @@ pub async fn drain(outbox: &Outbox<sqlx::Postgres>, sink: &Sink, count: u64) -> 
     Ok(rate)
 }
 
+/// Three rounds of raw lapin then the relay draining a backlog of `count`, into `sink`: (relay, raw) rates.
+async fn three_runs(
+    name: &str,
+    outbox: &Outbox<sqlx::Postgres>,
+    scratch: &Scratch,
+    sink: &Sink,
+    count: u64,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let (mut ours, mut raw) = (Vec::new(), Vec::new());
+    for run in 1..=3 {
+        let r = raw_lapin(sink, count).await?;
+        sink.purge().await?;
+        backlog(outbox, count).await?;
+        let o = drain(outbox, sink, count).await?;
+        sink.purge().await?;
+        sqlx::query("TRUNCATE bus_outbox").execute(&scratch.pool).await?;
+        eprintln!(
+            "{name} run {run}: relay {o:>7.0} events/s   raw lapin ({IN_FLIGHT} confirms in flight) {r:>7.0} msg/s"
+        );
+        ours.push(o);
+        raw.push(r);
+    }
+    Ok((ours, raw))
+}
+
 pub async fn run(quick: bool) -> anyhow::Result<Vec<Figure>> {
     let count = if quick { 5_000 } else { 20_000 };
     let scratch = Scratch::new(8).await?;
     let outbox = Outbox::new(scratch.pool.clone(), OutboxConfig::new("bench").schema(scratch.schema.clone()))?;
     outbox.migrate().await?;
     let sink = Sink::new().await?;
-    let (mut ours, mut raw) = (Vec::new(), Vec::new());
-    for run in 1..=3 {
-        let r = raw_lapin(&sink, count).await?;
-        sink.purge().await?;
-        backlog(&outbox, count).await?;
-        let o = drain(&outbox, &sink, count).await?;
-        sink.purge().await?;
-        sqlx::query("TRUNCATE bus_outbox").execute(&scratch.pool).await?;
-        eprintln!(
-            "relay_throughput run {run}: relay {o:>7.0} events/s   raw lapin ({IN_FLIGHT} confirms in flight) {r:>7.0} msg/s"
-        );
-        ours.push(o);
-        raw.push(r);
-    }
-    let steady = median(ours.clone());
+    let (ours, raw) = three_runs("relay_throughput", &outbox, &scratch, &sink, count).await?;
+    let steady = median(ours);
     let mut figures = vec![Figure::ratio("relay_throughput", "events/s", steady, median(raw), 0.7)];
 
     let big = if quick { 20_000 } else { 100_000 };
@@ -132,18 +144,7 @@ pub async fn run_quorum(quick: bool) -> anyhow::Result<Vec<Figure>> {
         ("relay_throughput_quorum", Sink::on(&urls, bus_rabbitmq::QueueType::Quorum).await?),
         ("relay_throughput_classic_same_run", Sink::new().await?),
     ] {
-        let (mut ours, mut raw) = (Vec::new(), Vec::new());
-        for run in 1..=3 {
-            let r = raw_lapin(&sink, count).await?;
-            sink.purge().await?;
-            backlog(&outbox, count).await?;
-            let o = drain(&outbox, &sink, count).await?;
-            sink.purge().await?;
-            sqlx::query("TRUNCATE bus_outbox").execute(&scratch.pool).await?;
-            eprintln!("{name} run {run}: relay {o:>7.0} events/s   raw lapin {r:>7.0} msg/s");
-            ours.push(o);
-            raw.push(r);
-        }
+        let (ours, raw) = three_runs(name, &outbox, &scratch, &sink, count).await?;
         figures.push(Figure::ratio(name, "events/s", median(ours), median(raw), 0.7));
         sink.delete().await?;
     }

@@ -332,9 +332,15 @@ async fn a_killed_relays_rows_are_taken_over_long_before_its_lease_ends<DB: Test
     let takeover = killed.elapsed();
     eprintln!("rows of a killed relay (30 s lease) taken over in {takeover:?}");
     assert!(takeover < Duration::from_secs(5), "a dead relay's rows wait for its lease: {takeover:?}");
-    wait_until("delivered", SETTLE, || async { received.of("k").len() == sent_by_the_doomed + 50 }).await;
+    // The doomed relay may still have got an event out between the count above and its kill: what matters is
+    // that the survivor's 50 come last, all of them, in order.
+    let survivors_fifty = || {
+        let seen = received.of("k");
+        seen.len() >= sent_by_the_doomed + 50 && seen[seen.len() - 50..] == (0..50).collect::<Vec<_>>()[..]
+    };
+    wait_until("delivered", SETTLE, || async { survivors_fifty() }).await;
     let seen = received.of("k");
-    assert_eq!(seen[sent_by_the_doomed..], (0..50).collect::<Vec<_>>(), "all again, in order, by the survivor");
+    assert!(seen.len() <= sent_by_the_doomed + 51, "at most one more from the doomed relay: {seen:?}");
     survivor.shutdown().await;
     bus.shutdown(Duration::from_secs(5)).await;
 }

@@ -69,12 +69,6 @@ impl std::str::FromStr for FaultCounts {
     }
 }
 
-impl PartialEq for TransientFaults {
-    fn eq(&self, other: &Self) -> bool {
-        (self.percent, self.seed) == (other.percent, other.seed)
-    }
-}
-
 /// What an event goes through under [`TransientFaults`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Fault {

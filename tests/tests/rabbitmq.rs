@@ -556,20 +556,26 @@ async fn a_nacked_event_holds_back_its_key_until_it_is_published_again() {
     let exchange = bus.config().exchange.clone();
     let (full, group) = (unique("full"), unique("svc"));
     let channel = plain_amqp().await;
-    let mut arguments = FieldTable::default();
-    arguments.insert("x-max-length".into(), AMQPValue::LongInt(0));
-    arguments.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
-    channel.queue_declare(full.as_str().into(), QueueDeclareOptions::default(), arguments).await.unwrap();
-    channel
-        .queue_bind(
-            full.as_str().into(),
-            exchange.as_str().into(),
-            "Refused".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    // A queue of `Refused` events: full at once (it refuses every message) or a plain one.
+    let declare_refused_queue = async |full_at_once: bool| {
+        let mut arguments = FieldTable::default();
+        if full_at_once {
+            arguments.insert("x-max-length".into(), AMQPValue::LongInt(0));
+            arguments.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+        }
+        channel.queue_declare(full.as_str().into(), QueueDeclareOptions::default(), arguments).await.unwrap();
+        channel
+            .queue_bind(
+                full.as_str().into(),
+                exchange.as_str().into(),
+                "Refused".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+    };
+    declare_refused_queue(true).await;
     let (_handle, handled) = recording_consumer(&bus, &group).await;
     let refused = Envelope::builder(EventTypeName::new("Refused").unwrap(), b"{}".to_vec())
         .partition_key(Some("k".into()))
@@ -584,17 +590,7 @@ async fn a_nacked_event_holds_back_its_key_until_it_is_published_again() {
     bus.publish_confirmed(next("other", 2)).await.expect("another key goes on");
     // Room in the queue: the nacked event goes again, then its key is free.
     channel.queue_delete(full.as_str().into(), Default::default()).await.unwrap();
-    channel.queue_declare(full.as_str().into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
-    channel
-        .queue_bind(
-            full.as_str().into(),
-            exchange.as_str().into(),
-            "Refused".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    declare_refused_queue(false).await;
     bus.publish_confirmed(refused).await.expect("published again");
     // The held-back event holds back its key in its turn until it goes again, in its order (as the relay does).
     let third = next("k", 3);

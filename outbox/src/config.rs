@@ -112,6 +112,12 @@ pub struct RelayConfig {
     /// Payload bytes one batch may claim (a batch always takes at least one row). With two batches in flight,
     /// this bounds the relay's memory for events. Default 8 MiB.
     pub batch_bytes: usize,
+    /// Direct dispatch (PostgreSQL; see [`Outbox::begin`](crate::Outbox::begin)): producers of this process
+    /// lease their rows to this relay as they insert them and hand them over right after their commit, so that
+    /// the relay publishes them without a claim round trip. Rows that cannot go direct (a key with earlier rows
+    /// still pending, a full relay, a scheduled event, a connection of the caller's own) take the claim as
+    /// before. Default `true`; ignored on SQLite.
+    pub direct_dispatch: bool,
 }
 
 impl Default for RelayConfig {
@@ -132,6 +138,7 @@ impl Default for RelayConfig {
             cleanup_interval: Duration::from_secs(60),
             cleanup_batch: 1_000,
             batch_bytes: 8 << 20,
+            direct_dispatch: true,
         }
     }
 }

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::Backend;
 use crate::config::InboxConfig;
+use crate::direct::Dispatch;
 use crate::error::OutboxError;
 use crate::handler_key::handler_key;
 use crate::outbox::Outbox;
@@ -151,7 +152,7 @@ where
 }
 
 /// What a finished handling hands back to the inbox: the transaction and how many events it enqueued.
-type Finished<DB> = (Transaction<'static, DB>, usize);
+type Finished<DB> = (Transaction<'static, DB>, Dispatch);
 
 /// The inbox's transaction, owned by the handler for the time of one delivery: it dereferences to the
 /// database connection (`&mut *tx` is an executor; pass `&mut tx` where a `&mut Connection` is expected), and
@@ -175,7 +176,7 @@ pub struct InboxTransaction<DB: Backend> {
     tx: Option<Transaction<'static, DB>>,
     delivery: DeliveryContext,
     outbox: Outbox<DB>,
-    enqueued: usize,
+    dispatch: Option<Dispatch>,
     finished: Option<oneshot::Sender<Finished<DB>>>,
 }
 
@@ -194,12 +195,11 @@ impl<DB: Backend> InboxTransaction<DB> {
     pub async fn enqueue<E: IntegrationEvent>(&mut self, event: &E) -> Result<uuid::Uuid, HandlerError> {
         let builder = self.delivery.envelope().caused(event).map_err(HandlerError::permanent)?;
         let tx = self.tx.as_deref_mut().expect("the transaction is held until drop");
-        let id = self.outbox.write(tx, builder, None).await.map_err(|e| match e {
+        let dispatch = self.dispatch.get_or_insert_with(Dispatch::default);
+        self.outbox.write(tx, builder, None, dispatch).await.map_err(|e| match e {
             OutboxError::Bus(e) => HandlerError::permanent(e),
             other => HandlerError::transient(other),
-        })?;
-        self.enqueued += 1;
-        Ok(id)
+        })
     }
 }
 
@@ -221,7 +221,7 @@ impl<DB: Backend> Drop for InboxTransaction<DB> {
         // Back to the inbox, which commits or rolls back; if the inbox is gone (the handling was cancelled),
         // the transaction is dropped here and rolls back.
         if let (Some(tx), Some(finished)) = (self.tx.take(), self.finished.take()) {
-            let _ = finished.send((tx, self.enqueued));
+            let _ = finished.send((tx, self.dispatch.take().unwrap_or_default()));
         }
     }
 }
@@ -258,7 +258,7 @@ impl<E: IntegrationEvent, DB: Backend, H: InboxHandler<E, DB>> EnvelopeHandler f
             tx: Some(tx),
             delivery: delivery.clone(),
             outbox: outbox.clone(),
-            enqueued: 0,
+            dispatch: None,
             finished: Some(finished),
         };
         // Counts the handling as failed unless it commits, whether it returns an error, panics or is cancelled
@@ -266,7 +266,7 @@ impl<E: IntegrationEvent, DB: Backend, H: InboxHandler<E, DB>> EnvelopeHandler f
         let failure = CountsFailure(Some(counters));
         let result = self.handler.handle(event, tx).await;
         let handed_back = handed_back.try_recv();
-        let (tx, enqueued) = match (result, handed_back) {
+        let (tx, dispatch) = match (result, handed_back) {
             (Err(error), handed_back) => {
                 if let Ok((tx, _)) = handed_back {
                     let _ = tx.rollback().await;
@@ -281,12 +281,16 @@ impl<E: IntegrationEvent, DB: Backend, H: InboxHandler<E, DB>> EnvelopeHandler f
             }
             (Ok(()), Ok(finished)) => finished,
         };
-        tx.commit().await.map_err(HandlerError::transient)?;
+        if let Err(error) = tx.commit().await {
+            // The outcome is unknown: whatever committed is claimed.
+            if dispatch.enqueued > 0 {
+                outbox.committed();
+            }
+            return Err(HandlerError::transient(error));
+        }
         failure.disarm();
         counters.handled.fetch_add(1, Ordering::Relaxed);
-        if enqueued > 0 {
-            outbox.committed();
-        }
+        outbox.after_commit(dispatch);
         Ok(())
     }
 }

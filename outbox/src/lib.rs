@@ -37,6 +37,7 @@ mod commit_watch;
 mod config;
 mod database_url;
 mod dead_letters;
+mod direct;
 mod error;
 #[cfg(feature = "failpoints")]
 mod failpoint;

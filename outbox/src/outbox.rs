@@ -11,6 +11,7 @@ use uuid::Uuid;
 use crate::backend::{Backend, CommitWake, WakeAtCommit};
 use crate::commit_watch::CommitWatch;
 use crate::config::OutboxConfig;
+use crate::direct::{DirectSlot, Dispatch};
 use crate::error::OutboxError;
 use crate::row::{FailedEvent, OutboxRow, OutboxStatus};
 use crate::sql::{Dialect, Sql};
@@ -34,6 +35,8 @@ struct Inner<DB: Backend> {
     sql: Arc<Sql>,
     wakeup: Arc<Wakeup>,
     commits: Arc<CommitWatch>,
+    /// The relay of this process that takes committed rows directly (PostgreSQL).
+    direct: DirectSlot,
 }
 
 impl<DB: Backend> Drop for Inner<DB> {
@@ -70,7 +73,16 @@ impl<DB: Backend> Outbox<DB> {
             config.notify_other_processes && dialect == Dialect::Postgres,
             config.notify_interval,
         ));
-        Ok(Self { inner: Arc::new(Inner { pool, config, sql, wakeup, commits: CommitWatch::new() }) })
+        Ok(Self {
+            inner: Arc::new(Inner {
+                pool,
+                config,
+                sql,
+                wakeup,
+                commits: CommitWatch::new(),
+                direct: DirectSlot::default(),
+            }),
+        })
     }
 
     /// Creates or upgrades our tables (outbox, inbox) in their own migrations table, so they never clash with
@@ -173,15 +185,61 @@ impl<DB: Backend> Outbox<DB> {
         Ok(envelope.with_trace(trace))
     }
 
-    /// Writes an event in a transaction whose owner wakes the relays after its commit
-    /// ([`OutboxTransaction`], the inbox's transaction).
+    /// Writes an event in a transaction whose owner knows when it commits ([`OutboxTransaction`], the inbox's
+    /// transaction) and then calls [`after_commit`](Self::after_commit) with `dispatch`. Leases the row to the
+    /// relay of this process that takes rows directly, when there is one and the row may go direct (see
+    /// `direct`).
     pub(crate) async fn write(
         &self,
         conn: &mut DB::Connection,
         builder: EnvelopeBuilder,
         not_before: Option<DateTime<Utc>>,
+        dispatch: &mut Dispatch,
     ) -> Result<Uuid, OutboxError> {
-        self.insert(conn, builder, not_before, None).await
+        let envelope = self.envelope(builder)?;
+        let id = envelope.id();
+        let target = match (&dispatch.target, not_before) {
+            (_, Some(_)) => None,
+            // One relay per transaction: the one its first direct row went to, as long as it still accepts.
+            (Some((target, owner)), None) => {
+                self.inner.direct.current().filter(|(t, o)| Arc::ptr_eq(t, target) && o == owner)
+            }
+            (None, None) => self.inner.direct.current(),
+        };
+        if let Some((target, owner)) = target {
+            let leased_before = dispatch.leased_seqs();
+            let one = std::slice::from_ref(&envelope);
+            let written =
+                DB::insert_outbox_leased(conn, &self.inner.sql, one, &owner, target.lease(), &leased_before).await?;
+            if let Some(written) = written {
+                dispatch.enqueued += 1;
+                match written.first() {
+                    Some(&(seq, true)) => {
+                        dispatch.leased.push(OutboxRow::leased(seq, envelope));
+                        dispatch.target = Some((target, owner));
+                    }
+                    _ => dispatch.unleased += 1,
+                }
+                return Ok(id);
+            }
+        }
+        DB::insert_outbox(conn, &self.inner.sql, std::slice::from_ref(&envelope), not_before, None).await?;
+        dispatch.enqueued += 1;
+        dispatch.unleased += 1;
+        Ok(id)
+    }
+
+    /// After the commit of a transaction that wrote through [`write`](Self::write): hands its leased rows to
+    /// the relay that took them and wakes the relays for the rest.
+    pub(crate) fn after_commit(&self, dispatch: Dispatch) {
+        if dispatch.after_commit() {
+            self.committed();
+        }
+    }
+
+    /// The slot where a relay of this process offers to take rows directly.
+    pub(crate) fn direct(&self) -> &DirectSlot {
+        &self.inner.direct
     }
 
     /// Tells the relays that events were committed: the ones in this process wake at once, others through a
@@ -198,7 +256,11 @@ impl<DB: Backend> Outbox<DB> {
     /// Begins a transaction that enqueues through [`OutboxTransaction::enqueue`] and wakes the relay when it
     /// commits.
     pub async fn begin(&self) -> Result<OutboxTransaction<DB>, OutboxError> {
-        Ok(OutboxTransaction { tx: self.inner.pool.begin().await?, outbox: self.clone(), enqueued: 0 })
+        Ok(OutboxTransaction {
+            tx: self.inner.pool.begin().await?,
+            outbox: self.clone(),
+            dispatch: Dispatch::default(),
+        })
     }
 
     /// What wakes the relays after a commit of the caller's own (it does not keep the outbox alive).
@@ -287,15 +349,13 @@ impl<DB: Backend> CommitWake for OutboxWake<DB> {
 pub struct OutboxTransaction<DB: Backend> {
     tx: Transaction<'static, DB>,
     outbox: Outbox<DB>,
-    enqueued: usize,
+    dispatch: Dispatch,
 }
 
 impl<DB: Backend> OutboxTransaction<DB> {
     /// Enqueues `event` in this transaction; returns its id.
     pub async fn enqueue<E: IntegrationEvent>(&mut self, event: &E) -> Result<Uuid, OutboxError> {
-        let id = self.outbox.write(&mut self.tx, Envelope::for_event(event)?, None).await?;
-        self.enqueued += 1;
-        Ok(id)
+        self.outbox.write(&mut self.tx, Envelope::for_event(event)?, None, &mut self.dispatch).await
     }
 
     /// Enqueues `event` in this transaction, to be published once `not_before` has come (see
@@ -305,9 +365,7 @@ impl<DB: Backend> OutboxTransaction<DB> {
         event: &E,
         not_before: DateTime<Utc>,
     ) -> Result<Uuid, OutboxError> {
-        let id = self.outbox.write(&mut self.tx, Envelope::for_event(event)?, Some(not_before)).await?;
-        self.enqueued += 1;
-        Ok(id)
+        self.outbox.write(&mut self.tx, Envelope::for_event(event)?, Some(not_before), &mut self.dispatch).await
     }
 
     /// Enqueues `event` in this transaction, to be published `delay` from now (this process's clock).
@@ -323,18 +381,26 @@ impl<DB: Backend> OutboxTransaction<DB> {
 
     /// Enqueues an event built by `builder` in this transaction.
     pub async fn enqueue_with(&mut self, builder: EnvelopeBuilder) -> Result<Uuid, OutboxError> {
-        let id = self.outbox.write(&mut self.tx, builder, None).await?;
-        self.enqueued += 1;
-        Ok(id)
+        self.outbox.write(&mut self.tx, builder, None, &mut self.dispatch).await
     }
 
-    /// Commits, then wakes the relay if events were enqueued.
+    /// Commits, then hands the events to the relay of this process (PostgreSQL: at once, without waiting for
+    /// its claim; see the crate's `direct` dispatch) or wakes the relays. A commit whose outcome is unknown (the
+    /// connection broke) wakes them: whatever committed is claimed.
     pub async fn commit(self) -> Result<(), OutboxError> {
-        self.tx.commit().await?;
-        if self.enqueued > 0 {
-            self.outbox.committed();
+        let Self { tx, outbox, dispatch } = self;
+        match tx.commit().await {
+            Ok(()) => {
+                outbox.after_commit(dispatch);
+                Ok(())
+            }
+            Err(error) => {
+                if dispatch.enqueued > 0 {
+                    outbox.committed();
+                }
+                Err(error.into())
+            }
         }
-        Ok(())
     }
 
     /// Rolls back: nothing enqueued here is ever published.

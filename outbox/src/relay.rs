@@ -58,15 +58,17 @@ use uuid::Uuid;
 
 use self::claim::{ClaimFuture, spawn_claim};
 pub use self::handle::RelayHandle;
-use self::pipeline::{Pipeline, Ready, RowMeta, Verdict};
+use self::pipeline::{Pipeline, Ready, RowMeta, Source, Verdict};
 use self::stats::Counters;
 pub use self::stats::{RelayMonitor, RelayStats};
 use self::write_back::Written;
 use crate::backend::{Backend, Owner};
 use crate::config::RelayConfig;
+use crate::direct::{DirectTarget, Handoff};
 use crate::error::OutboxError;
 use crate::outbox::Outbox;
 use crate::row::OutboxRow;
+use crate::sql::Dialect;
 
 /// A relay holds at most this many claims' worth of rows (and bytes) at once.
 const PIPELINE: usize = 2;
@@ -88,18 +90,45 @@ pub struct Relay<DB: Backend> {
     id: Uuid,
     wake: Arc<Notify>,
     stats: Arc<Counters>,
+    /// Direct dispatch (PostgreSQL): the offer producers of this process lease their rows to, and its hand-offs.
+    direct: Option<(Arc<DirectTarget>, tokio::sync::mpsc::Receiver<Handoff>)>,
 }
 
 /// What woke the engine.
 enum Event {
     Stop,
     Claimed(Result<Vec<OutboxRow>, OutboxError>),
+    HandedOff(Handoff),
     Confirmed(RowMeta, Verdict),
     Written(Written),
     Wake,
     OwnerChanged,
     Renew,
     Timer,
+}
+
+/// The next hand-off, if the relay takes them.
+async fn next_handoff(handoffs: Option<&mut tokio::sync::mpsc::Receiver<Handoff>>) -> Option<Handoff> {
+    match handoffs {
+        Some(handoffs) => handoffs.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Withdraws a relay's direct-dispatch offer when it ends, however it ends.
+struct Withdraw<'a, DB: Backend> {
+    outbox: &'a Outbox<DB>,
+    relay: Uuid,
+    target: Option<&'a Arc<DirectTarget>>,
+}
+
+impl<DB: Backend> Drop for Withdraw<'_, DB> {
+    fn drop(&mut self) {
+        if let Some(target) = self.target {
+            target.accept_as(None);
+            self.outbox.direct().withdraw(self.relay);
+        }
+    }
 }
 
 async fn pending_or<T>(future: Option<&mut BoxFuture<'_, T>>) -> T {
@@ -134,7 +163,10 @@ impl<DB: Backend> Relay<DB> {
         #[cfg(feature = "failpoints")]
         let bus = crate::failpoint::refusing_bus(bus);
         let wake = outbox.register_relay();
-        Ok(Self { outbox, bus, config, id: Uuid::new_v4(), wake, stats: Arc::default() })
+        let id = Uuid::new_v4();
+        let direct =
+            (DB::dialect() == Dialect::Postgres && config.direct_dispatch).then(|| DirectTarget::new(id, config.lease));
+        Ok(Self { outbox, bus, config, id, wake, stats: Arc::default(), direct })
     }
 
     /// This relay's id (the lease owner written in claimed rows).
@@ -168,8 +200,14 @@ impl<DB: Backend> Relay<DB> {
         RelayHandle { stop, join, stats, listening }
     }
 
-    async fn run_reporting(self, stop: CancellationToken, listening: tokio::sync::watch::Sender<bool>) {
+    async fn run_reporting(mut self, stop: CancellationToken, listening: tokio::sync::watch::Sender<bool>) {
         let tasks = stop.child_token();
+        let (direct, mut handoffs) = match self.direct.take() {
+            Some((target, handoffs)) => (Some(target), Some(handoffs)),
+            None => (None, None),
+        };
+        // However the relay ends, producers stop leasing rows to it.
+        let _withdraw = Withdraw { outbox: &self.outbox, relay: self.id, target: direct.as_ref() };
         let _listener = {
             let (pool, sql, wake, stop) =
                 (self.outbox.pool().clone(), self.outbox.sql_arc(), self.wake.clone(), tasks.clone());
@@ -205,6 +243,7 @@ impl<DB: Backend> Relay<DB> {
         let mut transport_backoff = TRANSPORT_BACKOFF.0;
         let mut paused = false;
         let mut stopping = false;
+        let mut direct_offered: Option<Owner> = None;
         let renew_every = self.config.lease / 3;
         let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + renew_every, renew_every);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -230,6 +269,23 @@ impl<DB: Backend> Relay<DB> {
                 let ready = pipeline.sendable();
                 if !ready.is_empty() {
                     self.send(ready, &mut confirms).await;
+                }
+            }
+            if let Some(target) = &direct {
+                // Producers lease their rows to this relay only while it can publish them at once.
+                let accepting = owner.filter(|_| {
+                    !stopping
+                        && !paused
+                        && healthy_now
+                        && pipeline.held_rows() < max_rows
+                        && pipeline.held_bytes() < max_bytes
+                });
+                if accepting != direct_offered {
+                    target.accept_as(accepting);
+                    if accepting.is_some() {
+                        self.outbox.direct().offer(target);
+                    }
+                    direct_offered = accepting;
                 }
             }
             if stopping && claiming.is_none() && writing.is_none() && confirms.is_empty() && !pipeline.has_outcomes() {
@@ -279,6 +335,7 @@ impl<DB: Backend> Relay<DB> {
             let event = tokio::select! {
                 () = stop.cancelled(), if !stopping => Event::Stop,
                 claimed = pending_or(claiming.as_mut().map(|(_, _, f)| f)), if claiming.is_some() => Event::Claimed(claimed),
+                Some(handoff) = next_handoff(handoffs.as_mut()), if handoffs.is_some() => Event::HandedOff(handoff),
                 Ok(()) = owner_rx.changed() => Event::OwnerChanged,
                 Some((meta, verdict)) = confirms.next(), if !confirms.is_empty() => Event::Confirmed(meta, verdict),
                 written = pending_or(writing.as_mut()), if writing.is_some() => Event::Written(written),
@@ -296,7 +353,7 @@ impl<DB: Backend> Relay<DB> {
                         Ok(rows) if rows.is_empty() => want_claim = woken_while_claiming,
                         Ok(rows) => {
                             claim_backoff = CLAIM_BACKOFF.0;
-                            pipeline.accept(rows, saw, &retry);
+                            pipeline.accept(rows, saw, &retry, Source::Claim);
                             let current = *owner_rx.borrow();
                             if let Some(current) = current
                                 && current != claimed_as
@@ -310,6 +367,16 @@ impl<DB: Backend> Relay<DB> {
                             claim_not_before = Instant::now() + claim_backoff;
                             claim_backoff = (claim_backoff * 2).min(CLAIM_BACKOFF.1);
                         }
+                    }
+                }
+                Event::HandedOff(Handoff { owner: leased_to, rows }) => {
+                    if !stopping && owner == Some(leased_to) {
+                        let taken = pipeline.accept(rows, pipeline.writes_done(), &retry, Source::Handoff);
+                        Counters::add(&self.stats.handed_off, taken as u64);
+                    } else {
+                        // Leased to this relay but not held: its next claim takes them (or, once it stopped and
+                        // gave its proof up, any relay's).
+                        want_claim = true;
                     }
                 }
                 Event::Confirmed(meta, verdict) => {
@@ -335,6 +402,7 @@ impl<DB: Backend> Relay<DB> {
                     writing_gives = false;
                     let finished = pipeline.written(written.id, &written.outcomes);
                     if written.ok {
+                        pipeline.marked(&written.outcomes.published);
                         Counters::add(&self.stats.published, written.marked);
                         Counters::add(&self.stats.gave_up, written.gave_up);
                         Counters::add(&self.stats.transport_failures, written.outcomes.transport_released);

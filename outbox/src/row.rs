@@ -26,6 +26,26 @@ pub struct OutboxRow {
 }
 
 impl OutboxRow {
+    /// The row just written for `envelope` as `seq`, leased with its first attempt counted (direct dispatch).
+    pub(crate) fn leased(seq: i64, envelope: Envelope) -> Self {
+        Self {
+            seq,
+            event_id: envelope.id(),
+            event_type: envelope.event_type().as_str().to_owned(),
+            version: i32::try_from(envelope.version()).unwrap_or(i32::MAX),
+            // PostgreSQL keeps microseconds: the row as a claim would read it back.
+            occurred_at: chrono::SubsecRound::trunc_subsecs(envelope.occurred_at(), 6),
+            correlation_id: envelope.correlation_id().to_owned(),
+            causation_id: envelope.causation_id(),
+            partition_key: envelope.partition_key().map(str::to_owned),
+            source: envelope.source().map(str::to_owned),
+            traceparent: envelope.trace().traceparent().map(str::to_owned),
+            tracestate: envelope.trace().tracestate().map(str::to_owned),
+            payload: envelope.payload().to_vec(),
+            attempts: 1,
+        }
+    }
+
     /// Rebuilds the envelope exactly as it was enqueued (the payload limit was checked then).
     pub(crate) fn to_envelope(&self) -> Result<Envelope, OutboxError> {
         self.clone().into_envelope()

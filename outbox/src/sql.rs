@@ -89,6 +89,11 @@ pub struct Sql {
     /// returning the transaction id (for the wake-up after its commit).
     pub insert_outbox_waking: String,
     pub insert_outbox_rows_waking: String,
+    /// PostgreSQL: [`insert_outbox_rows`](Self::insert_outbox_rows) for direct dispatch (`direct`): each row
+    /// leased at once to relay `$12` (lock key `$13`, lease `$14` ms, one attempt counted) when it is its key's
+    /// head (no earlier pending or failed row of the key other than the rows `$15` leased the same way earlier
+    /// in the transaction); returns `seq, event_id, leased`. SQLite: empty (no direct dispatch).
+    pub insert_outbox_leased: String,
     pub insert_inbox: String,
     /// The relays' liveness table (SQLite; PostgreSQL uses session advisory locks instead).
     pub relays: String,
@@ -168,6 +173,22 @@ impl Sql {
                 insert_outbox_values: String::new(),
                 insert_outbox_waking: String::new(),
                 insert_outbox_rows_waking: String::new(),
+                insert_outbox_leased: format!(
+                    "INSERT INTO {t} (event_id, event_type, version, occurred_at, correlation_id, causation_id, \
+                     partition_key, source, traceparent, tracestate, payload, next_attempt_at, locked_by, \
+                     locked_key, locked_until, attempts) \
+                     SELECT e, ty, v, o, c, ca, k, s, tp, ts, p, now(), CASE WHEN head THEN $12::uuid END, \
+                       CASE WHEN head THEN $13::int4 END, \
+                       CASE WHEN head THEN now() + $14 * interval '1 millisecond' END, CASE WHEN head THEN 1 ELSE 0 END \
+                     FROM (SELECT u.*, (u.k IS NULL OR NOT EXISTS ( \
+                         SELECT 1 FROM {t} r WHERE r.partition_key = u.k AND r.status IN ({PENDING}, {FAILED}) \
+                           AND r.seq <> ALL($15::int8[]))) AS head \
+                       FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::timestamptz[], $5::text[], $6::uuid[], \
+                         $7::text[], $8::text[], $9::text[], $10::text[], $11::bytea[]) \
+                         WITH ORDINALITY AS u(e, ty, v, o, c, ca, k, s, tp, ts, p, ord)) u \
+                     ORDER BY ord \
+                     RETURNING seq, event_id, locked_by IS NOT NULL AS leased"
+                ),
                 insert_inbox: format!("INSERT INTO {inbox} (event_id, handler) VALUES ($1, $2) ON CONFLICT DO NOTHING"),
                 claim: {
                     // $1 rows, $2 relay id, $3 lease ms, $4 the relay's lock key, $5 byte budget, $6 lock namespace,
@@ -289,6 +310,7 @@ impl Sql {
                 insert_outbox_values: format!("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, coalesce(?, {NOW}), {NOW})"),
                 insert_outbox_waking: String::new(),
                 insert_outbox_rows_waking: String::new(),
+                insert_outbox_leased: String::new(),
                 insert_inbox: format!(
                     "INSERT INTO {inbox} (event_id, handler, handled_at) VALUES (?1, ?2, {NOW}) ON CONFLICT DO NOTHING"
                 ),

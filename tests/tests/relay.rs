@@ -578,3 +578,219 @@ async fn postgres_a_long_notify_channel_still_wakes_relays_in_other_processes() 
     relay.shutdown().await;
     bus.shutdown(Duration::from_secs(5)).await;
 }
+
+// Direct dispatch (PostgreSQL): a committing producer hands its rows to its process's relay, without a claim.
+
+/// Enqueues keyless warm-up events until `relay` takes one directly (its liveness proof is ready and it
+/// offered itself); returns how many rows it took directly by then.
+async fn until_direct(outbox: &Outbox<sqlx::Postgres>, relay: &outbox::RelayHandle) -> u64 {
+    let deadline = Instant::now() + SETTLE;
+    for attempt in 0.. {
+        let before = relay.stats().handed_off;
+        // A key of its own each time: an earlier warm-up still in flight must not hold it back.
+        enqueue(outbox, [Numbered { key: format!("warm-up-{attempt}"), seq: 0 }]).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let after = relay.stats().handed_off;
+        if after > before {
+            return after;
+        }
+        assert!(Instant::now() < deadline, "the relay never took a row directly");
+    }
+    unreachable!()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_committed_event_goes_to_the_relay_without_a_claim_and_a_burst_keeps_key_order() {
+    let fixture = sqlx::Postgres::fixture().await;
+    let outbox = outbox(&fixture).await;
+    let bus = InProcBus::new();
+    let received = Received::subscribe(&bus).await;
+    // It polls once a minute: only a wake-up or a hand-off moves an event.
+    let config = RelayConfig { poll_interval: Duration::from_secs(60), ..fast_relay() };
+    let relay = outbox.relay(Arc::new(bus.clone()), config).unwrap().spawn();
+    let warm = until_direct(&outbox, &relay).await;
+    // One transaction per round, ten keys; each round once the previous one is published: every row is its
+    // key's head, so every row goes direct.
+    for round in 0..10 {
+        enqueue(&outbox, (0..10).map(|k| Numbered { key: format!("k{k}"), seq: round })).await;
+        wait_until("the round is published", SETTLE, || async { outbox.status().await.unwrap().pending == 0 }).await;
+    }
+    assert_eq!(relay.stats().handed_off - warm, 100, "every head row was handed over, none claimed");
+    // A burst: most rows find an earlier row of their key still pending and take the claim; order holds anyway.
+    let producers: Vec<_> = (0..4)
+        .map(|p| {
+            let outbox = outbox.clone();
+            tokio::spawn(async move {
+                for round in 0..25 {
+                    let events = (0..10).map(|k| Numbered { key: format!("p{p}-k{k}"), seq: round });
+                    enqueue(&outbox, events).await;
+                }
+            })
+        })
+        .collect();
+    for producer in producers {
+        producer.await.unwrap();
+    }
+    wait_until("the burst is delivered", SETTLE, || async {
+        (0..4).all(|p| (0..10).all(|k| received.of(&format!("p{p}-k{k}")).len() >= 25))
+    })
+    .await;
+    for p in 0..4 {
+        for k in 0..10 {
+            assert_eq!(received.of(&format!("p{p}-k{k}")), (0..25).collect::<Vec<_>>(), "key p{p}-k{k}");
+        }
+    }
+    for k in 0..10 {
+        assert_eq!(received.of(&format!("k{k}")), (0..10).collect::<Vec<_>>(), "key k{k}");
+    }
+    relay.shutdown().await;
+    bus.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_key_with_earlier_rows_in_another_process_takes_the_claim_and_keeps_its_order() {
+    let fixture = sqlx::Postgres::fixture().await;
+    let first = outbox(&fixture).await;
+    let second = Outbox::new(sqlx::Postgres::second_pool(&fixture).await, fixture.outbox_config("producer")).unwrap();
+    let bus = InProcBus::new();
+    let received = Received::subscribe(&bus).await;
+    let config = RelayConfig { lease: Duration::from_secs(30), ..fast_relay() };
+    // The first process's relay publishes but gets no confirmation until released.
+    let withholding = WithholdingBus { inner: bus.clone(), release: Arc::default() };
+    let release = withholding.release.clone();
+    let first_relay = first.relay(Arc::new(withholding), config.clone()).unwrap().spawn();
+    let second_relay = second.relay(Arc::new(bus.clone()), config).unwrap().spawn();
+    let first_warm = until_direct(&first, &first_relay).await;
+    let second_warm = until_direct(&second, &second_relay).await;
+
+    enqueue(&first, numbered("k", 0..5)).await;
+    wait_until("k 0..5 went direct", SETTLE, || async { first_relay.stats().handed_off == first_warm + 5 }).await;
+    // One event of a key with the bus at a time: k 0 is out, unconfirmed; k 1..5 wait behind it in the relay.
+    wait_until("the first relay published k 0", SETTLE, || async { received.of("k") == [0] }).await;
+    // The second process writes the key's next rows while the first relay still holds its rows: they are not its
+    // key's head, so they wait for the claim, which waits for the first relay's rows.
+    enqueue(&second, numbered("k", 5..10)).await;
+    enqueue(&second, numbered("other", 0..3)).await;
+    wait_until("another key goes direct meanwhile", SETTLE, || async { received.of("other") == [0, 1, 2] }).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(received.of("k"), [0], "nothing of k overtook the rows the first relay holds");
+    assert_eq!(second_relay.stats().handed_off - second_warm, 3, "only the other key went direct");
+
+    wait_until("k delivered", SETTLE, || async {
+        // Confirm whatever the first relay has out now (each of its keys' next events comes once confirmed).
+        release.notify_waiters();
+        received.of("k").len() >= 10
+    })
+    .await;
+    assert_eq!(received.of("k"), (0..10).collect::<Vec<_>>(), "k in order, once each");
+    first_relay.shutdown().await;
+    second_relay.shutdown().await;
+    bus.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_rows_handed_to_a_relay_that_is_killed_are_published_by_another_process_at_once() {
+    let fixture = sqlx::Postgres::fixture().await;
+    let doomed_side = outbox(&fixture).await;
+    let survivor_side =
+        Outbox::new(sqlx::Postgres::second_pool(&fixture).await, fixture.outbox_config("producer")).unwrap();
+    let bus = InProcBus::new();
+    let received = Received::subscribe(&bus).await;
+    let long_lease = RelayConfig { lease: Duration::from_secs(30), ..fast_relay() };
+    let withholding = WithholdingBus { inner: bus.clone(), release: Arc::default() };
+    let doomed = doomed_side.relay(Arc::new(withholding), long_lease.clone()).unwrap().spawn();
+    let warm = until_direct(&doomed_side, &doomed).await;
+    enqueue(&doomed_side, numbered("k", 0..50)).await;
+    wait_until("the doomed relay took the rows directly", SETTLE, || async { doomed.stats().handed_off - warm == 50 })
+        .await;
+    let survivor = survivor_side.relay(Arc::new(bus.clone()), long_lease).unwrap().spawn();
+    doomed.kill().await;
+    let killed = Instant::now();
+    wait_until("the survivor published them all", SETTLE, || async {
+        survivor_side.status().await.unwrap().pending == 0
+    })
+    .await;
+    let takeover = killed.elapsed();
+    assert!(takeover < Duration::from_secs(5), "rows handed to a dead relay waited for its lease: {takeover:?}");
+    wait_until("delivered", SETTLE, || async {
+        let seen = received.of("k");
+        seen.len() >= 50 && seen[seen.len() - 50..] == (0..50).collect::<Vec<_>>()[..]
+    })
+    .await;
+    survivor.shutdown().await;
+    bus.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_two_processes_writing_the_same_keys_publish_each_event_once_in_key_order() {
+    const KEYS: usize = 12;
+    const PRODUCERS: usize = 4;
+    const PER_PRODUCER: usize = 60;
+    let fixture = sqlx::Postgres::fixture().await;
+    let sides = [
+        outbox(&fixture).await,
+        Outbox::new(sqlx::Postgres::second_pool(&fixture).await, fixture.outbox_config("producer")).unwrap(),
+    ];
+    // The business rows the producers serialize on: one counter per key.
+    let counters = fixture.table("counters");
+    sqlx::Postgres::execute(&fixture.pool, &format!("CREATE TABLE {counters} (key TEXT PRIMARY KEY, n INT NOT NULL)"))
+        .await;
+    for k in 0..KEYS {
+        sqlx::Postgres::execute(&fixture.pool, &format!("INSERT INTO {counters} VALUES ('k{k}', 0)")).await;
+    }
+    let bus = InProcBus::new();
+    let received = Received::subscribe(&bus).await;
+    let relays: Vec<_> = sides
+        .iter()
+        .map(|side| side.relay(Arc::new(bus.clone()), RelayConfig { lease: Duration::from_secs(10), ..fast_relay() }))
+        .map(|relay| relay.unwrap().spawn())
+        .collect();
+    let mut warm = Vec::new();
+    for (side, relay) in sides.iter().zip(&relays) {
+        warm.push(until_direct(side, relay).await);
+    }
+    let mut producers = tokio::task::JoinSet::new();
+    for p in 0..PRODUCERS * 2 {
+        let (outbox, counters) = (sides[p % 2].clone(), counters.clone());
+        producers.spawn(async move {
+            let mut rng = fastrand::Rng::with_seed(p as u64);
+            for _ in 0..PER_PRODUCER {
+                let key = format!("k{}", rng.usize(0..KEYS));
+                let mut tx = outbox.begin().await.unwrap();
+                // The business change first: a transaction on the same key waits for this one's commit.
+                let n: i32 = sqlx::query_scalar(&format!("UPDATE {counters} SET n = n + 1 WHERE key = $1 RETURNING n"))
+                    .bind(&key)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .unwrap();
+                tx.enqueue(&Numbered { key, seq: n as u32 }).await.unwrap();
+                tx.commit().await.unwrap();
+            }
+        });
+    }
+    while let Some(done) = producers.join_next().await {
+        done.unwrap();
+    }
+    let total = PRODUCERS * 2 * PER_PRODUCER;
+    wait_until("every event delivered", SETTLE, || async {
+        (0..KEYS).map(|k| received.of(&format!("k{k}")).len()).sum::<usize>() >= total
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut delivered = 0;
+    for k in 0..KEYS {
+        let seen = received.of(&format!("k{k}"));
+        delivered += seen.len();
+        assert_eq!(seen, (1..=seen.len() as u32).collect::<Vec<_>>(), "key k{k}: once each, in order");
+    }
+    assert_eq!(delivered, total, "nothing lost, nothing twice");
+    for (i, relay) in relays.iter().enumerate() {
+        let direct = relay.stats().handed_off - warm[i];
+        eprintln!("relay {i}: {direct} rows handed over directly, {} published", relay.stats().published);
+        assert!(direct > 0, "relay {i} took no row directly");
+    }
+    for relay in relays {
+        relay.shutdown().await;
+    }
+    bus.shutdown(Duration::from_secs(5)).await;
+}

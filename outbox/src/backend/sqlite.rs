@@ -258,6 +258,17 @@ impl Backend for Sqlite {
         Ok(())
     }
 
+    async fn insert_outbox_leased(
+        _conn: &mut SqliteConnection,
+        _sql: &Sql,
+        _envelopes: &[Envelope],
+        _owner: &Owner,
+        _lease: Duration,
+        _leased_before: &[i64],
+    ) -> Result<Option<Vec<(i64, bool)>>, OutboxError> {
+        Ok(None)
+    }
+
     async fn ended_transactions(_pool: &SqlitePool, xids: &[u64]) -> Result<Vec<u64>, OutboxError> {
         Ok(xids.to_vec())
     }

@@ -23,6 +23,43 @@ const TRANSPORT_STRIKES: u32 = 3;
 /// Strikes are remembered for this many events at most (the relay's memory stays bounded).
 const STRIKES_KEPT: usize = 10_000;
 
+/// How many of its latest rows a relay remembers having taken in and having published, to ignore a late
+/// hand-off or a claim that raced a mark (see [`Pipeline::accept`]).
+const REMEMBERED: usize = 16_384;
+
+/// The latest sequence numbers added, at most [`REMEMBERED`].
+#[derive(Default)]
+struct Remembered {
+    order: VecDeque<i64>,
+    set: std::collections::HashSet<i64>,
+}
+
+impl Remembered {
+    fn add(&mut self, seq: i64) {
+        if self.set.insert(seq) {
+            self.order.push_back(seq);
+            if self.order.len() > REMEMBERED
+                && let Some(oldest) = self.order.pop_front()
+            {
+                self.set.remove(&oldest);
+            }
+        }
+    }
+
+    fn contains(&self, seq: i64) -> bool {
+        self.set.contains(&seq)
+    }
+}
+
+/// Where rows came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Source {
+    /// The relay's claim.
+    Claim,
+    /// A producer of this process, right after its commit (direct dispatch).
+    Handoff,
+}
+
 /// What the relay knows of a row while its envelope is with the bus.
 #[derive(Clone, Debug)]
 pub(super) struct RowMeta {
@@ -152,6 +189,10 @@ pub(super) struct Pipeline {
     writes_done: u64,
     /// Transport errors per event on a healthy bus.
     strikes: HashMap<i64, u32>,
+    /// Rows taken in lately (a hand-off of one of them is late: the claim took it first).
+    taken_in: Remembered,
+    /// Rows published and marked lately (a claim that raced their mark returns them still pending).
+    published: Remembered,
 }
 
 impl Pipeline {
@@ -175,18 +216,26 @@ impl Pipeline {
         self.writes_done
     }
 
-    /// Takes claimed rows in. `claim_saw` is [`writes_done`](Self::writes_done) when the claim started: rows
-    /// of a key that was draining since a later write-back go back at once. A row that the claim counted past
-    /// its last attempt, or that cannot be read back, fails at once.
-    pub fn accept(&mut self, rows: Vec<OutboxRow>, claim_saw: u64, retry: &RetryPolicy) {
+    /// Takes claimed or handed-off rows in; returns how many it took. `claim_saw` is
+    /// [`writes_done`](Self::writes_done) when the claim started (for a hand-off: now): rows of a key that was
+    /// draining since a later write-back go back at once. A row that the claim counted past its last attempt,
+    /// or that cannot be read back, fails at once.
+    ///
+    /// Rows it already holds are skipped (its lease lapsed and our own claim took it again: keep the copy we
+    /// have), and so are rows it published lately (a claim whose statement ran before their mark) and, for a
+    /// hand-off, rows it took in lately (its own claim took the fresh row before the hand-off arrived).
+    pub fn accept(&mut self, rows: Vec<OutboxRow>, claim_saw: u64, retry: &RetryPolicy, source: Source) -> usize {
         let claim = self.next_claim;
         self.next_claim += 1;
         let mut taken = 0;
         for row in rows {
-            if self.held.contains_key(&row.seq) {
-                // Already ours (its lease lapsed and our own claim took it again): keep the copy we have.
+            if self.held.contains_key(&row.seq)
+                || self.published.contains(row.seq)
+                || (source == Source::Handoff && self.taken_in.contains(row.seq))
+            {
                 continue;
             }
+            self.taken_in.add(row.seq);
             taken += 1;
             let bytes = row.payload.len();
             self.held.insert(row.seq, Held { claim, bytes });
@@ -227,7 +276,19 @@ impl Pipeline {
         if taken > 0 {
             self.claims.insert(claim, (taken, Instant::now()));
         }
-        self.draining.retain(|_, write| *write > claim_saw);
+        if source == Source::Claim {
+            // A claim started later sees every release written before it (a hand-off is no claim: a claim may
+            // still be running that started before them).
+            self.draining.retain(|_, write| *write > claim_saw);
+        }
+        taken
+    }
+
+    /// Remembers rows published and marked (a claim that raced their mark must not take them in again).
+    pub fn marked(&mut self, seqs: &[i64]) {
+        for &seq in seqs {
+            self.published.add(seq);
+        }
     }
 
     /// The rows that may go to the bus now: every keyless row, and the next row of each key that has none

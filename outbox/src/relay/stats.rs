@@ -12,6 +12,7 @@ pub(super) struct Counters {
     pub batches: AtomicU64,
     pub batch_micros: AtomicU64,
     pub cleaned: AtomicU64,
+    pub handed_off: AtomicU64,
 }
 
 impl Counters {
@@ -28,6 +29,7 @@ impl Counters {
             batches: self.batches.load(Ordering::Relaxed),
             batch_micros: self.batch_micros.load(Ordering::Relaxed),
             cleaned: self.cleaned.load(Ordering::Relaxed),
+            handed_off: self.handed_off.load(Ordering::Relaxed),
         }
     }
 }
@@ -50,6 +52,9 @@ pub struct RelayStats {
     pub batch_micros: u64,
     /// Published rows deleted by retention cleanup.
     pub cleaned: u64,
+    /// Rows producers of this process handed over right after their commit, without a claim (direct dispatch,
+    /// PostgreSQL).
+    pub handed_off: u64,
 }
 
 /// Reads a relay's counters from anywhere (metrics); see [`RelayHandle::monitor`](super::RelayHandle::monitor).

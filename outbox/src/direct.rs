@@ -1,0 +1,146 @@
+//! Direct dispatch (PostgreSQL): a transaction whose commit the outbox sees ([`Outbox::begin`], the inbox's
+//! transaction) hands its fresh rows to a relay of its own process right after the commit, with no claim round
+//! trip.
+//!
+//! # How it keeps the relay's guarantees
+//! - **The rows are the relay's before they commit.** The insert writes them already leased to the relay that
+//!   offered itself (its id, the key of its liveness lock, a lease, one attempt counted), exactly as its claim
+//!   would. Nothing else can take them while that relay lives; if the process dies after the commit, the
+//!   liveness lock goes with it and every other relay may claim them at once. No loss, and no second relay
+//!   publishes them while the first is alive: no duplicate in normal operation.
+//! - **Only a key's head goes direct.** A keyed row is leased at insert only when its key has no earlier
+//!   pending or failed row (other than rows leased the same way earlier in the same transaction). Otherwise it
+//!   is written unleased and takes the ordinary claim, which publishes it after its predecessors. So a direct
+//!   row never overtakes an earlier row of its key, in this relay or any other. (As for the claim, rows of one
+//!   key written by concurrent transactions that do not serialize on a business row have no order between
+//!   them; a transaction that waited for another's row lock sees its committed rows.)
+//! - **A hand-off that goes wrong costs only latency.** The hand-off is a bounded channel; when it is full, the
+//!   relay has stopped or its liveness proof changed since the insert, the rows stay leased to it but not held,
+//!   and its next claim takes them (a relay's own leased rows that it does not hold are free to it). A relay
+//!   that already holds or published a row ignores a late hand-off of it.
+//! - **A relay accepts while it can publish**: it offers itself only while it has a fresh liveness proof, the
+//!   bus is healthy, it holds fewer rows and bytes than its pipeline allows, and it is not stopping.
+//!
+//! Scheduled events, events enqueued through a connection of the caller's own ([`Outbox::enqueue`]) and SQLite
+//! keep the ordinary wake-up and claim.
+//!
+//! [`Outbox::begin`]: crate::Outbox::begin
+//! [`Outbox::enqueue`]: crate::Outbox::enqueue
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use crate::backend::Owner;
+use crate::row::OutboxRow;
+
+/// Hand-offs a relay may have waiting before producers fall back to waking it.
+const HANDOFF_QUEUE: usize = 4_096;
+
+/// Rows handed to a relay, leased to it as `owner` when they were inserted.
+pub(crate) struct Handoff {
+    pub(crate) owner: Owner,
+    pub(crate) rows: Vec<OutboxRow>,
+}
+
+/// A relay offering to take rows directly: what producers lease their rows to.
+pub(crate) struct DirectTarget {
+    relay: Uuid,
+    lease: Duration,
+    /// The owner rows are leased to while the relay accepts; `None` while it does not.
+    accepting: Mutex<Option<Owner>>,
+    sender: mpsc::Sender<Handoff>,
+}
+
+impl DirectTarget {
+    /// A relay's target and the receiving end of its hand-offs.
+    pub(crate) fn new(relay: Uuid, lease: Duration) -> (Arc<Self>, mpsc::Receiver<Handoff>) {
+        let (sender, receiver) = mpsc::channel(HANDOFF_QUEUE);
+        (Arc::new(Self { relay, lease, accepting: Mutex::new(None), sender }), receiver)
+    }
+
+    /// Sets whether (and as whom) the relay takes rows now.
+    pub(crate) fn accept_as(&self, owner: Option<Owner>) {
+        *self.accepting.lock().unwrap_or_else(|p| p.into_inner()) = owner;
+    }
+
+    fn accepting(&self) -> Option<Owner> {
+        *self.accepting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The lease rows get at insert.
+    pub(crate) fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    /// Hands committed rows over; `false` when the relay cannot take them now (they wait for its claim).
+    fn hand_off(&self, owner: Owner, rows: Vec<OutboxRow>) -> bool {
+        self.sender.try_send(Handoff { owner, rows }).is_ok()
+    }
+}
+
+/// Where an outbox finds the relay of its process that takes rows directly (at most one at a time).
+#[derive(Default)]
+pub(crate) struct DirectSlot {
+    target: Mutex<Option<Arc<DirectTarget>>>,
+}
+
+impl DirectSlot {
+    /// The relay to lease fresh rows to, and as whom, if one accepts now.
+    pub(crate) fn current(&self) -> Option<(Arc<DirectTarget>, Owner)> {
+        let target = self.target.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
+        let owner = target.accepting()?;
+        Some((target, owner))
+    }
+
+    /// Offers `target` (kept if the slot is free or already its own).
+    pub(crate) fn offer(&self, target: &Arc<DirectTarget>) {
+        let mut slot = self.target.lock().unwrap_or_else(|p| p.into_inner());
+        let vacant = slot.as_ref().is_none_or(|t| t.relay == target.relay || t.sender.is_closed());
+        if vacant {
+            *slot = Some(target.clone());
+        }
+    }
+
+    /// Withdraws relay `relay`'s offer (it stops).
+    pub(crate) fn withdraw(&self, relay: Uuid) {
+        let mut slot = self.target.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.as_ref().is_some_and(|t| t.relay == relay) {
+            *slot = None;
+        }
+    }
+}
+
+/// What a transaction enqueued, and what it has to do once it commits.
+#[derive(Default)]
+pub(crate) struct Dispatch {
+    /// Rows written, leased or not.
+    pub(crate) enqueued: usize,
+    /// Rows written unleased: the relays must be woken to claim them.
+    pub(crate) unleased: usize,
+    /// Rows leased to `target` as the given owner, in outbox order.
+    pub(crate) leased: Vec<OutboxRow>,
+    pub(crate) target: Option<(Arc<DirectTarget>, Owner)>,
+}
+
+impl Dispatch {
+    /// The sequence numbers of the rows leased so far (a later row of their keys in this transaction may be
+    /// leased too).
+    pub(crate) fn leased_seqs(&self) -> Vec<i64> {
+        self.leased.iter().map(|r| r.seq).collect()
+    }
+
+    /// After the commit: hands the leased rows over. Returns whether the relays must still be woken (rows
+    /// written unleased, or a hand-off the relay could not take).
+    pub(crate) fn after_commit(self) -> bool {
+        let mut wake = self.unleased > 0;
+        if let Some((target, owner)) = self.target
+            && !self.leased.is_empty()
+        {
+            wake |= !target.hand_off(owner, self.leased);
+        }
+        wake
+    }
+}

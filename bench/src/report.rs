@@ -23,6 +23,13 @@ impl Figure {
         Self { figure, value: round(value, 1), unit, baseline: Some(round(baseline, 1)), ratio, target }
     }
 
+    /// A latency against the floor measured in the same run: `ratio` = value / floor (lower is better);
+    /// `target` is the ratio not to exceed, or, for the figures at the peer's rate, the peer's milliseconds.
+    pub fn latency(figure: &'static str, value: f64, floor: f64, target: f64) -> Self {
+        let ratio = if floor > 0.0 { Some(round(value / floor, 3)) } else { None };
+        Self { figure, value: round(value, 2), unit: "ms", baseline: Some(round(floor, 2)), ratio, target }
+    }
+
     /// A figure checked against a bound (no baseline).
     pub fn bound(figure: &'static str, unit: &'static str, value: f64, bound: f64) -> Self {
         Self { figure, value: round(value, 2), unit, baseline: None, ratio: None, target: bound }

@@ -48,19 +48,18 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
         wake: Option<&WakeAtCommit>,
     ) -> Result<(), OutboxError>;
 
-    /// Direct dispatch (see the `direct` module): inserts `envelopes` in one statement, each leased at once to
-    /// `owner` for `lease` when it is its key's head (no earlier pending or failed row of its key except
-    /// `leased_before`). Returns, in order, each row's sequence number and whether it was leased; `None` when
-    /// the backend has no direct dispatch (SQLite), and then nothing was written.
+    /// Direct dispatch (see the `direct` module): inserts `envelope`, leased at once to `owner` for `lease` when
+    /// it is its key's head (no earlier pending or failed row of its key but those this transaction leased to
+    /// the same relay). Returns its sequence number and whether it was leased; `None` when the backend has no
+    /// direct dispatch (SQLite), and then nothing was written.
     #[doc(hidden)]
     async fn insert_outbox_leased(
         conn: &mut Self::Connection,
         sql: &Sql,
-        envelopes: &[Envelope],
+        envelope: &Envelope,
         owner: &Owner,
         lease: Duration,
-        leased_before: &[i64],
-    ) -> Result<Option<Vec<(i64, bool)>>, OutboxError>;
+    ) -> Result<Option<(i64, bool)>, OutboxError>;
 
     /// Of the transactions `xids` (PostgreSQL), the ones a new snapshot sees as ended (committed or rolled back,
     /// and no longer running).

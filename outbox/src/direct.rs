@@ -126,12 +126,6 @@ pub(crate) struct Dispatch {
 }
 
 impl Dispatch {
-    /// The sequence numbers of the rows leased so far (a later row of their keys in this transaction may be
-    /// leased too).
-    pub(crate) fn leased_seqs(&self) -> Vec<i64> {
-        self.leased.iter().map(|r| r.seq).collect()
-    }
-
     /// After the commit: hands the leased rows over. Returns whether the relays must still be woken (rows
     /// written unleased, or a hand-off the relay could not take).
     pub(crate) fn after_commit(self) -> bool {

@@ -206,22 +206,18 @@ impl<DB: Backend> Outbox<DB> {
             }
             (None, None) => self.inner.direct.current(),
         };
-        if let Some((target, owner)) = target {
-            let leased_before = dispatch.leased_seqs();
-            let one = std::slice::from_ref(&envelope);
-            let written =
-                DB::insert_outbox_leased(conn, &self.inner.sql, one, &owner, target.lease(), &leased_before).await?;
-            if let Some(written) = written {
-                dispatch.enqueued += 1;
-                match written.first() {
-                    Some(&(seq, true)) => {
-                        dispatch.leased.push(OutboxRow::leased(seq, envelope));
-                        dispatch.target = Some((target, owner));
-                    }
-                    _ => dispatch.unleased += 1,
-                }
-                return Ok(id);
+        if let Some((target, owner)) = target
+            && let Some((seq, leased)) =
+                DB::insert_outbox_leased(conn, &self.inner.sql, &envelope, &owner, target.lease()).await?
+        {
+            dispatch.enqueued += 1;
+            if leased {
+                dispatch.leased.push(OutboxRow::leased(seq, envelope));
+                dispatch.target = Some((target, owner));
+            } else {
+                dispatch.unleased += 1;
             }
+            return Ok(id);
         }
         DB::insert_outbox(conn, &self.inner.sql, std::slice::from_ref(&envelope), not_before, None).await?;
         dispatch.enqueued += 1;

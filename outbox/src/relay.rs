@@ -395,7 +395,8 @@ impl<DB: Backend> Relay<DB> {
                     } else {
                         transport_backoff = TRANSPORT_BACKOFF.0;
                     }
-                    want_claim = true;
+                    // No claim for a confirm by itself: a claim still wanted (a backlog, or one held up by the
+                    // pipeline's bounds) is still wanted; rows given back ask for one once written.
                 }
                 Event::Written(written) => {
                     writing = None;
@@ -409,7 +410,8 @@ impl<DB: Backend> Relay<DB> {
                     }
                     Counters::add(&self.stats.batches, finished.claims);
                     Counters::add(&self.stats.batch_micros, finished.claim_micros);
-                    want_claim = true;
+                    // Rows given back are claimable again (a claim still wanted stays wanted).
+                    want_claim |= written.outcomes.gives_back();
                 }
                 Event::Wake => {
                     want_claim = true;

@@ -504,6 +504,9 @@ async fn a_live_relay_keeps_its_rows(fixture: &Fixture<sqlx::Sqlite>, other_pool
     let holder = outbox.relay(Arc::new(withholding), long_lease.clone()).unwrap().spawn();
     enqueue(&outbox, numbered("k", 0..20)).await;
     wait_until("the holder holds the rows", SETTLE, || async { outbox.status().await.unwrap().in_flight == 20 }).await;
+    // Its first event is out (unconfirmed: the rest of the key waits behind it). The claim commits before the
+    // relay sends what it claimed: count once it did.
+    wait_until("the holder sent its first event", SETTLE, || async { received.of("k") == [0] }).await;
     bus.settled().await;
     let sent_by_the_holder = received.total();
     let other = other_process.relay(Arc::new(bus.clone()), long_lease).unwrap().spawn();
@@ -521,7 +524,8 @@ async fn a_live_relay_keeps_its_rows(fixture: &Fixture<sqlx::Sqlite>, other_pool
     assert_eq!(
         received.total(),
         sent_by_the_holder,
-        "the other relay took the rows of a live relay and sent them again"
+        "the other relay took the rows of a live relay and sent them again: {:?} after {sent_by_the_holder}",
+        received.of("k")
     );
     assert_eq!(other_process.status().await.unwrap().published, 0);
     holder.kill().await;
@@ -549,7 +553,8 @@ async fn sqlite_a_row_that_cannot_be_read_back_fails_alone() {
     let relay = outbox.relay(Arc::new(bus.clone()), fast_relay()).unwrap().spawn();
     wait_until("the others delivered", SETTLE, || async { received.of("b").len() == 5 }).await;
     wait_until("the bad row is failed", SETTLE, || async { outbox.status().await.unwrap().failed == 1 }).await;
-    assert_eq!(outbox.status().await.unwrap().pending, 0);
+    // Delivered comes before marked: wait for the marks.
+    wait_until("the others marked", SETTLE, || async { outbox.status().await.unwrap().pending == 0 }).await;
     relay.shutdown().await;
     bus.shutdown(Duration::from_secs(5)).await;
 }
@@ -659,12 +664,18 @@ async fn postgres_a_key_with_earlier_rows_in_another_process_takes_the_claim_and
     let withholding = WithholdingBus { inner: bus.clone(), release: Arc::default() };
     let release = withholding.release.clone();
     let first_relay = first.relay(Arc::new(withholding), config.clone()).unwrap().spawn();
-    let second_relay = second.relay(Arc::new(bus.clone()), config).unwrap().spawn();
+    let second_relay = second.relay(Arc::new(bus.clone()), config).unwrap();
+    let second_id = second_relay.id();
+    let second_relay = second_relay.spawn();
     let first_warm = until_direct(&first, &first_relay).await;
-    let second_warm = until_direct(&second, &second_relay).await;
+    until_direct(&second, &second_relay).await;
+    // A warm-up the second relay took by its claim may still be handed over late: count once that is over.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second_warm = second_relay.stats().handed_off;
 
     enqueue(&first, numbered("k", 0..5)).await;
-    wait_until("k 0..5 went direct", SETTLE, || async { first_relay.stats().handed_off == first_warm + 5 }).await;
+    // (At least: a warm-up the relay claimed first may still be handed over late, and then ignored, or counted.)
+    wait_until("k 0..5 went direct", SETTLE, || async { first_relay.stats().handed_off >= first_warm + 5 }).await;
     // One event of a key with the bus at a time: k 0 is out, unconfirmed; k 1..5 wait behind it in the relay.
     wait_until("the first relay published k 0", SETTLE, || async { received.of("k") == [0] }).await;
     // The second process writes the key's next rows while the first relay still holds its rows: they are not its
@@ -674,7 +685,17 @@ async fn postgres_a_key_with_earlier_rows_in_another_process_takes_the_claim_and
     wait_until("another key goes direct meanwhile", SETTLE, || async { received.of("other") == [0, 1, 2] }).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(received.of("k"), [0], "nothing of k overtook the rows the first relay holds");
-    assert_eq!(second_relay.stats().handed_off - second_warm, 3, "only the other key went direct");
+    // The rows of k the second process wrote were not leased to its relay, and its claim cannot take them (the
+    // first relay's claim may: it holds the key's earlier rows, and publishes the rest after them).
+    let table = fixture.table("outbox");
+    let leased = sqlx::Postgres::integers(
+        &fixture.pool,
+        &format!("SELECT count(*) FROM {table} WHERE partition_key = 'k' AND locked_by = '{second_id}'"),
+    )
+    .await;
+    assert_eq!(leased, [0], "no row of k went to the second relay");
+    // "other" went direct (all of it, unless a claim of the second relay took a row before its hand-off came).
+    assert!(second_relay.stats().handed_off - second_warm <= 3);
 
     wait_until("k delivered", SETTLE, || async {
         // Confirm whatever the first relay has out now (each of its keys' next events comes once confirmed).
@@ -683,7 +704,15 @@ async fn postgres_a_key_with_earlier_rows_in_another_process_takes_the_claim_and
     })
     .await;
     assert_eq!(received.of("k"), (0..10).collect::<Vec<_>>(), "k in order, once each");
+    // Confirm what is still out (a confirmation not yet waiting when last released) while the relay stops.
+    let releasing = tokio::spawn(async move {
+        loop {
+            release.notify_waiters();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
     first_relay.shutdown().await;
+    releasing.abort();
     second_relay.shutdown().await;
     bus.shutdown(Duration::from_secs(5)).await;
 }

@@ -146,48 +146,28 @@ impl Backend for Postgres {
     async fn insert_outbox_leased(
         conn: &mut PgConnection,
         sql: &Sql,
-        envelopes: &[Envelope],
+        e: &Envelope,
         owner: &Owner,
         lease: Duration,
-        leased_before: &[i64],
-    ) -> Result<Option<Vec<(i64, bool)>>, OutboxError> {
-        if envelopes.is_empty() {
-            return Ok(Some(Vec::new()));
-        }
-        let rows = sqlx::query(&sql.insert_outbox_leased)
-            .bind(envelopes.iter().map(Envelope::id).collect::<Vec<_>>())
-            .bind(envelopes.iter().map(|e| e.event_type().as_str()).collect::<Vec<_>>())
-            .bind(envelopes.iter().map(|e| i32::try_from(e.version()).unwrap_or(i32::MAX)).collect::<Vec<_>>())
-            .bind(envelopes.iter().map(Envelope::occurred_at).collect::<Vec<_>>())
-            .bind(envelopes.iter().map(Envelope::correlation_id).collect::<Vec<_>>())
-            .bind(envelopes.iter().map(Envelope::causation_id).collect::<Vec<_>>())
-            .bind(envelopes.iter().map(Envelope::partition_key).collect::<Vec<_>>())
-            .bind(envelopes.iter().map(Envelope::source).collect::<Vec<_>>())
-            .bind(envelopes.iter().map(|e| e.trace().traceparent()).collect::<Vec<_>>())
-            .bind(envelopes.iter().map(|e| e.trace().tracestate()).collect::<Vec<_>>())
-            .bind(envelopes.iter().map(|e| e.payload().as_ref()).collect::<Vec<&[u8]>>())
+    ) -> Result<Option<(i64, bool)>, OutboxError> {
+        let row = sqlx::query(&sql.insert_outbox_leased)
+            .bind(e.id())
+            .bind(e.event_type().as_str())
+            .bind(i32::try_from(e.version()).unwrap_or(i32::MAX))
+            .bind(e.occurred_at())
+            .bind(e.correlation_id())
+            .bind(e.causation_id())
+            .bind(e.partition_key())
+            .bind(e.source())
+            .bind(e.trace().traceparent())
+            .bind(e.trace().tracestate())
+            .bind(e.payload().as_ref())
             .bind(owner.relay)
             .bind(owner.key)
             .bind(millis(lease) as f64)
-            .bind(leased_before)
-            .fetch_all(&mut *conn)
+            .fetch_one(&mut *conn)
             .await?;
-        // RETURNING follows no promised order: put the rows back in the order of `envelopes` by event id.
-        let mut by_id = std::collections::HashMap::with_capacity(rows.len());
-        for r in &rows {
-            let id: Uuid = r.try_get("event_id")?;
-            by_id.insert(id, (r.try_get::<i64, _>("seq")?, r.try_get::<bool, _>("leased")?));
-        }
-        envelopes
-            .iter()
-            .map(|e| {
-                by_id.get(&e.id()).copied().ok_or_else(|| OutboxError::CorruptRow {
-                    seq: 0,
-                    reason: format!("the insert of event {} returned no row", e.id()),
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(Some)
+        Ok(Some((row.try_get("seq")?, row.try_get("leased")?)))
     }
 
     async fn ended_transactions(pool: &PgPool, xids: &[u64]) -> Result<Vec<u64>, OutboxError> {

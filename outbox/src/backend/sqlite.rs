@@ -261,11 +261,10 @@ impl Backend for Sqlite {
     async fn insert_outbox_leased(
         _conn: &mut SqliteConnection,
         _sql: &Sql,
-        _envelopes: &[Envelope],
+        _envelope: &Envelope,
         _owner: &Owner,
         _lease: Duration,
-        _leased_before: &[i64],
-    ) -> Result<Option<Vec<(i64, bool)>>, OutboxError> {
+    ) -> Result<Option<(i64, bool)>, OutboxError> {
         Ok(None)
     }
 

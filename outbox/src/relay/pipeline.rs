@@ -193,6 +193,8 @@ pub(super) struct Pipeline {
     taken_in: Remembered,
     /// Rows published and marked lately (a claim that raced their mark returns them still pending).
     published: Remembered,
+    /// Rows the write-back in progress gives back (released or failed).
+    giving_back: std::collections::HashSet<i64>,
 }
 
 impl Pipeline {
@@ -229,6 +231,13 @@ impl Pipeline {
         self.next_claim += 1;
         let mut taken = 0;
         for row in rows {
+            if source == Source::Claim && self.held.contains_key(&row.seq) && self.giving_back.contains(&row.seq) {
+                // The claim's statement ran after this row's release (or failure) was written, but the relay has
+                // not seen that write finish: the row is this relay's again in the database, one more attempt
+                // counted. Give it back once more, or it would stay leased to this relay, held by nobody.
+                self.outcomes.released.push(row.seq);
+                continue;
+            }
             if self.held.contains_key(&row.seq)
                 || self.published.contains(row.seq)
                 || (source == Source::Handoff && self.taken_in.contains(row.seq))
@@ -471,6 +480,8 @@ impl Pipeline {
     /// Hands out the outcomes gathered so far, to be written as write-back number `id`.
     pub fn take_outcomes(&mut self) -> (u64, Outcomes) {
         self.writes_started += 1;
+        let outcomes = &self.outcomes;
+        self.giving_back = outcomes.failures.iter().map(|f| f.seq).chain(outcomes.released.iter().copied()).collect();
         (self.writes_started, std::mem::take(&mut self.outcomes))
     }
 
@@ -478,6 +489,7 @@ impl Pipeline {
     /// longer held.
     pub fn written(&mut self, id: u64, outcomes: &Outcomes) -> Finished {
         self.writes_done = self.writes_done.max(id);
+        self.giving_back.clear();
         let mut finished = Finished::default();
         let seqs: Vec<i64> = outcomes.seqs().collect();
         for seq in seqs {

@@ -61,6 +61,17 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
         lease: Duration,
     ) -> Result<Option<(i64, bool)>, OutboxError>;
 
+    /// Direct dispatch, just before the commit: whether the rows `seqs` leased to `owner` are all still there in
+    /// the transaction on `conn` (an error when the transaction is aborted: PostgreSQL rolls an aborted
+    /// transaction back on COMMIT without an error, and a savepoint rollback may have undone some of them).
+    #[doc(hidden)]
+    async fn leased_rows_present(
+        conn: &mut Self::Connection,
+        sql: &Sql,
+        seqs: &[i64],
+        owner: &Owner,
+    ) -> Result<bool, OutboxError>;
+
     /// Of the transactions `xids` (PostgreSQL), the ones a new snapshot sees as ended (committed or rolled back,
     /// and no longer running).
     #[doc(hidden)]

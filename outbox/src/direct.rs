@@ -14,10 +14,16 @@
 //!   row never overtakes an earlier row of its key, in this relay or any other. (As for the claim, rows of one
 //!   key written by concurrent transactions that do not serialize on a business row have no order between
 //!   them; a transaction that waited for another's row lock sees its committed rows.)
-//! - **A hand-off that goes wrong costs only latency.** The hand-off is a bounded channel; when it is full, the
-//!   relay has stopped or its liveness proof changed since the insert, the rows stay leased to it but not held,
-//!   and its next claim takes them (a relay's own leased rows that it does not hold are free to it). A relay
-//!   that already holds or published a row ignores a late hand-off of it.
+//! - **A hand-off that goes wrong costs only latency.** The hand-off is a bounded channel. When it is full
+//!   (the producer then wakes the relays) the rows stay leased to the relay but not held, and its claim takes
+//!   them once they are a second old (younger ones are presumed on their way: a claim must not take a row twice
+//!   over). A hand-off the relay cannot take in (full, paused, stopping, its liveness proof changed) is given
+//!   back at once with no attempt spent. A relay that already holds or published a row ignores a late
+//!   hand-off of it. Before the commit the producer checks that its leased rows are all still there: an
+//!   aborted transaction (which PostgreSQL rolls back on COMMIT without an error) or a rolled-back savepoint
+//!   hands nothing over. At most `relay.batch_size` rows of one transaction are leased.
+//! - **Isolation.** Rows are leased only by READ COMMITTED transactions (a stricter snapshot could miss an
+//!   earlier row of the key); the lease runs from the insert.
 //! - **A relay accepts while it can publish**: it offers itself only while it has a fresh liveness proof, the
 //!   bus is healthy, it holds fewer rows and bytes than its pipeline allows, and it is not stopping.
 //!
@@ -49,6 +55,8 @@ pub(crate) struct Handoff {
 pub(crate) struct DirectTarget {
     relay: Uuid,
     lease: Duration,
+    /// Rows one transaction may lease (the relay's batch size).
+    per_transaction: usize,
     /// The owner rows are leased to while the relay accepts; `None` while it does not.
     accepting: Mutex<Option<Owner>>,
     sender: mpsc::Sender<Handoff>,
@@ -56,9 +64,14 @@ pub(crate) struct DirectTarget {
 
 impl DirectTarget {
     /// A relay's target and the receiving end of its hand-offs.
-    pub(crate) fn new(relay: Uuid, lease: Duration) -> (Arc<Self>, mpsc::Receiver<Handoff>) {
+    pub(crate) fn new(relay: Uuid, lease: Duration, per_transaction: usize) -> (Arc<Self>, mpsc::Receiver<Handoff>) {
         let (sender, receiver) = mpsc::channel(HANDOFF_QUEUE);
-        (Arc::new(Self { relay, lease, accepting: Mutex::new(None), sender }), receiver)
+        (Arc::new(Self { relay, lease, per_transaction, accepting: Mutex::new(None), sender }), receiver)
+    }
+
+    /// Rows one transaction may lease to this relay.
+    pub(crate) fn per_transaction(&self) -> usize {
+        self.per_transaction
     }
 
     /// Sets whether (and as whom) the relay takes rows now.
@@ -126,6 +139,25 @@ pub(crate) struct Dispatch {
 }
 
 impl Dispatch {
+    /// Whether another row may be leased in this transaction (at most `limit` per transaction: a relay holds
+    /// a bounded number of rows).
+    pub(crate) fn may_lease(&self, limit: usize) -> bool {
+        self.leased.len() < limit
+    }
+
+    /// The leased rows are not (all) there any more (the transaction aborted, or a savepoint rolled some back):
+    /// hand nothing over, wake the relays instead (their claims find whatever commits).
+    pub(crate) fn forget_leased(&mut self) {
+        self.unleased += self.leased.len();
+        self.leased.clear();
+        self.target = None;
+    }
+
+    /// The sequence numbers of the leased rows.
+    pub(crate) fn leased_seqs(&self) -> Vec<i64> {
+        self.leased.iter().map(|r| r.seq).collect()
+    }
+
     /// After the commit: hands the leased rows over. Returns whether the relays must still be woken (rows
     /// written unleased, or a hand-off the relay could not take).
     pub(crate) fn after_commit(self) -> bool {

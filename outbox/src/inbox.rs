@@ -281,6 +281,8 @@ impl<E: IntegrationEvent, DB: Backend, H: InboxHandler<E, DB>> EnvelopeHandler f
             }
             (Ok(()), Ok(finished)) => finished,
         };
+        let (mut tx, mut dispatch) = (tx, dispatch);
+        outbox.check_leased(&mut tx, &mut dispatch).await;
         if let Err(error) = tx.commit().await {
             // The outcome is unknown: whatever committed is claimed.
             if dispatch.enqueued > 0 {

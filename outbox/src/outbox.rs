@@ -205,7 +205,8 @@ impl<DB: Backend> Outbox<DB> {
                 self.inner.direct.current().filter(|(t, o)| Arc::ptr_eq(t, target) && o == owner)
             }
             (None, None) => self.inner.direct.current(),
-        };
+        }
+        .filter(|(target, _)| dispatch.may_lease(target.per_transaction()));
         if let Some((target, owner)) = target
             && let Some((seq, leased)) =
                 DB::insert_outbox_leased(conn, &self.inner.sql, &envelope, &owner, target.lease()).await?
@@ -227,6 +228,20 @@ impl<DB: Backend> Outbox<DB> {
 
     /// After the commit of a transaction that wrote through [`write`](Self::write): hands its leased rows to
     /// the relay that took them and wakes the relays for the rest.
+    /// Just before the commit of a transaction that wrote through [`write`](Self::write): makes sure its leased
+    /// rows are all still there, so that nothing is handed over for a transaction that aborted (PostgreSQL
+    /// turns its COMMIT into a rollback without an error) or a savepoint that was rolled back.
+    pub(crate) async fn check_leased(&self, conn: &mut DB::Connection, dispatch: &mut Dispatch) {
+        let Some((_, owner)) = &dispatch.target else { return };
+        if dispatch.leased.is_empty() {
+            return;
+        }
+        let seqs = dispatch.leased_seqs();
+        if !matches!(DB::leased_rows_present(conn, &self.inner.sql, &seqs, owner).await, Ok(true)) {
+            dispatch.forget_leased();
+        }
+    }
+
     pub(crate) fn after_commit(&self, dispatch: Dispatch) {
         if dispatch.after_commit() {
             self.committed();
@@ -384,7 +399,8 @@ impl<DB: Backend> OutboxTransaction<DB> {
     /// its claim; see the crate's `direct` dispatch) or wakes the relays. A commit whose outcome is unknown (the
     /// connection broke) wakes them: whatever committed is claimed.
     pub async fn commit(self) -> Result<(), OutboxError> {
-        let Self { tx, outbox, dispatch } = self;
+        let Self { mut tx, outbox, mut dispatch } = self;
+        outbox.check_leased(&mut tx, &mut dispatch).await;
         match tx.commit().await {
             Ok(()) => {
                 outbox.after_commit(dispatch);

@@ -164,8 +164,8 @@ impl<DB: Backend> Relay<DB> {
         let bus = crate::failpoint::refusing_bus(bus);
         let wake = outbox.register_relay();
         let id = Uuid::new_v4();
-        let direct =
-            (DB::dialect() == Dialect::Postgres && config.direct_dispatch).then(|| DirectTarget::new(id, config.lease));
+        let direct = (DB::dialect() == Dialect::Postgres && config.direct_dispatch)
+            .then(|| DirectTarget::new(id, config.lease, config.batch_size));
         Ok(Self { outbox, bus, config, id, wake, stats: Arc::default(), direct })
     }
 
@@ -370,12 +370,16 @@ impl<DB: Backend> Relay<DB> {
                     }
                 }
                 Event::HandedOff(Handoff { owner: leased_to, rows }) => {
-                    if !stopping && owner == Some(leased_to) {
+                    // Taken in only while the relay can hold them (its bounds, a healthy bus, the same proof).
+                    let room = pipeline.held_rows() < max_rows && pipeline.held_bytes() < max_bytes;
+                    if !stopping && !paused && room && owner == Some(leased_to) {
                         let taken = pipeline.accept(rows, pipeline.writes_done(), &retry, Source::Handoff);
                         Counters::add(&self.stats.handed_off, taken as u64);
                     } else {
-                        // Leased to this relay but not held: its next claim takes them (or, once it stopped and
-                        // gave its proof up, any relay's).
+                        // Leased to this relay but not taken in: given back with no attempt spent (fenced by the
+                        // relay's id, so whatever it lost to another relay meanwhile is left alone); then any
+                        // relay's claim takes them.
+                        pipeline.give_back_unheld(rows.iter().map(|r| r.seq));
                         want_claim = true;
                     }
                 }
@@ -411,7 +415,7 @@ impl<DB: Backend> Relay<DB> {
                     Counters::add(&self.stats.batches, finished.claims);
                     Counters::add(&self.stats.batch_micros, finished.claim_micros);
                     // Rows given back are claimable again (a claim still wanted stays wanted).
-                    want_claim |= written.outcomes.gives_back();
+                    want_claim |= written.outcomes.gives_back() || !written.ok;
                 }
                 Event::Wake => {
                     want_claim = true;

@@ -98,7 +98,9 @@ pub struct Sql {
     pub insert_outbox_rows_waking: String,
     /// PostgreSQL: [`insert_outbox`](Self::insert_outbox) for direct dispatch (`direct`): the row is leased at
     /// once to relay `$12` (lock key `$13`, lease `$14` ms, one attempt counted) when it is its key's head (no
-    /// earlier pending or failed row of the key, other than rows this transaction leased to the same relay);
+    /// earlier pending or failed row of the key, other than rows this transaction leased to the same relay, as
+    /// a READ COMMITTED statement sees them: under a stricter isolation the snapshot may miss earlier rows, so
+    /// nothing is leased); the lease runs from the insert (`clock_timestamp`, not the transaction's start);
     /// returns `seq, leased`. Scalar parameters only, so that PostgreSQL settles on a generic plan instead of
     /// planning it at every execution. SQLite: empty (no direct dispatch).
     pub insert_outbox_leased: String,
@@ -187,21 +189,24 @@ impl Sql {
                      locked_key, locked_until, attempts) \
                      SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, now(), CASE WHEN head THEN $12::uuid END, \
                        CASE WHEN head THEN $13::int4 END, \
-                       CASE WHEN head THEN now() + $14 * interval '1 millisecond' END, CASE WHEN head THEN 1 ELSE 0 END \
-                     FROM (SELECT ($7::text IS NULL OR NOT EXISTS ( \
+                       CASE WHEN head THEN clock_timestamp() + $14 * interval '1 millisecond' END, CASE WHEN head THEN 1 ELSE 0 END \
+                     FROM (SELECT (current_setting('transaction_isolation') = 'read committed' AND \
+                       ($7::text IS NULL OR NOT EXISTS ( \
                          SELECT 1 FROM {t} r WHERE r.partition_key = $7::text AND r.status IN ({PENDING}, {FAILED}) \
                            AND NOT coalesce(r.locked_by = $12::uuid AND r.xmin = pg_current_xact_id()::xid, false))) \
-                       AS head) h \
+                       ) AS head) h \
                      RETURNING seq, locked_by IS NOT NULL AS leased"
                 ),
                 insert_inbox: format!("INSERT INTO {inbox} (event_id, handler) VALUES ($1, $2) ON CONFLICT DO NOTHING"),
                 claim: {
                     // $1 rows, $2 relay id, $3 lease ms, $4 the relay's lock key, $5 byte budget, $6 lock namespace,
-                    // $7 the rows this relay holds (its own leased rows that it does not hold are lost to it: free).
+                    // $7 the rows this relay holds (its own leased rows that it does not hold are lost to it: free,
+                    // unless leased within the last second: those are hand-offs on their way to it, see `direct`).
                     let free = |r: &str| {
                         format!(
                             "CASE WHEN {r}.locked_until IS NULL OR {r}.locked_until < now() THEN true \
                                WHEN {r}.locked_by = $2 THEN NOT ({r}.seq = ANY($7)) \
+                                 AND {r}.locked_until < now() + ($3 - 1000) * interval '1 millisecond' \
                                ELSE coalesce(pg_try_advisory_xact_lock($6, {r}.locked_key), false) END"
                         )
                     };

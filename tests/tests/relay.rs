@@ -823,3 +823,31 @@ async fn postgres_two_processes_writing_the_same_keys_publish_each_event_once_in
     }
     bus.shutdown(Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_an_event_of_an_aborted_transaction_or_a_rolled_back_savepoint_is_never_handed_over() {
+    let fixture = sqlx::Postgres::fixture().await;
+    let outbox = outbox(&fixture).await;
+    let bus = InProcBus::new();
+    let received = Received::subscribe(&bus).await;
+    let relay = outbox.relay(Arc::new(bus.clone()), fast_relay()).unwrap().spawn();
+    until_direct(&outbox, &relay).await;
+    // A statement fails and the caller goes on: PostgreSQL answers the COMMIT with a rollback, and no error.
+    let mut tx = outbox.begin().await.unwrap();
+    tx.enqueue(&Numbered { key: "aborted".into(), seq: 0 }).await.unwrap();
+    let _ = sqlx::query("SELECT 1 / 0").execute(&mut *tx).await;
+    let _ = tx.commit().await;
+    // A savepoint rolled back takes its event with it; the one after it stays.
+    let mut tx = outbox.begin().await.unwrap();
+    sqlx::query("SAVEPOINT s").execute(&mut *tx).await.unwrap();
+    tx.enqueue(&Numbered { key: "undone".into(), seq: 0 }).await.unwrap();
+    sqlx::query("ROLLBACK TO SAVEPOINT s").execute(&mut *tx).await.unwrap();
+    tx.enqueue(&Numbered { key: "kept".into(), seq: 0 }).await.unwrap();
+    tx.commit().await.unwrap();
+    wait_until("the kept event delivered", SETTLE, || async { received.of("kept") == [0] }).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(received.of("aborted").is_empty(), "an event of a rolled-back transaction was published");
+    assert!(received.of("undone").is_empty(), "an event of a rolled-back savepoint was published");
+    relay.shutdown().await;
+    bus.shutdown(Duration::from_secs(5)).await;
+}

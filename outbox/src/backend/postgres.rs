@@ -170,6 +170,17 @@ impl Backend for Postgres {
         Ok(Some((row.try_get("seq")?, row.try_get("leased")?)))
     }
 
+    async fn leased_rows_present(
+        conn: &mut PgConnection,
+        sql: &Sql,
+        seqs: &[i64],
+        owner: &Owner,
+    ) -> Result<bool, OutboxError> {
+        let statement = format!("SELECT count(*) FROM {} WHERE seq = ANY($1) AND locked_by = $2", sql.outbox);
+        let present: i64 = sqlx::query_scalar(&statement).bind(seqs).bind(owner.relay).fetch_one(&mut *conn).await?;
+        Ok(usize::try_from(present).unwrap_or(0) == seqs.len())
+    }
+
     async fn ended_transactions(pool: &PgPool, xids: &[u64]) -> Result<Vec<u64>, OutboxError> {
         let xids: Vec<String> = xids.iter().map(u64::to_string).collect();
         let ended: Vec<String> = sqlx::query_scalar(

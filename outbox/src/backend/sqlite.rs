@@ -268,6 +268,15 @@ impl Backend for Sqlite {
         Ok(None)
     }
 
+    async fn leased_rows_present(
+        _conn: &mut SqliteConnection,
+        _sql: &Sql,
+        seqs: &[i64],
+        _owner: &Owner,
+    ) -> Result<bool, OutboxError> {
+        Ok(seqs.is_empty())
+    }
+
     async fn ended_transactions(_pool: &SqlitePool, xids: &[u64]) -> Result<Vec<u64>, OutboxError> {
         Ok(xids.to_vec())
     }

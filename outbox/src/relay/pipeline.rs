@@ -293,6 +293,16 @@ impl Pipeline {
         taken
     }
 
+    /// Gives back rows leased to this relay that it does not take in (a hand-off it cannot hold now): their
+    /// attempt is not spent and they are free for any relay once written. Rows it holds or published are left.
+    pub fn give_back_unheld(&mut self, seqs: impl IntoIterator<Item = i64>) {
+        for seq in seqs {
+            if !self.held.contains_key(&seq) && !self.published.contains(seq) {
+                self.outcomes.released.push(seq);
+            }
+        }
+    }
+
     /// Remembers rows published and marked (a claim that raced their mark must not take them in again).
     pub fn marked(&mut self, seqs: &[i64]) {
         for &seq in seqs {

@@ -26,14 +26,22 @@
 //!   earlier row of its key is pending elsewhere, in backoff, or `failed`: a key whose head row failed stays
 //!   *parked* ([`OutboxStatus::parked_keys`](crate::OutboxStatus::parked_keys)) until that row is retried.
 //!   Other keys never wait for a blocked key. Limits: events with the same key enqueued by concurrent
-//!   transactions are ordered by insertion, not commit (write the business row first); a relay that loses its
-//!   liveness connection while publishing may see its rows taken over and a key's events cross between relays.
+//!   transactions have no order between them unless the transactions serialize (write the business row
+//!   first: a READ COMMITTED transaction that waited for another's row lock sees its committed events and
+//!   publishes after them); a relay that loses its liveness connection while publishing may see its rows taken
+//!   over and a key's events cross between relays.
 //! - **Several relays, no duplicates** in normal operation: claims use `FOR UPDATE SKIP LOCKED` and leases on
 //!   PostgreSQL, a single `UPDATE … RETURNING` on SQLite.
-//! - **Bounded.** At most two batches in flight, each of at most `relay.batch_size` rows and
-//!   `relay.batch_bytes` of payload. Retention cleanup runs in its own task, a bounded amount per run.
-//! - **Prompt.** It wakes when a producer in this process commits, on a PostgreSQL NOTIFY from other processes
-//!   (its own process's NOTIFYs are ignored), and polls as a fallback; it keeps claiming while there is a backlog.
+//! - **Bounded.** It holds at most two batches' worth of rows (`relay.batch_size`) and payload
+//!   (`relay.batch_bytes`), whether claimed or handed over. Retention cleanup runs in its own task, a bounded
+//!   amount per run.
+//! - **Prompt.** On PostgreSQL a transaction of [`Outbox::begin`](crate::Outbox::begin) (or the inbox's) hands
+//!   its rows to the relay of its process right after the commit, with no claim (direct dispatch, see
+//!   [`RelayConfig::direct_dispatch`](crate::RelayConfig::direct_dispatch): only a key's head row goes direct;
+//!   the others take the claim, in order). Otherwise it wakes when a producer in this process commits, on a
+//!   PostgreSQL NOTIFY from other processes (its own process's NOTIFYs are ignored), and polls as a fallback;
+//!   it keeps claiming while there is a backlog. Its own writes (claims, marks, renewals, releases) commit
+//!   without waiting for the WAL flush: one lost in a database crash republishes, never loses.
 
 mod claim;
 mod cleanup;

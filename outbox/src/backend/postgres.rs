@@ -40,6 +40,25 @@ fn row(r: &PgRow) -> Result<OutboxRow, sqlx::Error> {
 
 crate::dead_letters::dead_letter_statements!(PgPool, PgRow);
 
+/// One envelope's columns as parameters `$1`..`$11` of a single-row insert.
+fn bind_envelope<'q>(
+    query: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    e: &'q Envelope,
+) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+    query
+        .bind(e.id())
+        .bind(e.event_type().as_str())
+        .bind(i32::try_from(e.version()).unwrap_or(i32::MAX))
+        .bind(e.occurred_at())
+        .bind(e.correlation_id())
+        .bind(e.causation_id())
+        .bind(e.partition_key())
+        .bind(e.source())
+        .bind(e.trace().traceparent())
+        .bind(e.trace().tracestate())
+        .bind(e.payload().as_ref())
+}
+
 #[async_trait]
 impl Backend for Postgres {
     fn dialect() -> Dialect {
@@ -99,19 +118,10 @@ impl Backend for Postgres {
         // returns its transaction id, watched until it commits (see `commit_watch`).
         let statement = match (envelopes, wake.is_some()) {
             ([], _) => return Ok(()),
-            ([e], waking) => sqlx::query(if waking { &sql.insert_outbox_waking } else { &sql.insert_outbox })
-                .bind(e.id())
-                .bind(e.event_type().as_str())
-                .bind(i32::try_from(e.version()).unwrap_or(i32::MAX))
-                .bind(e.occurred_at())
-                .bind(e.correlation_id())
-                .bind(e.causation_id())
-                .bind(e.partition_key())
-                .bind(e.source())
-                .bind(e.trace().traceparent())
-                .bind(e.trace().tracestate())
-                .bind(e.payload().as_ref())
-                .bind(not_before),
+            ([e], waking) => {
+                bind_envelope(sqlx::query(if waking { &sql.insert_outbox_waking } else { &sql.insert_outbox }), e)
+                    .bind(not_before)
+            }
             (many, waking) => {
                 sqlx::query(if waking { &sql.insert_outbox_rows_waking } else { &sql.insert_outbox_rows })
                     .bind(many.iter().map(Envelope::id).collect::<Vec<_>>())
@@ -150,18 +160,7 @@ impl Backend for Postgres {
         owner: &Owner,
         lease: Duration,
     ) -> Result<Option<(i64, bool)>, OutboxError> {
-        let row = sqlx::query(&sql.insert_outbox_leased)
-            .bind(e.id())
-            .bind(e.event_type().as_str())
-            .bind(i32::try_from(e.version()).unwrap_or(i32::MAX))
-            .bind(e.occurred_at())
-            .bind(e.correlation_id())
-            .bind(e.causation_id())
-            .bind(e.partition_key())
-            .bind(e.source())
-            .bind(e.trace().traceparent())
-            .bind(e.trace().tracestate())
-            .bind(e.payload().as_ref())
+        let row = bind_envelope(sqlx::query(&sql.insert_outbox_leased), e)
             .bind(owner.relay)
             .bind(owner.key)
             .bind(millis(lease) as f64)

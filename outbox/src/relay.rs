@@ -415,7 +415,7 @@ impl<DB: Backend> Relay<DB> {
                     writing_gives = false;
                     let finished = pipeline.written(written.id, &written.outcomes);
                     if written.ok {
-                        pipeline.marked(&written.outcomes.published);
+                        pipeline.marked(&written.outcomes.published, written.id);
                         Counters::add(&self.stats.published, written.marked);
                         Counters::add(&self.stats.gave_up, written.gave_up);
                         Counters::add(&self.stats.transport_failures, written.outcomes.transport_released);

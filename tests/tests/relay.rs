@@ -27,6 +27,7 @@ on_both_databases!(
     a_row_that_keeps_killing_the_relay_becomes_failed,
     a_transport_error_that_keeps_striking_one_event_on_a_healthy_bus_spends_its_attempts,
     rows_leased_to_a_relay_that_lost_track_of_them_are_published_at_once,
+    rows_whose_mark_was_lost_are_published_again,
 );
 
 async fn outbox<DB: TestDb>(fixture: &Fixture<DB>) -> Outbox<DB> {
@@ -848,6 +849,27 @@ async fn postgres_an_event_of_an_aborted_transaction_or_a_rolled_back_savepoint_
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(received.of("aborted").is_empty(), "an event of a rolled-back transaction was published");
     assert!(received.of("undone").is_empty(), "an event of a rolled-back savepoint was published");
+    relay.shutdown().await;
+    bus.shutdown(Duration::from_secs(5)).await;
+}
+
+/// A database crash can lose the relay's last marks (its writes commit asynchronously): the rows are pending again
+/// and must be published again (a duplicate the inboxes drop), never left pending because the relay remembers
+/// publishing them.
+async fn rows_whose_mark_was_lost_are_published_again<DB: TestDb>() {
+    let fixture = DB::fixture().await;
+    let outbox = outbox(&fixture).await;
+    let bus = InProcBus::new();
+    let received = Received::subscribe(&bus).await;
+    let relay = outbox.relay(Arc::new(bus.clone()), fast_relay()).unwrap().spawn();
+    enqueue(&outbox, numbered("k", 0..5)).await;
+    wait_until("published and marked", SETTLE, || async { outbox.status().await.unwrap().published == 5 }).await;
+    // As after a crash that lost the marks: pending again, leased to nobody.
+    let table = fixture.table("outbox");
+    DB::execute(&fixture.pool, &format!("UPDATE {table} SET status = 0, published_at = NULL, locked_by = NULL")).await;
+    outbox.committed();
+    wait_until("published again", SETTLE, || async { outbox.status().await.unwrap().published == 5 }).await;
+    wait_until("delivered again", SETTLE, || async { received.of("k").len() == 10 }).await;
     relay.shutdown().await;
     bus.shutdown(Duration::from_secs(5)).await;
 }

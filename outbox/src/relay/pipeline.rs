@@ -35,15 +35,18 @@ struct Remembered {
 }
 
 impl Remembered {
-    fn add(&mut self, seq: i64) {
+    /// Adds `seq`; returns the one forgotten to make room, if any.
+    fn add(&mut self, seq: i64) -> Option<i64> {
         if self.set.insert(seq) {
             self.order.push_back(seq);
             if self.order.len() > REMEMBERED
                 && let Some(oldest) = self.order.pop_front()
             {
                 self.set.remove(&oldest);
+                return Some(oldest);
             }
         }
+        None
     }
 
     fn contains(&self, seq: i64) -> bool {
@@ -191,8 +194,11 @@ pub(super) struct Pipeline {
     strikes: HashMap<i64, u32>,
     /// Rows taken in lately (a hand-off of one of them is late: the claim took it first).
     taken_in: Remembered,
-    /// Rows published and marked lately (a claim that raced their mark returns them still pending).
+    /// Rows published and marked lately, with the write-back that marked them (a claim that started before that
+    /// write returns them still pending; one that started after it finds them pending only because the mark was
+    /// lost, a database crash with the relay's asynchronous commit, and must take them).
     published: Remembered,
+    marked_by: HashMap<i64, u64>,
     /// Rows the write-back in progress gives back (released or failed).
     giving_back: std::collections::HashSet<i64>,
 }
@@ -238,8 +244,12 @@ impl Pipeline {
                 self.outcomes.released.push(row.seq);
                 continue;
             }
+            let raced_its_mark = match source {
+                Source::Claim => self.marked_by.get(&row.seq).is_some_and(|&write| write > claim_saw),
+                Source::Handoff => self.published.contains(row.seq),
+            };
             if self.held.contains_key(&row.seq)
-                || self.published.contains(row.seq)
+                || raced_its_mark
                 || (source == Source::Handoff && self.taken_in.contains(row.seq))
             {
                 continue;
@@ -304,9 +314,12 @@ impl Pipeline {
     }
 
     /// Remembers rows published and marked (a claim that raced their mark must not take them in again).
-    pub fn marked(&mut self, seqs: &[i64]) {
+    pub fn marked(&mut self, seqs: &[i64], write: u64) {
         for &seq in seqs {
-            self.published.add(seq);
+            if let Some(forgotten) = self.published.add(seq) {
+                self.marked_by.remove(&forgotten);
+            }
+            self.marked_by.insert(seq, write);
         }
     }
 

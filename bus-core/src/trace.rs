@@ -8,11 +8,20 @@
 //! - Handling a delivery opens a **consumer** span, a child of the event's `traceparent`, and makes it current
 //!   while the handler runs, so the events the handler publishes are its children.
 //!
-//! Spans are `tracing` spans named `publish` / `consume` with the fields `otel.kind`, `trace_id`, `span_id`,
-//! `parent_span_id`, `event_type`, `event_id` (and `group` for consumers): an OpenTelemetry layer
+//! - The relay publishing an event opens a **send** span (kind producer), a child of the event's producer span,
+//!   that lasts until the broker confirmed it.
+//!
+//! Spans are `tracing` spans named `publish` / `send` / `consume` with the fields `otel.kind`, `trace_id`,
+//! `span_id`, `parent_span_id`, `event_type`, `event_id` (and `group` for consumers): an OpenTelemetry layer
 //! (`tracing-opentelemetry`) or a log subscriber picks them up. Payloads never appear in spans.
+//!
+//! **Span ids.** By default the framework makes its own (random W3C ids). A telemetry pipeline that exports
+//! spans installs a [`SpanIdentity`] ([`set_span_identity`]) so that every span the framework opens takes the id
+//! of the span it exports, and the `traceparent` carried by an event names a span that really exists in the
+//! trace backend (the sample services do it for OpenTelemetry).
 
 use std::future::Future;
+use std::sync::OnceLock;
 
 use crate::error::BusError;
 use crate::limits::{MAX_TRACE_LEN, check_text};
@@ -130,6 +139,48 @@ impl SpanContext {
     pub fn span_id_hex(&self) -> String {
         format!("{:016x}", self.span_id)
     }
+}
+
+/// Gives the spans the framework opens the identity of the spans a telemetry pipeline exports (installed once
+/// per process with [`set_span_identity`]).
+pub trait SpanIdentity: Send + Sync + 'static {
+    /// Makes `span`, a `tracing` span the framework has just opened (and not entered yet), a child of `parent`
+    /// (`None`: the pipeline's own current span, or a new trace) in the pipeline, and returns the span context
+    /// it got there. `None` when the pipeline does not know this span (no such layer in the subscriber): the
+    /// framework then makes its own ids.
+    fn adopt(&self, span: &tracing::Span, parent: Option<SpanContext>) -> Option<SpanContext>;
+}
+
+static IDENTITY: OnceLock<Box<dyn SpanIdentity>> = OnceLock::new();
+
+/// [`set_span_identity`] was already called in this process.
+#[derive(Debug, thiserror::Error)]
+#[error("a span identity is already installed in this process")]
+pub struct IdentityAlreadySet;
+
+/// Installs the process's [`SpanIdentity`]; spans opened from now on take their ids from it.
+///
+/// # Errors
+/// [`IdentityAlreadySet`] when one was installed before (the first stays).
+pub fn set_span_identity(identity: impl SpanIdentity) -> Result<(), IdentityAlreadySet> {
+    IDENTITY.set(Box::new(identity)).map_err(|_| IdentityAlreadySet)
+}
+
+/// Gives `span` (just opened, with the fields `trace_id`, `span_id` and `parent_span_id` declared empty) its
+/// span context as a child of `parent` (or a new trace): from the installed [`SpanIdentity`] if it knows the
+/// span, else new ids. Records the three fields and returns the context, which is what an event enqueued under
+/// this span carries as its `traceparent`.
+pub fn open(span: &tracing::Span, parent: Option<SpanContext>) -> SpanContext {
+    let adopted = if span.is_disabled() { None } else { IDENTITY.get().and_then(|i| i.adopt(span, parent)) };
+    let context = adopted.unwrap_or_else(|| parent.map_or_else(SpanContext::root, |p| p.child()));
+    if !span.is_disabled() {
+        span.record("trace_id", tracing::field::display(context.trace_id_hex()));
+        span.record("span_id", tracing::field::display(context.span_id_hex()));
+        if let Some(parent) = parent {
+            span.record("parent_span_id", tracing::field::display(parent.span_id_hex()));
+        }
+    }
+    context
 }
 
 tokio::task_local! {

@@ -21,7 +21,7 @@ use crate::envelope::Envelope;
 use crate::handler::{DeliveryContext, EnvelopeHandler, HandlerError};
 use crate::name::{EventTypeName, GroupName};
 use crate::retry::RetryPolicy;
-use crate::trace::{SpanContext, TraceContext, current, scope};
+use crate::trace::{self, TraceContext, current, scope};
 
 pub use crate::confirmation::Countdown;
 pub use crate::counters::DeliveryCounters;
@@ -145,41 +145,53 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
 /// has one, else the current one, else a new trace). Returns the trace context to store with the event.
 pub fn producer_span(parent: &TraceContext, event_type: &str, event_id: uuid::Uuid) -> TraceContext {
     let parent = parent.span().or_else(current);
-    let span = match parent {
-        Some(parent) => parent.child(),
-        None => SpanContext::root(),
-    };
     // Field values are only computed when a subscriber wants the span.
-    let _span = tracing::info_span!(
+    let span = tracing::info_span!(
         "publish",
         otel.kind = "producer",
-        trace_id = %span.trace_id_hex(),
-        span_id = %span.span_id_hex(),
-        parent_span_id = parent.map(|p| p.span_id_hex()).as_deref(),
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+        parent_span_id = tracing::field::Empty,
         event_type,
         %event_id,
-    )
-    .entered();
+    );
+    let context = trace::open(&span, parent);
+    let _entered = span.entered();
     tracing::trace!("event enqueued");
-    TraceContext::of_span(&span)
+    TraceContext::of_span(&context)
+}
+
+/// The relay's send span of `envelope` (kind producer, a child of the event's producer span): the relay keeps
+/// it open from the publish until the broker's confirmation.
+pub fn send_span(envelope: &Envelope) -> tracing::Span {
+    let span = tracing::info_span!(
+        "send",
+        otel.kind = "producer",
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+        parent_span_id = tracing::field::Empty,
+        event_type = envelope.event_type().as_str(),
+        event_id = %envelope.id(),
+    );
+    trace::open(&span, envelope.trace().span());
+    span
 }
 
 /// Runs a handler's `future` inside the consumer span of `envelope` (a child of its `traceparent`, or a new trace),
 /// which is also the current context while it runs.
 pub async fn consumer_span<F: Future>(envelope: &Envelope, group: &str, future: F) -> F::Output {
-    let parent = envelope.trace().span();
-    let span = parent.map_or_else(SpanContext::root, |p| p.child());
     let tracing_span = tracing::info_span!(
         "consume",
         otel.kind = "consumer",
-        trace_id = %span.trace_id_hex(),
-        span_id = %span.span_id_hex(),
-        parent_span_id = parent.map(|p| p.span_id_hex()).as_deref(),
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+        parent_span_id = tracing::field::Empty,
         event_type = envelope.event_type().as_str(),
         event_id = %envelope.id(),
         group,
     );
-    scope(span, future.instrument(tracing_span)).await
+    let context = trace::open(&tracing_span, envelope.trace().span());
+    scope(context, future.instrument(tracing_span)).await
 }
 
 #[cfg(test)]

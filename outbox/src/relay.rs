@@ -62,6 +62,7 @@ use futures::stream::FuturesUnordered;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use self::claim::{ClaimFuture, spawn_claim};
@@ -467,7 +468,9 @@ impl<DB: Backend> Relay<DB> {
                 confirms.push(Box::pin(async move { (meta, Verdict::Transport { error, healthy: false }) }));
                 continue;
             }
-            let confirmation = match tokio::time::timeout_at(deadline, self.bus.publish(envelope)).await {
+            let span = bus_core::transport::send_span(&envelope);
+            let publish = self.bus.publish(envelope).instrument(span.clone());
+            let confirmation = match tokio::time::timeout_at(deadline, publish).await {
                 Ok(Ok(confirmation)) => confirmation,
                 Ok(Err(error)) => {
                     stopped = Some(BusError::ConfirmationLost(error.to_string()));
@@ -481,14 +484,17 @@ impl<DB: Backend> Relay<DB> {
                 }
             };
             let bus = self.bus.clone();
-            confirms.push(Box::pin(async move {
-                let result = tokio::time::timeout(timeout, confirmation).await.unwrap_or_else(|_| {
-                    Err(BusError::ConfirmationLost(format!(
-                        "no confirmation within relay.confirm_timeout ({timeout:?})"
-                    )))
-                });
-                (meta, pipeline::verdict(bus.as_ref(), result).await)
-            }));
+            confirms.push(Box::pin(
+                async move {
+                    let result = tokio::time::timeout(timeout, confirmation).await.unwrap_or_else(|_| {
+                        Err(BusError::ConfirmationLost(format!(
+                            "no confirmation within relay.confirm_timeout ({timeout:?})"
+                        )))
+                    });
+                    (meta, pipeline::verdict(bus.as_ref(), result).await)
+                }
+                .instrument(span),
+            ));
         }
     }
 

@@ -277,19 +277,19 @@ async fn render_metrics(State(probe): State<Arc<dyn Probe>>) -> Response {
 /// current trace context while it runs: the events it enqueues are its children, so one trace follows the request
 /// through the outbox, the broker and the consumers. The response carries the span's `traceparent`.
 async fn trace_request(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    use bus_core::trace::{SpanContext, scope};
+    use bus_core::trace::{SpanContext, open, scope};
     use tracing::Instrument;
     let parent = request.headers().get("traceparent").and_then(|v| v.to_str().ok()).and_then(SpanContext::parse);
-    let context = parent.map_or_else(SpanContext::root, |p| p.child());
     let span = tracing::info_span!(
         "http_request",
         otel.kind = "server",
         method = %request.method(),
         path = %request.uri().path(),
-        trace_id = %context.trace_id_hex(),
-        span_id = %context.span_id_hex(),
-        parent_span_id = parent.map(|p| p.span_id_hex()).as_deref(),
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+        parent_span_id = tracing::field::Empty,
     );
+    let context = open(&span, parent);
     let mut response = scope(context, next.run(request)).instrument(span).await;
     if let Ok(value) = header::HeaderValue::from_str(&context.traceparent()) {
         response.headers_mut().insert("traceparent", value);

@@ -25,6 +25,7 @@ pub mod events;
 pub mod faults;
 pub mod host;
 pub mod ordering;
+pub mod telemetry;
 
 use std::sync::Arc;
 
@@ -90,7 +91,7 @@ impl Service {
     }
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`); no span export (see [`telemetry::init`] for that).
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -119,11 +120,21 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// The `main` of a service binary: logs to stderr, [`run_from_env`], and exit status 1 with a one-line reason
-/// on failure.
+/// The `main` of a service binary: logs to stderr and spans over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set
+/// ([`telemetry`]), [`run_from_env`], and exit status 1 with a one-line reason on failure.
 pub async fn service_main(service: Service) -> std::process::ExitCode {
-    init_tracing();
-    match run_from_env(service).await {
+    let name = std::env::var("SERVICE_NAME").unwrap_or_else(|_| service.default_name().to_owned());
+    let telemetry = match telemetry::init(&name) {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            eprintln!("{}: {error}", service.default_name());
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let outcome = run_from_env(service).await;
+    // The exporter's flush blocks: off the runtime's workers.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("{}: {error}", service.default_name());

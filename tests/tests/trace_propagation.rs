@@ -32,11 +32,25 @@ impl Visit for Fields<'_> {
     }
 }
 
+/// Where a span's fields are in the record (its index), kept in the span's extensions.
+struct Slot(usize);
+
 impl<S: tracing::Subscriber + for<'a> LookupSpan<'a>> tracing_subscriber::Layer<S> for Recorder {
-    fn on_new_span(&self, attrs: &tracing::span::Attributes<'_>, _id: &tracing::span::Id, _ctx: Context<'_, S>) {
+    fn on_new_span(&self, attrs: &tracing::span::Attributes<'_>, id: &tracing::span::Id, ctx: Context<'_, S>) {
         let mut fields = HashMap::new();
         attrs.record(&mut Fields(&mut fields));
-        self.0.lock().unwrap().push((attrs.metadata().name().to_owned(), fields));
+        let mut recorded = self.0.lock().unwrap();
+        recorded.push((attrs.metadata().name().to_owned(), fields));
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(Slot(recorded.len() - 1));
+        }
+    }
+
+    /// The framework records the ids once it has them (after the span is opened).
+    fn on_record(&self, id: &tracing::span::Id, values: &tracing::span::Record<'_>, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(id) else { return };
+        let Some(Slot(slot)) = span.extensions().get::<Slot>().map(|s| Slot(s.0)) else { return };
+        values.record(&mut Fields(&mut self.0.lock().unwrap()[slot].1));
     }
 }
 
@@ -129,6 +143,9 @@ async fn one_trace_through(bus: Arc<dyn EventBus>, groups: (&str, &str)) {
     let consume_b = span(&recorded, "consume", "TraceStockReserved", &trace_id);
     assert_eq!(publish_a["parent_span_id"], root.span_id_hex(), "the producer span is a child of the request");
     assert_eq!(consume_a["parent_span_id"], publish_a["span_id"], "the consumer span's parent is the producer's");
+    let send_a = span(&recorded, "send", "TraceOrderPlaced", &trace_id);
+    assert_eq!(send_a["parent_span_id"], publish_a["span_id"], "the relay's send span is the producer's child");
+    assert_eq!(send_a["event_id"], publish_a["event_id"]);
     assert_eq!(publish_b["parent_span_id"], consume_a["span_id"], "events a handler publishes are its children");
     assert_eq!(consume_b["parent_span_id"], publish_b["span_id"]);
     assert_eq!((publish_a["otel.kind"].as_str(), consume_a["otel.kind"].as_str()), ("producer", "consumer"));

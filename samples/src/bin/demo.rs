@@ -43,7 +43,15 @@ async fn main() -> anyhow::Result<()> {
         // SAFETY: set before any other thread reads the environment (the runtime's workers do not).
         unsafe { std::env::set_var("RUST_LOG", "warn,sqlx::query=error") };
     }
-    samples::init_tracing();
+    // Spans over OTLP too when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    let telemetry = samples::telemetry::init("demo")?;
+    let outcome = run(args).await;
+    // The exporter's flush blocks: off the runtime's workers.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    outcome
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let config = DemoConfig {
         data_dir: args.data_dir,
         catalog_addr: args.catalog_addr,

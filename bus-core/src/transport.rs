@@ -18,6 +18,7 @@ use futures::FutureExt;
 use tracing::Instrument;
 
 use crate::envelope::Envelope;
+use crate::error::BusError;
 use crate::handler::{DeliveryContext, EnvelopeHandler, HandlerError};
 use crate::name::{EventTypeName, GroupName};
 use crate::retry::RetryPolicy;
@@ -162,19 +163,31 @@ pub fn producer_span(parent: &TraceContext, event_type: &str, event_id: uuid::Uu
 }
 
 /// The relay's send span of `envelope` (kind producer, a child of the event's producer span): the relay keeps
-/// it open from the publish until the broker's confirmation.
+/// it open from the publish until the bus's confirmation, and records its outcome with [`send_outcome`].
 pub fn send_span(envelope: &Envelope) -> tracing::Span {
     let span = tracing::info_span!(
         "send",
         otel.kind = "producer",
+        otel.status_code = tracing::field::Empty,
+        error = tracing::field::Empty,
         trace_id = tracing::field::Empty,
         span_id = tracing::field::Empty,
         parent_span_id = tracing::field::Empty,
         event_type = envelope.event_type().as_str(),
         event_id = %envelope.id(),
     );
-    trace::open(&span, envelope.trace().span());
+    if !span.is_disabled() {
+        trace::open(&span, envelope.trace().span());
+    }
     span
+}
+
+/// Records on a [`send_span`] that the publish failed (status `error`, and why); nothing on success.
+pub fn send_outcome(span: &tracing::Span, result: &Result<(), BusError>) {
+    if let Err(error) = result {
+        span.record("otel.status_code", "error");
+        span.record("error", tracing::field::display(error));
+    }
 }
 
 /// Runs a handler's `future` inside the consumer span of `envelope` (a child of its `traceparent`, or a new trace),

@@ -478,23 +478,25 @@ impl<DB: Backend> Relay<DB> {
                 }
                 Err(_) => {
                     let error = BusError::ConfirmationLost(format!("publishing took longer than {budget:?}"));
+                    bus_core::transport::send_outcome(&span, &Err(BusError::ConfirmationLost(error.to_string())));
                     stopped = Some(BusError::ConfirmationLost(error.to_string()));
                     confirms.push(Box::pin(async move { (meta, Verdict::Transport { error, healthy: false }) }));
                     continue;
                 }
             };
             let bus = self.bus.clone();
-            confirms.push(Box::pin(
-                async move {
-                    let result = tokio::time::timeout(timeout, confirmation).await.unwrap_or_else(|_| {
+            confirms.push(Box::pin(async move {
+                let result =
+                    tokio::time::timeout(timeout, confirmation).instrument(span.clone()).await.unwrap_or_else(|_| {
                         Err(BusError::ConfirmationLost(format!(
                             "no confirmation within relay.confirm_timeout ({timeout:?})"
                         )))
                     });
-                    (meta, pipeline::verdict(bus.as_ref(), result).await)
-                }
-                .instrument(span),
-            ));
+                // The send span ends with the confirmation (or its absence), before the verdict is made.
+                bus_core::transport::send_outcome(&span, &result);
+                drop(span);
+                (meta, pipeline::verdict(bus.as_ref(), result).await)
+            }));
         }
     }
 

@@ -145,7 +145,8 @@ impl<DB: Backend> ServiceHost<DB> {
             Some(faults) => operations.route("/faults", get(move || async move { faults.counts().to_string() })),
             None => operations,
         };
-        let router = api.merge(operations).layer(axum::middleware::from_fn(trace_request));
+        // Only the API is traced: health probes and scrapes would each be a trace of their own.
+        let router = api.layer(axum::middleware::from_fn(trace_request)).merge(operations);
         Ok(RunningService { name: self.name, probe, router, subscription, relay, stop, cleanup })
     }
 }

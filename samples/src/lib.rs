@@ -91,13 +91,6 @@ impl Service {
     }
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`); no span export (see [`telemetry::init`] for that).
-pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
-}
-
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -132,8 +125,7 @@ pub async fn service_main(service: Service) -> std::process::ExitCode {
         }
     };
     let outcome = run_from_env(service).await;
-    // The exporter's flush blocks: off the runtime's workers.
-    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    telemetry.shutdown().await;
     match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {

@@ -23,8 +23,10 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::ConfigError;
 
-/// The variable that turns the OTLP export on.
+/// The variable that turns the OTLP export on (the base URL; traces go to `<it>/v1/traces`).
 pub const OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+/// The traces-only endpoint (the full URL), which also turns the export on and wins over [`OTLP_ENDPOINT`].
+pub const OTLP_TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
 
 /// What [`init`] set up; [`Telemetry::shutdown`] flushes the spans not exported yet.
 #[must_use = "call shutdown() before exiting, or the last spans are lost"]
@@ -33,38 +35,39 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// Whether spans are exported over OTLP.
-    pub fn exporting(&self) -> bool {
-        self.provider.is_some()
-    }
-
-    /// Exports what is still buffered and stops the exporter (at most a few seconds).
-    pub fn shutdown(self) {
-        if let Some(provider) = self.provider
-            && let Err(error) = provider.shutdown()
-        {
+    /// Exports what is still buffered and stops the exporter (at most a few seconds; the blocking flush runs off
+    /// the runtime's workers).
+    pub async fn shutdown(self) {
+        let Some(provider) = self.provider else { return };
+        let flushed = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+        if let Ok(Err(error)) = flushed {
             tracing::warn!(%error, "the last spans could not be exported");
         }
     }
 }
 
-/// Sets up logging to stderr and, with [`OTLP_ENDPOINT`] set, the OTLP export of spans as service
+/// Sets up logging to stderr and, with [`OTLP_ENDPOINT`] (or [`OTLP_TRACES_ENDPOINT`]) set, the OTLP export of spans as service
 /// `service_name` (unless `OTEL_SERVICE_NAME` says otherwise). Call it once, first thing in `main`.
 ///
 /// # Errors
-/// The endpoint is not a plain `http://` URL without credentials, or the exporter cannot be built: the error
-/// names the variable (never its value, which may carry a token).
+/// An endpoint is not a plain `http://` URL with a host and without credentials, or the exporter cannot be
+/// built: the error names the variable (never its value, which may carry a token).
 pub fn init(service_name: &str) -> Result<Telemetry, ConfigError> {
-    let endpoint = std::env::var(OTLP_ENDPOINT).ok().filter(|v| !v.trim().is_empty());
-    let Some(endpoint) = endpoint else {
+    let mut configured = false;
+    for variable in [OTLP_ENDPOINT, OTLP_TRACES_ENDPOINT] {
+        if let Some(endpoint) = std::env::var(variable).ok().filter(|v| !v.is_empty()) {
+            check_endpoint(variable, &endpoint)?;
+            configured = true;
+        }
+    }
+    if !configured {
         let _ = tracing_subscriber::registry().with(log_layer()).try_init();
         return Ok(Telemetry { provider: None });
-    };
-    check_endpoint(&endpoint)?;
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .build()
-        .map_err(|error| ConfigError::new(OTLP_ENDPOINT, format!("no OTLP exporter: {error}")))?;
+    }
+    // The exporter reads the endpoint from the variables just checked. Its error would quote the value: not shown.
+    let exporter = opentelemetry_otlp::SpanExporter::builder().with_http().build().map_err(|_| {
+        ConfigError::new(OTLP_ENDPOINT, "the OTLP exporter refused the endpoint or OTEL_EXPORTER_OTLP_* settings")
+    })?;
     let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| service_name.to_owned());
     let provider = SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
@@ -80,11 +83,11 @@ pub fn init(service_name: &str) -> Result<Telemetry, ConfigError> {
 /// Does nothing if a subscriber is already installed.
 pub fn install(provider: &SdkTracerProvider) {
     let tracer = provider.tracer("integration-events");
-    // Spans are exported from level INFO whatever RUST_LOG says of the logs.
-    let otel = tracing_opentelemetry::layer()
-        .with_tracer(tracer)
-        .with_location(false)
-        .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
+    // Spans only, from level INFO, whatever RUST_LOG says of the logs. Log events stay in the logs: they may
+    // carry business data (a buyer's name), which a trace backend has no business keeping.
+    let otel = tracing_opentelemetry::layer().with_tracer(tracer).with_location(false).with_filter(
+        tracing_subscriber::filter::filter_fn(|meta| meta.is_span() && *meta.level() <= tracing::Level::INFO),
+    );
     if tracing_subscriber::registry().with(log_layer()).with(otel).try_init().is_ok() {
         let _ = bus_core::trace::set_span_identity(OpenTelemetryIdentity);
     }
@@ -100,24 +103,29 @@ where
     tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter)
 }
 
-/// Plain `http://` only (the services carry no TLS stack for telemetry), and no credentials in the URL (they
-/// belong in `OTEL_EXPORTER_OTLP_HEADERS`).
-fn check_endpoint(endpoint: &str) -> Result<(), ConfigError> {
-    let Some(rest) = endpoint.trim().strip_prefix("http://") else {
+/// Plain `http://` only (the services carry no TLS stack for telemetry), a host, and no credentials in the URL
+/// (they belong in `OTEL_EXPORTER_OTLP_HEADERS`); checked as the exporter will read it.
+fn check_endpoint(variable: &'static str, endpoint: &str) -> Result<(), ConfigError> {
+    let uri: axum::http::Uri =
+        endpoint.parse().map_err(|_| ConfigError::new(variable, "is not a URL (e.g. http://127.0.0.1:4318)"))?;
+    if uri.scheme_str() != Some("http") {
         return Err(ConfigError::new(
-            OTLP_ENDPOINT,
+            variable,
             "must be a plain http:// URL (OTLP over HTTP/protobuf, e.g. http://127.0.0.1:4318); put a TLS-terminating collector in between for https",
         ));
-    };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    if authority.is_empty() {
-        return Err(ConfigError::new(OTLP_ENDPOINT, "has no host"));
     }
-    if authority.contains('@') {
-        return Err(ConfigError::new(
-            OTLP_ENDPOINT,
-            "must not carry credentials (pass them in OTEL_EXPORTER_OTLP_HEADERS)",
-        ));
+    let Some(authority) = uri.authority() else {
+        return Err(ConfigError::new(variable, "has no host"));
+    };
+    if authority.as_str().contains('@') || endpoint.contains('@') {
+        return Err(ConfigError::new(variable, "must not carry credentials (pass them in OTEL_EXPORTER_OTLP_HEADERS)"));
+    }
+    if authority.host().is_empty() {
+        return Err(ConfigError::new(variable, "has no host"));
+    }
+    let has_port = authority.as_str().strip_prefix(authority.host()).is_some_and(|rest| rest.starts_with(':'));
+    if has_port && authority.port_u16().is_none() {
+        return Err(ConfigError::new(variable, "is not a URL: the port is not a number from 0 to 65535"));
     }
     Ok(())
 }
@@ -157,15 +165,19 @@ mod tests {
 
     #[test]
     fn the_endpoint_must_be_plain_http_without_credentials() {
-        assert!(check_endpoint("http://127.0.0.1:4318").is_ok());
-        assert!(check_endpoint("http://collector:4318/base").is_ok());
+        assert!(check_endpoint(OTLP_ENDPOINT, "http://127.0.0.1:4318").is_ok());
+        assert!(check_endpoint(OTLP_TRACES_ENDPOINT, "http://collector:4318/v1/traces").is_ok());
         for (bad, says) in [
             ("https://collector:4318", "plain http://"),
             ("collector:4318", "plain http://"),
-            ("http://", "no host"),
+            ("http://", "not a URL"),
+            (" http://collector:4318", "not a URL"),
             ("http://user:secret@collector:4318", "credentials"),
+            ("http://user:pa/secret@collector:4318", "credentials"),
+            ("http://collector:99999999/secret", "port"),
         ] {
-            let error = check_endpoint(bad).unwrap_err().to_string();
+            let Err(error) = check_endpoint(OTLP_ENDPOINT, bad) else { panic!("{bad:?} accepted") };
+            let error = error.to_string();
             assert!(error.contains(OTLP_ENDPOINT) && error.contains(says), "{bad}: {error}");
             assert!(!error.contains("secret"), "the value is never echoed: {error}");
         }

@@ -1,5 +1,5 @@
 //! The service binaries with `OTEL_EXPORTER_OTLP_ENDPOINT` set: their spans reach an OTLP/HTTP receiver (here a
-//! small one in the test) as protobuf, the last ones flushed when the service stops on SIGTERM; a bad endpoint
+//! small one in the test) as protobuf, flushed when the service stops on SIGTERM; a bad endpoint
 //! stops the service at start-up with a message naming the variable, never its value.
 
 use std::sync::{Arc, Mutex};
@@ -51,6 +51,8 @@ async fn a_service_exports_its_spans_over_otlp_and_flushes_them_when_it_stops() 
         ("BUS_EXCHANGE".to_owned(), exchange.clone()),
         ("HTTP_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
         ("OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(), endpoint),
+        // No export on the batch timer: only the flush at the stop can deliver.
+        ("OTEL_BSP_SCHEDULE_DELAY".to_owned(), "3600000".to_owned()),
     ];
     let mut catalog = ServiceProcess::spawn(std::path::Path::new(env!("CARGO_BIN_EXE_catalog")), &[], &env).await;
     let http = reqwest::Client::new();
@@ -61,6 +63,15 @@ async fn a_service_exports_its_spans_over_otlp_and_flushes_them_when_it_stops() 
         .await
         .unwrap();
     assert_eq!(created.status(), 201, "{:?}", created.text().await);
+    // No consumer group takes ProductCreated here: the relay's publish is refused as unroutable, which its send
+    // span records as an error.
+    let metrics = format!("{}/metrics", catalog.url);
+    wait_until("the relay tried to publish", Duration::from_secs(20), || async {
+        let text = http.get(&metrics).send().await.unwrap().text().await.unwrap();
+        samples::client::metric_value(&text, "bus_publish_failures_total").unwrap_or_default() >= 1.0
+    })
+    .await;
+    assert!(received.lock().unwrap().is_empty(), "nothing exported before the stop (batch timer off)");
     assert!(catalog.terminate(Duration::from_secs(20)).await, "the service stops on SIGTERM");
     wait_until("the spans reached the receiver", Duration::from_secs(10), || async {
         received.lock().unwrap().iter().any(|(_, body)| contains(body, b"http_request"))
@@ -72,7 +83,7 @@ async fn a_service_exports_its_spans_over_otlp_and_flushes_them_when_it_stops() 
         assert_eq!(content_type, "application/x-protobuf", "OTLP over HTTP/protobuf");
     }
     let all: Vec<u8> = received.iter().flat_map(|(_, body)| body.to_vec()).collect();
-    for expected in [&b"http_request"[..], b"publish", b"send", b"ProductCreated", name.as_bytes()] {
+    for expected in [&b"http_request"[..], b"publish", b"send", b"ProductCreated", b"unroutable", name.as_bytes()] {
         assert!(contains(&all, expected), "exported: {}", String::from_utf8_lossy(expected));
     }
 }

@@ -46,8 +46,7 @@ async fn main() -> anyhow::Result<()> {
     // Spans over OTLP too when OTEL_EXPORTER_OTLP_ENDPOINT is set.
     let telemetry = samples::telemetry::init("demo")?;
     let outcome = run(args).await;
-    // The exporter's flush blocks: off the runtime's workers.
-    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    telemetry.shutdown().await;
     outcome
 }
 

@@ -873,3 +873,33 @@ async fn rows_whose_mark_was_lost_are_published_again<DB: TestDb>() {
     relay.shutdown().await;
     bus.shutdown(Duration::from_secs(5)).await;
 }
+
+/// A backlog that built up faster than PostgreSQL's statistics (a broker outage, a bulk import: the table's
+/// figures still say it is nearly empty) is claimed head first: the claim reads the rows it takes, not the whole
+/// backlog. (With the planner's own choice on such stale figures, a claim on 100,000 pending rows of 100 keys
+/// walked every row and each of its key's earlier rows: 40 s per claim here, the relay stalled.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_backlog_larger_than_the_tables_statistics_know_is_claimed_at_once() {
+    let fixture = sqlx::Postgres::fixture().await;
+    let outbox = outbox(&fixture).await;
+    enqueue(&outbox, numbered("k", 0..1)).await;
+    let table = fixture.table("outbox");
+    // 100,000 copies of that event over 100 keys, in one statement: no autovacuum has looked at them yet.
+    sqlx::query(&format!(
+        "INSERT INTO {table} (event_id, event_type, version, occurred_at, correlation_id, partition_key, source, \
+         payload) SELECT gen_random_uuid(), event_type, version, occurred_at, correlation_id, 'k' || (g % 100), \
+         source, payload FROM {table}, generate_series(1, 100000) g"
+    ))
+    .execute(&fixture.pool)
+    .await
+    .unwrap();
+    let bus = InProcBus::new();
+    let _received = Received::subscribe(&bus).await;
+    let relay = outbox.relay(Arc::new(bus.clone()), fast_relay()).unwrap().spawn();
+    wait_until("the first batch of the backlog is published", Duration::from_secs(10), || async {
+        relay.stats().published > 0
+    })
+    .await;
+    relay.shutdown().await;
+    bus.shutdown(Duration::from_secs(5)).await;
+}

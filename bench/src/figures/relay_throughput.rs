@@ -114,14 +114,14 @@ pub async fn run(quick: bool) -> anyhow::Result<Vec<Figure>> {
     let sink = Sink::new().await?;
     let (ours, raw) = three_runs("relay_throughput", &outbox, &scratch, &sink, count).await?;
     let steady = median(ours);
-    let mut figures = vec![Figure::ratio("relay_throughput", "events/s", steady, median(raw), 0.7)];
+    let mut figures = vec![Figure::ratio("relay_throughput", "events/s", steady, median(raw), 0.85)];
 
     let big = if quick { 20_000 } else { 100_000 };
     eprintln!("backlog_drain: filling a backlog of {big} events");
     backlog(&outbox, big).await?;
     let drained = drain(&outbox, &sink, big).await?;
     eprintln!("backlog_drain: {drained:.0} events/s over {big} pending vs steady {steady:.0} events/s");
-    figures.push(Figure::ratio("backlog_drain", "events/s", drained, steady, 0.8));
+    figures.push(Figure::ratio("backlog_drain", "events/s", drained, steady, 0.9));
     sink.purge().await?;
     sink.delete().await?;
     scratch.drop_schema().await?;

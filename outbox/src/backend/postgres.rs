@@ -210,6 +210,13 @@ impl Backend for Postgres {
         max_bytes: usize,
         lease: Duration,
     ) -> Result<Vec<OutboxRow>, OutboxError> {
+        // The claim must walk the pending rows in `seq` order and stop at its batch: on a table whose statistics
+        // lag behind a fast-growing backlog, the planner would rather read every pending row, and check each
+        // one's earlier rows of its key, before sorting (quadratic: 40 s for 100,000 rows of 100 keys). Only
+        // index scans, for this statement's transaction.
+        let mut tx = pool.begin().await?;
+        let conn: &mut PgConnection = &mut tx;
+        conn.execute("SET LOCAL enable_bitmapscan = off; SET LOCAL enable_seqscan = off").await?;
         let rows = sqlx::query(&sql.claim)
             .bind(i64::try_from(batch).unwrap_or(i64::MAX))
             .bind(owner.relay)
@@ -218,8 +225,9 @@ impl Backend for Postgres {
             .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
             .bind(owner.namespace)
             .bind(held)
-            .fetch_all(pool)
+            .fetch_all(&mut *conn)
             .await?;
+        tx.commit().await?;
         let mut rows = rows.iter().map(row).collect::<Result<Vec<_>, _>>()?;
         rows.sort_unstable_by_key(|r| r.seq);
         Ok(rows)

@@ -11,6 +11,7 @@ mod broker;
 mod cluster;
 mod database;
 mod figures;
+mod hops;
 mod payload;
 mod report;
 
@@ -46,7 +47,14 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    {
+        use tracing_subscriber::Layer as _;
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter);
+        let hops = hops::enabled().then(hops::layer);
+        tracing_subscriber::registry().with(logs).with(hops).init();
+    }
     let raw: Vec<String> = std::env::args().collect();
     if raw.get(1).map(String::as_str) == Some(figures::relay_rss::CHILD) {
         let [_, _, schema, exchange, count] = raw.as_slice() else {

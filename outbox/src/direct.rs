@@ -136,6 +136,10 @@ pub(crate) struct Dispatch {
     /// Rows leased to `target` as the given owner, in outbox order.
     pub(crate) leased: Vec<OutboxRow>,
     pub(crate) target: Option<(Arc<DirectTarget>, Owner)>,
+    /// A statement the outbox did not make itself ran on the transaction after a row was leased, or one of its
+    /// own failed: it may have aborted the transaction or rolled back a savepoint holding leased rows, so they
+    /// are checked before the commit. Otherwise they are known to be there (no round trip spent).
+    pub(crate) unverified: bool,
 }
 
 impl Dispatch {
@@ -151,6 +155,14 @@ impl Dispatch {
         self.unleased += self.leased.len();
         self.leased.clear();
         self.target = None;
+    }
+
+    /// The caller reached the transaction's connection (or an outbox statement failed): if rows are leased
+    /// already, they must be checked before the commit.
+    pub(crate) fn touched(&mut self) {
+        if !self.leased.is_empty() {
+            self.unverified = true;
+        }
     }
 
     /// The sequence numbers of the leased rows.

@@ -212,6 +212,10 @@ impl<DB: Backend> std::ops::Deref for InboxTransaction<DB> {
 
 impl<DB: Backend> std::ops::DerefMut for InboxTransaction<DB> {
     fn deref_mut(&mut self) -> &mut DB::Connection {
+        // What the handler runs now may abort the transaction or roll back a savepoint holding leased rows.
+        if let Some(dispatch) = &mut self.dispatch {
+            dispatch.touched();
+        }
         self.tx.as_deref_mut().expect("the transaction is held until drop")
     }
 }

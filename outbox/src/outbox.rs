@@ -207,10 +207,18 @@ impl<DB: Backend> Outbox<DB> {
             (None, None) => self.inner.direct.current(),
         }
         .filter(|(target, _)| dispatch.may_lease(target.per_transaction()));
-        if let Some((target, owner)) = target
-            && let Some((seq, leased)) =
-                DB::insert_outbox_leased(conn, &self.inner.sql, &envelope, &owner, target.lease()).await?
-        {
+        // A failed statement aborts the transaction (PostgreSQL): rows leased before it will not commit.
+        let failed = |dispatch: &mut Dispatch, error| {
+            dispatch.touched();
+            error
+        };
+        let leased_insert = match &target {
+            Some((target, owner)) => DB::insert_outbox_leased(conn, &self.inner.sql, &envelope, owner, target.lease())
+                .await
+                .map_err(|e| failed(dispatch, e))?,
+            None => None,
+        };
+        if let (Some((target, owner)), Some((seq, leased))) = (target, leased_insert) {
             dispatch.enqueued += 1;
             if leased {
                 dispatch.leased.push(OutboxRow::leased(seq, envelope));
@@ -220,7 +228,9 @@ impl<DB: Backend> Outbox<DB> {
             }
             return Ok(id);
         }
-        DB::insert_outbox(conn, &self.inner.sql, std::slice::from_ref(&envelope), not_before, None).await?;
+        DB::insert_outbox(conn, &self.inner.sql, std::slice::from_ref(&envelope), not_before, None)
+            .await
+            .map_err(|e| failed(dispatch, e))?;
         dispatch.enqueued += 1;
         dispatch.unleased += 1;
         Ok(id)
@@ -230,10 +240,13 @@ impl<DB: Backend> Outbox<DB> {
     /// the relay that took them and wakes the relays for the rest.
     /// Just before the commit of a transaction that wrote through [`write`](Self::write): makes sure its leased
     /// rows are all still there, so that nothing is handed over for a transaction that aborted (PostgreSQL
-    /// turns its COMMIT into a rollback without an error) or a savepoint that was rolled back.
+    /// turns its COMMIT into a rollback without an error) or a savepoint that was rolled back. Only when
+    /// something could have done that: the caller used the connection after the first lease, or an outbox
+    /// statement failed; otherwise no query is spent.
     pub(crate) async fn check_leased(&self, conn: &mut DB::Connection, dispatch: &mut Dispatch) {
         let Some((_, owner)) = &dispatch.target else { return };
-        if dispatch.leased.is_empty() {
+        // Only the outbox's own statements ran since the first lease, and all succeeded: the rows are there.
+        if dispatch.leased.is_empty() || !dispatch.unverified {
             return;
         }
         let seqs = dispatch.leased_seqs();
@@ -430,6 +443,8 @@ impl<DB: Backend> std::ops::Deref for OutboxTransaction<DB> {
 
 impl<DB: Backend> std::ops::DerefMut for OutboxTransaction<DB> {
     fn deref_mut(&mut self) -> &mut DB::Connection {
+        // What the caller runs now may abort the transaction or roll back a savepoint holding leased rows.
+        self.dispatch.touched();
         &mut self.tx
     }
 }

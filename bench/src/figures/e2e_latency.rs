@@ -159,21 +159,34 @@ async fn framework(scratch: &Scratch, rate: u64, total: u64) -> anyhow::Result<(
     let event_type = EventTypeName::new(EVENT_TYPE)?;
     // Let the relay take its liveness proof (and offer itself for direct dispatch) before the clock runs.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // The hop breakdown (BENCH_HOPS=1): when each commit began and when it returned.
+    let (began, committed): (Started, Started) = Default::default();
     let offered = offer(rate, total, |seq| {
         let (outbox, started, event_type) = (outbox.clone(), samples.started.clone(), event_type.clone());
+        let (began, committed) = (began.clone(), committed.clone());
         async move {
             let builder = Envelope::builder(event_type, payload(seq)).partition_key(Some(format!("k{}", seq % 100)));
             let mut tx = outbox.begin().await?;
             business_row(&mut tx, seq).await?;
             let id = tx.enqueue_with(builder).await?;
             // Before the commit: the relay may publish the event as soon as it commits.
-            started.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Instant::now());
+            let now = Instant::now();
+            started.lock().unwrap_or_else(|p| p.into_inner()).insert(id, now);
+            if crate::hops::enabled() {
+                began.lock().unwrap_or_else(|p| p.into_inner()).insert(id, now);
+            }
             tx.commit().await?;
+            if crate::hops::enabled() {
+                committed.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Instant::now());
+            }
             Ok(())
         }
     })
     .await?;
     let result = samples.summary(&format!("e2e_latency at {rate}/s"), total, offered).await;
+    if crate::hops::enabled() {
+        hop_breakdown(&began, &committed);
+    }
     eprintln!("  relay: {:?}", relay.stats());
     relay.shutdown().await;
     consumer.shutdown().await;
@@ -183,6 +196,45 @@ async fn framework(scratch: &Scratch, rate: u64, total: u64) -> anyhow::Result<(
     }
     sink.delete().await?;
     result
+}
+
+/// Prints where the time of the events went (`BENCH_HOPS=1`): the producer's commit, commit → the relay's send,
+/// send → the consumer's handler, send → the broker's confirmation (percentiles over every event seen at both
+/// ends of a hop).
+fn hop_breakdown(began: &Started, committed: &Started) {
+    let began = began.lock().unwrap_or_else(|p| p.into_inner());
+    let committed = committed.lock().unwrap_or_else(|p| p.into_inner());
+    let hops = crate::hops::take();
+    let (mut commit, mut handoff, mut to_consumer, mut confirm) = (vec![], vec![], vec![], vec![]);
+    for (id, hop) in &hops {
+        let (start, done) = (began.get(id), committed.get(id));
+        if let (Some(start), Some(done)) = (start, done) {
+            commit.push(*done - *start);
+            if let Some(sent) = hop.sent {
+                handoff.push(sent.saturating_duration_since(*done));
+            }
+        }
+        if let (Some(sent), Some(consumed)) = (hop.sent, hop.consumed) {
+            to_consumer.push(consumed.saturating_duration_since(sent));
+        }
+        if let (Some(sent), Some(confirmed)) = (hop.sent, hop.confirmed) {
+            confirm.push(confirmed.saturating_duration_since(sent));
+        }
+    }
+    for (name, mut values) in [
+        ("commit (producer's COMMIT)", commit),
+        ("commit done -> relay send", handoff),
+        ("relay send -> consumer handler", to_consumer),
+        ("relay send -> confirmation", confirm),
+    ] {
+        values.sort_unstable();
+        eprintln!(
+            "  hop {name:<32} p50 {:>6.2} ms  p99 {:>6.2} ms  ({} events)",
+            percentile(&values, 0.5),
+            percentile(&values, 0.99),
+            values.len()
+        );
+    }
 }
 
 /// The floor: the same transaction, then raw lapin publish + confirm, to a raw lapin consumer.

@@ -173,6 +173,8 @@ type Finished<DB> = (Transaction<'static, DB>, Dispatch);
 /// task) fails with a clear transient error as soon as it returns, and the transaction rolls back when that
 /// other owner drops it.
 pub struct InboxTransaction<DB: Backend> {
+    // Every way SQL reaches `tx` other than `Outbox::write` must call `touched()` on the dispatch first (as
+    // `deref_mut` does): the pre-commit check of leased rows is skipped when nothing else ran.
     tx: Option<Transaction<'static, DB>>,
     delivery: DeliveryContext,
     outbox: Outbox<DB>,

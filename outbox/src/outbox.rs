@@ -207,18 +207,19 @@ impl<DB: Backend> Outbox<DB> {
             (None, None) => self.inner.direct.current(),
         }
         .filter(|(target, _)| dispatch.may_lease(target.per_transaction()));
-        // A failed statement aborts the transaction (PostgreSQL): rows leased before it will not commit.
-        let failed = |dispatch: &mut Dispatch, error| {
-            dispatch.touched();
-            error
-        };
+        // A failed statement aborts the transaction (PostgreSQL): rows leased before it will not commit. The
+        // mark is set before the statement and lifted only once it succeeded, so that an enqueue cancelled half-way
+        // (its future dropped) also leaves the leased rows to be checked.
+        let verified_before = !dispatch.unverified;
+        dispatch.touched();
         let leased_insert = match &target {
-            Some((target, owner)) => DB::insert_outbox_leased(conn, &self.inner.sql, &envelope, owner, target.lease())
-                .await
-                .map_err(|e| failed(dispatch, e))?,
+            Some((target, owner)) => {
+                DB::insert_outbox_leased(conn, &self.inner.sql, &envelope, owner, target.lease()).await?
+            }
             None => None,
         };
         if let (Some((target, owner)), Some((seq, leased))) = (target, leased_insert) {
+            dispatch.unverified = !verified_before;
             dispatch.enqueued += 1;
             if leased {
                 dispatch.leased.push(OutboxRow::leased(seq, envelope));
@@ -228,16 +229,13 @@ impl<DB: Backend> Outbox<DB> {
             }
             return Ok(id);
         }
-        DB::insert_outbox(conn, &self.inner.sql, std::slice::from_ref(&envelope), not_before, None)
-            .await
-            .map_err(|e| failed(dispatch, e))?;
+        DB::insert_outbox(conn, &self.inner.sql, std::slice::from_ref(&envelope), not_before, None).await?;
+        dispatch.unverified = !verified_before;
         dispatch.enqueued += 1;
         dispatch.unleased += 1;
         Ok(id)
     }
 
-    /// After the commit of a transaction that wrote through [`write`](Self::write): hands its leased rows to
-    /// the relay that took them and wakes the relays for the rest.
     /// Just before the commit of a transaction that wrote through [`write`](Self::write): makes sure its leased
     /// rows are all still there, so that nothing is handed over for a transaction that aborted (PostgreSQL
     /// turns its COMMIT into a rollback without an error) or a savepoint that was rolled back. Only when
@@ -255,6 +253,8 @@ impl<DB: Backend> Outbox<DB> {
         }
     }
 
+    /// After the commit of a transaction that wrote through [`write`](Self::write): hands its leased rows to
+    /// the relay that took them and wakes the relays for the rest.
     pub(crate) fn after_commit(&self, dispatch: Dispatch) {
         if dispatch.after_commit() {
             self.committed();
@@ -371,6 +371,8 @@ impl<DB: Backend> CommitWake for OutboxWake<DB> {
 /// `sqlx::query(..).execute(&mut *tx)`. Dropped without [`commit`](Self::commit), it rolls back, events
 /// included.
 pub struct OutboxTransaction<DB: Backend> {
+    // Every way SQL reaches `tx` other than `Outbox::write` must call `dispatch.touched()` first (as `deref_mut`
+    // does): the pre-commit check of leased rows is skipped when nothing else ran.
     tx: Transaction<'static, DB>,
     outbox: Outbox<DB>,
     dispatch: Dispatch,

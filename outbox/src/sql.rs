@@ -594,7 +594,12 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         sql: |s, dialect| match dialect {
             // A claim's update (lease columns only, none indexed) stays on its page, so it writes no index entry,
             // if the page has room: new pages keep a fifth of their space for it.
-            Dialect::Postgres => format!("ALTER TABLE {} SET (fillfactor = 80)", s.outbox),
+            // (A lock that does not come within 10 s, an anti-wraparound vacuum say, fails the start-up with an
+            // error instead of holding every starting instance.)
+            Dialect::Postgres => format!(
+                "SET LOCAL lock_timeout = '10s'; ALTER TABLE {} SET (fillfactor = 80); SET LOCAL lock_timeout = DEFAULT",
+                s.outbox
+            ),
             // SQLite has no such setting: the migration is recorded and does nothing.
             Dialect::Sqlite => "SELECT 1".to_owned(),
         },

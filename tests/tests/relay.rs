@@ -838,6 +838,17 @@ async fn postgres_an_event_of_an_aborted_transaction_or_a_rolled_back_savepoint_
     tx.enqueue(&Numbered { key: "aborted".into(), seq: 0 }).await.unwrap();
     let _ = sqlx::query("SELECT 1 / 0").execute(&mut *tx).await;
     let _ = tx.commit().await;
+    // One of the outbox's own inserts fails (the caller ignores the error): the transaction is aborted, and the
+    // row leased before it must not be handed over either.
+    let table = fixture.table("outbox");
+    sqlx::query(&format!("ALTER TABLE {table} ADD CONSTRAINT no_poison CHECK (partition_key <> 'poison')"))
+        .execute(&fixture.pool)
+        .await
+        .unwrap();
+    let mut tx = outbox.begin().await.unwrap();
+    tx.enqueue(&Numbered { key: "before-failure".into(), seq: 0 }).await.unwrap();
+    assert!(tx.enqueue(&Numbered { key: "poison".into(), seq: 0 }).await.is_err(), "the CHECK refuses it");
+    let _ = tx.commit().await;
     // A savepoint rolled back takes its event with it; the one after it stays.
     let mut tx = outbox.begin().await.unwrap();
     sqlx::query("SAVEPOINT s").execute(&mut *tx).await.unwrap();
@@ -849,6 +860,10 @@ async fn postgres_an_event_of_an_aborted_transaction_or_a_rolled_back_savepoint_
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(received.of("aborted").is_empty(), "an event of a rolled-back transaction was published");
     assert!(received.of("undone").is_empty(), "an event of a rolled-back savepoint was published");
+    assert!(
+        received.of("before-failure").is_empty(),
+        "an event of a transaction aborted by a failed enqueue was published"
+    );
     relay.shutdown().await;
     bus.shutdown(Duration::from_secs(5)).await;
 }
@@ -884,6 +899,8 @@ async fn postgres_a_backlog_larger_than_the_tables_statistics_know_is_claimed_at
     let outbox = outbox(&fixture).await;
     enqueue(&outbox, numbered("k", 0..1)).await;
     let table = fixture.table("outbox");
+    // No autovacuum may catch up with the statistics while the test runs.
+    sqlx::query(&format!("ALTER TABLE {table} SET (autovacuum_enabled = off)")).execute(&fixture.pool).await.unwrap();
     // 100,000 copies of that event over 100 keys, in one statement: no autovacuum has looked at them yet.
     sqlx::query(&format!(
         "INSERT INTO {table} (event_id, event_type, version, occurred_at, correlation_id, partition_key, source, \

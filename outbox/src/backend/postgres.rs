@@ -214,9 +214,9 @@ impl Backend for Postgres {
         // lag behind a fast-growing backlog, the planner would rather read every pending row, and check each
         // one's earlier rows of its key, before sorting (quadratic: 40 s for 100,000 rows of 100 keys). Only
         // index scans, for this statement's transaction.
-        let mut tx = pool.begin().await?;
+        let mut tx =
+            pool.begin_with("BEGIN; SET LOCAL enable_bitmapscan = off; SET LOCAL enable_seqscan = off").await?;
         let conn: &mut PgConnection = &mut tx;
-        conn.execute("SET LOCAL enable_bitmapscan = off; SET LOCAL enable_seqscan = off").await?;
         let rows = sqlx::query(&sql.claim)
             .bind(i64::try_from(batch).unwrap_or(i64::MAX))
             .bind(owner.relay)

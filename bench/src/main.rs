@@ -47,13 +47,15 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    {
+    if hops::enabled() {
         use tracing_subscriber::Layer as _;
         use tracing_subscriber::layer::SubscriberExt;
         use tracing_subscriber::util::SubscriberInitExt;
         let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter);
-        let hops = hops::enabled().then(hops::layer);
-        tracing_subscriber::registry().with(logs).with(hops).init();
+        tracing_subscriber::registry().with(logs).with(hops::layer()).init();
+    } else {
+        // Exactly the plain subscriber: disabled spans stay free (a layer of its own would enable them all).
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     }
     let raw: Vec<String> = std::env::args().collect();
     if raw.get(1).map(String::as_str) == Some(figures::relay_rss::CHILD) {

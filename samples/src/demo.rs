@@ -53,6 +53,14 @@ impl Default for DemoConfig {
     }
 }
 
+impl DemoConfig {
+    /// Both services on free loopback ports (the system picks them), their databases in `data_dir`: for tests.
+    pub fn on_loopback(data_dir: &std::path::Path) -> Self {
+        let local = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self { data_dir: Some(data_dir.to_path_buf()), catalog_addr: local, ordering_addr: local, ..Self::default() }
+    }
+}
+
 /// Both services running in this process.
 pub struct Demo {
     /// A client of both APIs.

@@ -160,15 +160,8 @@ async fn check_health_and_metrics(client: &ShopClient) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn embedded_flow_keeps_every_invariant() {
     integration_tests::init_tracing();
-    let local = "127.0.0.1:0".parse().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = DemoConfig {
-        data_dir: Some(dir.path().to_path_buf()),
-        catalog_addr: local,
-        ordering_addr: local,
-        ..DemoConfig::default()
-    };
-    let demo = Demo::start(config).await.expect("demo starts");
+    let demo = Demo::start(DemoConfig::on_loopback(dir.path())).await.expect("demo starts");
     let client = demo.client.clone();
     let initial = seed(&client).await.expect("seeded");
     let products: Vec<Uuid> = initial.keys().copied().collect();

@@ -161,15 +161,8 @@ async fn one_trace_across_both_services(client: &ShopClient, catalog: &str, orde
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_trace_across_both_services_in_process() {
     exporter();
-    let local = "127.0.0.1:0".parse().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = DemoConfig {
-        data_dir: Some(dir.path().to_path_buf()),
-        catalog_addr: local,
-        ordering_addr: local,
-        ..DemoConfig::default()
-    };
-    let demo = Demo::start(config).await.expect("demo starts");
+    let demo = Demo::start(DemoConfig::on_loopback(dir.path())).await.expect("demo starts");
     one_trace_across_both_services(&demo.client, "catalog", "ordering").await;
     demo.shutdown().await;
 }

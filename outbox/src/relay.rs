@@ -84,11 +84,6 @@ const PIPELINE: usize = 2;
 
 /// How often a paused relay asks the bus whether it is healthy again.
 const HEALTH_RECHECK: Duration = Duration::from_millis(100);
-/// Marks wait this long for company before they are written (unless a batch's worth is there, rows are given
-/// back, or the relay stops): at a steady trickle of events each confirm would otherwise cost an UPDATE and a
-/// commit of its own. Marks are not on the events' path (the consumers have them already); a crash in between
-/// only publishes those rows again (at-least-once).
-const MARK_LINGER: Duration = Duration::from_millis(5);
 
 /// Backoff after a batch that transport trouble stopped (doubling up to the maximum; reset by a clean batch).
 const TRANSPORT_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
@@ -247,8 +242,6 @@ impl<DB: Backend> Relay<DB> {
         let mut last_owner: Option<Owner> = None;
         let mut woken_while_claiming = false;
         let mut writing_gives = false;
-        // Since when outcomes wait to be written back (see MARK_LINGER).
-        let mut outcomes_since: Option<Instant> = None;
         let mut claim_not_before = Instant::now();
         // The claim running, with the write-backs it could see when it started and the owner it claimed as.
         let mut claiming: Option<(u64, Owner, ClaimFuture)> = None;
@@ -271,22 +264,10 @@ impl<DB: Backend> Relay<DB> {
             let owner = (*owner_rx.borrow()).filter(|_| proof.fresh());
             let healthy_now = Instant::now() >= not_before && owner.is_some();
             // Write back first: a long send round must not hold marks and releases up.
-            if !pipeline.has_outcomes() {
-                outcomes_since = None;
-            } else if outcomes_since.is_none() {
-                outcomes_since = Some(Instant::now());
-            }
-            let write_due = outcomes_since.is_some_and(|since| {
-                stopping
-                    || pipeline.gives_back()
-                    || pipeline.outcomes_len() >= self.config.batch_size
-                    || since.elapsed() >= MARK_LINGER
-            });
             if writing.is_none()
-                && write_due
+                && pipeline.has_outcomes()
                 && let Some(owner) = last_owner
             {
-                outcomes_since = None;
                 let (id, outcomes) = pipeline.take_outcomes();
                 writing_gives = outcomes.gives_back();
                 writing = Some(self.spawn_write(owner, id, outcomes));
@@ -357,9 +338,7 @@ impl<DB: Backend> Relay<DB> {
             }
             // Wake at the next moment sending or claiming may resume.
             let now = Instant::now();
-            let marks_due = outcomes_since.filter(|_| writing.is_none()).map(|since| since + MARK_LINGER);
-            let wait_until =
-                [Some(not_before), Some(claim_not_before), marks_due].into_iter().flatten().filter(|t| *t > now).min();
+            let wait_until = [not_before, claim_not_before].into_iter().filter(|t| *t > now).min();
             let timer_armed = !stopping && wait_until.is_some();
             let wait_until = wait_until.unwrap_or(now);
             let event = tokio::select! {

@@ -495,11 +495,6 @@ impl Pipeline {
         self.outcomes.gives_back()
     }
 
-    /// How many outcomes wait to be written back.
-    pub fn outcomes_len(&self) -> usize {
-        self.outcomes.failures.len() + self.outcomes.released.len() + self.outcomes.published.len()
-    }
-
     /// Whether there is something to write back.
     pub fn has_outcomes(&self) -> bool {
         !self.outcomes.is_empty()

@@ -263,6 +263,11 @@ impl<DB: Backend> Relay<DB> {
             // Acting (claiming, sending) needs a fresh proof of liveness; writing back only needs the relay's id.
             let owner = (*owner_rx.borrow()).filter(|_| proof.fresh());
             let healthy_now = Instant::now() >= not_before && owner.is_some();
+            // Stopping: what is held unsent goes back now, in the write-back just below (written later, the loop
+            // slept with it until the next renewal: nothing else wakes a stopping relay).
+            if stopping {
+                pipeline.give_back_unsent(false);
+            }
             // Write back first: a long send round must not hold marks and releases up.
             if writing.is_none()
                 && pipeline.has_outcomes()
@@ -272,9 +277,7 @@ impl<DB: Backend> Relay<DB> {
                 writing_gives = outcomes.gives_back();
                 writing = Some(self.spawn_write(owner, id, outcomes));
             }
-            if stopping {
-                pipeline.give_back_unsent(false);
-            } else if healthy_now {
+            if !stopping && healthy_now {
                 let ready = pipeline.sendable();
                 if !ready.is_empty() {
                     self.send(ready, &mut confirms).await;

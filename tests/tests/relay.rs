@@ -920,3 +920,25 @@ async fn postgres_a_backlog_larger_than_the_tables_statistics_know_is_claimed_at
     relay.shutdown().await;
     bus.shutdown(Duration::from_secs(5)).await;
 }
+
+/// A relay told to stop while its claim is still running gives the rows that claim returns back at once and
+/// stops: it used to sleep until its next lease renewal (a third of the lease: 10 s by default) with those
+/// releases unwritten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_relay_stopped_while_it_claims_stops_at_once() {
+    let fixture = sqlx::Postgres::fixture().await;
+    let outbox = outbox(&fixture).await;
+    let bus = InProcBus::new();
+    let _received = Received::subscribe(&bus).await;
+    let config = RelayConfig { lease: Duration::from_secs(30), batch_size: 5_000, ..fast_relay() };
+    for round in 0..5 {
+        // A fresh backlog each round: the claim of a few thousand rows is still running when the stop comes.
+        enqueue(&outbox, numbered(&format!("round-{round}"), 0..5_000)).await;
+        let relay = outbox.relay(Arc::new(bus.clone()), config.clone()).unwrap().spawn();
+        relay.listening().await;
+        let stopping = Instant::now();
+        relay.shutdown().await;
+        assert!(stopping.elapsed() < Duration::from_secs(5), "round {round}: stopping took {:?}", stopping.elapsed());
+    }
+    bus.shutdown(Duration::from_secs(5)).await;
+}

@@ -24,9 +24,10 @@ fn hops() -> &'static Mutex<HashMap<uuid::Uuid, Hop>> {
     HOPS.get_or_init(Mutex::default)
 }
 
-/// Whether `BENCH_HOPS=1` asked for the breakdown.
+/// Whether `BENCH_HOPS=1` asked for the breakdown (read once: it is asked on every event).
 pub fn enabled() -> bool {
-    std::env::var("BENCH_HOPS").is_ok_and(|v| v == "1")
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("BENCH_HOPS").is_ok_and(|v| v == "1"))
 }
 
 /// Takes what was recorded so far (and forgets it).

@@ -171,14 +171,15 @@ pub fn set_span_identity(identity: impl SpanIdentity) -> Result<(), IdentityAlre
 /// span, else new ids. Records the three fields and returns the context, which is what an event enqueued under
 /// this span carries as its `traceparent`.
 pub fn open(span: &tracing::Span, parent: Option<SpanContext>) -> SpanContext {
-    let adopted = if span.is_disabled() { None } else { IDENTITY.get().and_then(|i| i.adopt(span, parent)) };
-    let context = adopted.unwrap_or_else(|| parent.map_or_else(SpanContext::root, |p| p.child()));
-    if !span.is_disabled() {
-        span.record("trace_id", tracing::field::display(context.trace_id_hex()));
-        span.record("span_id", tracing::field::display(context.span_id_hex()));
-        if let Some(parent) = parent {
-            span.record("parent_span_id", tracing::field::display(parent.span_id_hex()));
-        }
+    let own_ids = || parent.map_or_else(SpanContext::root, |p| p.child());
+    if span.is_disabled() {
+        return own_ids();
+    }
+    let context = IDENTITY.get().and_then(|i| i.adopt(span, parent)).unwrap_or_else(own_ids);
+    span.record("trace_id", tracing::field::display(context.trace_id_hex()));
+    span.record("span_id", tracing::field::display(context.span_id_hex()));
+    if let Some(parent) = parent {
+        span.record("parent_span_id", tracing::field::display(parent.span_id_hex()));
     }
     context
 }

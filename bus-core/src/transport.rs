@@ -182,9 +182,9 @@ pub fn send_span(envelope: &Envelope) -> tracing::Span {
     span
 }
 
-/// Records on a [`send_span`] that the publish failed (status `error`, and why); nothing on success.
-pub fn send_outcome(span: &tracing::Span, result: &Result<(), BusError>) {
-    if let Err(error) = result {
+/// Records on a [`send_span`] that the publish failed (status `error`, and why); nothing on success (`None`).
+pub fn send_outcome(span: &tracing::Span, error: Option<&BusError>) {
+    if let Some(error) = error {
         span.record("otel.status_code", "error");
         span.record("error", tracing::field::display(error));
     }

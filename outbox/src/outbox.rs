@@ -210,7 +210,7 @@ impl<DB: Backend> Outbox<DB> {
         // A failed statement aborts the transaction (PostgreSQL): rows leased before it will not commit. The
         // mark is set before the statement and lifted only once it succeeded, so that an enqueue cancelled half-way
         // (its future dropped) also leaves the leased rows to be checked.
-        let verified_before = !dispatch.unverified;
+        let was_unverified = dispatch.unverified;
         dispatch.touched();
         let leased_insert = match &target {
             Some((target, owner)) => {
@@ -219,7 +219,7 @@ impl<DB: Backend> Outbox<DB> {
             None => None,
         };
         if let (Some((target, owner)), Some((seq, leased))) = (target, leased_insert) {
-            dispatch.unverified = !verified_before;
+            dispatch.unverified = was_unverified;
             dispatch.enqueued += 1;
             if leased {
                 dispatch.leased.push(OutboxRow::leased(seq, envelope));
@@ -230,7 +230,7 @@ impl<DB: Backend> Outbox<DB> {
             return Ok(id);
         }
         DB::insert_outbox(conn, &self.inner.sql, std::slice::from_ref(&envelope), not_before, None).await?;
-        dispatch.unverified = !verified_before;
+        dispatch.unverified = was_unverified;
         dispatch.enqueued += 1;
         dispatch.unleased += 1;
         Ok(id)

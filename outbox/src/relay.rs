@@ -481,7 +481,7 @@ impl<DB: Backend> Relay<DB> {
                 }
                 Err(_) => {
                     let error = BusError::ConfirmationLost(format!("publishing took longer than {budget:?}"));
-                    bus_core::transport::send_outcome(&span, &Err(BusError::ConfirmationLost(error.to_string())));
+                    bus_core::transport::send_outcome(&span, Some(&error));
                     stopped = Some(BusError::ConfirmationLost(error.to_string()));
                     confirms.push(Box::pin(async move { (meta, Verdict::Transport { error, healthy: false }) }));
                     continue;
@@ -496,7 +496,7 @@ impl<DB: Backend> Relay<DB> {
                         )))
                     });
                 // The send span ends with the confirmation (or its absence), before the verdict is made.
-                bus_core::transport::send_outcome(&span, &result);
+                bus_core::transport::send_outcome(&span, result.as_ref().err());
                 drop(span);
                 (meta, pipeline::verdict(bus.as_ref(), result).await)
             }));

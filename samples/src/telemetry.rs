@@ -53,20 +53,21 @@ impl Telemetry {
 /// An endpoint is not a plain `http://` URL with a host and without credentials, or the exporter cannot be
 /// built: the error names the variable (never its value, which may carry a token).
 pub fn init(service_name: &str) -> Result<Telemetry, ConfigError> {
-    let mut configured = false;
+    // The traces endpoint wins over the base one in the exporter: the error names the one it reads.
+    let mut configured = None;
     for variable in [OTLP_ENDPOINT, OTLP_TRACES_ENDPOINT] {
         if let Some(endpoint) = std::env::var(variable).ok().filter(|v| !v.is_empty()) {
             check_endpoint(variable, &endpoint)?;
-            configured = true;
+            configured = Some(variable);
         }
     }
-    if !configured {
+    let Some(variable) = configured else {
         let _ = tracing_subscriber::registry().with(log_layer()).try_init();
         return Ok(Telemetry { provider: None });
-    }
+    };
     // The exporter reads the endpoint from the variables just checked. Its error would quote the value: not shown.
     let exporter = opentelemetry_otlp::SpanExporter::builder().with_http().build().map_err(|_| {
-        ConfigError::new(OTLP_ENDPOINT, "the OTLP exporter refused the endpoint or OTEL_EXPORTER_OTLP_* settings")
+        ConfigError::new(variable, "the OTLP exporter refused the endpoint or OTEL_EXPORTER_OTLP_* settings")
     })?;
     let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| service_name.to_owned());
     let provider = SdkTracerProvider::builder()
@@ -117,7 +118,8 @@ fn check_endpoint(variable: &'static str, endpoint: &str) -> Result<(), ConfigEr
     let Some(authority) = uri.authority() else {
         return Err(ConfigError::new(variable, "has no host"));
     };
-    if authority.as_str().contains('@') || endpoint.contains('@') {
+    // Anywhere in the value: `user:pa/ss@host` parses as a host `user` and a path.
+    if endpoint.contains('@') {
         return Err(ConfigError::new(variable, "must not carry credentials (pass them in OTEL_EXPORTER_OTLP_HEADERS)"));
     }
     if authority.host().is_empty() {

@@ -930,15 +930,17 @@ async fn postgres_a_relay_stopped_while_it_claims_stops_at_once() {
     let outbox = outbox(&fixture).await;
     let bus = InProcBus::new();
     let _received = Received::subscribe(&bus).await;
-    let config = RelayConfig { lease: Duration::from_secs(30), batch_size: 5_000, ..fast_relay() };
+    // A stopping relay that slept would sleep until its next renewal: a third of the lease, 20 s here.
+    let config = RelayConfig { lease: Duration::from_secs(60), batch_size: 5_000, ..fast_relay() };
     for round in 0..5 {
-        // A fresh backlog each round: the claim of a few thousand rows is still running when the stop comes.
-        enqueue(&outbox, numbered(&format!("round-{round}"), 0..5_000)).await;
+        // A fresh backlog each round, over 100 keys (one key's long backlog makes a claim slow by itself): the
+        // claim of a few thousand rows is still running when the stop comes.
+        enqueue(&outbox, (0..100).flat_map(|k| numbered(&format!("round-{round}-{k}"), 0..50))).await;
         let relay = outbox.relay(Arc::new(bus.clone()), config.clone()).unwrap().spawn();
         relay.listening().await;
         let stopping = Instant::now();
         relay.shutdown().await;
-        assert!(stopping.elapsed() < Duration::from_secs(5), "round {round}: stopping took {:?}", stopping.elapsed());
+        assert!(stopping.elapsed() < Duration::from_secs(10), "round {round}: stopping took {:?}", stopping.elapsed());
     }
     bus.shutdown(Duration::from_secs(5)).await;
 }
